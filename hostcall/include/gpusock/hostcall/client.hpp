@@ -1,0 +1,334 @@
+// gpusock/hostcall/client.hpp — the device side of a hostcall: submit a call, wait for
+// its reply. Portable: the same code runs on a GPU and on the cpu device.
+//
+//   // A whole warp asks the host one question each; one slot carries all 32.
+//   int64_t r = gpusock::hostcall::call(kMyOpcode, key);          // synchronous
+//
+//   auto t = gpusock::hostcall::submit(kMyOpcode, key);           // asynchronous
+//   ... other work, other submissions ...
+//   int64_t r2 = gpusock::hostcall::wait(t);
+//
+// Contract: the lanes that submit together share one slot (the ticket's mask). Every one
+// of them must call wait() on its ticket exactly once; they may do so at different
+// points of their code, since wait() re-synchronizes exactly those lanes.
+#pragma once
+
+#include <cerrno>
+#include <cstdint>
+
+#include "gpusock/hostcall/platform.hpp"
+#include "gpusock/hostcall/protocol.hpp"
+#include "gpusock/hostcall/warp.hpp"
+
+namespace gpusock::hostcall {
+
+#if GPUSOCK_IS_GPU || defined(__CUDACC__)
+// Each translation unit compiled by nvcc has its own copy; launch() (instantiated in
+// that unit) stores the runtime's context here before the kernel body runs.
+static __shared__ const DeviceContext* gpusock_kernel_context;
+#endif
+
+// The runtime this kernel was launched on.
+GPUSOCK_HD inline const DeviceContext* context() {
+#if GPUSOCK_IS_GPU
+  return gpusock_kernel_context;
+#else
+  return gpusock::internal::current_lane()->ctx;
+#endif
+}
+
+// Per-thread errno of the POSIX-shaped layers. Lanes never share it: on a GPU it lives
+// in a device array indexed by the hardware thread slot (SM, warp slot, lane), which no
+// two resident threads share; on the cpu device it is thread_local.
+GPUSOCK_HD inline int32_t& errno_ref() {
+#if GPUSOCK_IS_GPU
+  uint32_t smid, warpid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  asm volatile("mov.u32 %0, %%warpid;" : "=r"(warpid));
+  const DeviceContext* c = context();
+  return c->state.errno_slots[smid * c->threads_per_sm + warpid * kWarpSize + warp::lane_id()];
+#else
+  static thread_local int32_t value = 0;
+  return value;
+#endif
+}
+
+inline constexpr uint32_t kNoSlot = 0xffffffffu;
+
+// One lane's handle on a submitted call.
+struct Ticket {
+  uint32_t slot = kNoSlot;   // kNoSlot: the submission failed and `error` says why
+  uint32_t seq = 0;
+  uint32_t mask = 0;         // lanes that share the slot
+  int32_t error = 0;         // -errno when slot == kNoSlot
+  uint32_t staging_page = 0; // first staging page held by the call
+  uint32_t staging_pages = 0;
+};
+
+namespace internal {
+
+GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
+  // System scope: the host sets this flag in mapped memory while the kernel runs; a
+  // relaxed load suffices because no data is published with it, only "stop".
+  AtomicRef<uint32_t, Scope::kSystem> f(c->control->shutdown);
+  return f.load(Order::kRelaxed) != 0;
+}
+
+// Takes a free slot for the calling warp's group; leader lane only.
+// Returns 0 and sets *slot, or -ESHUTDOWN if the runtime shuts down while waiting.
+GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, uint32_t* slot) {
+  const uint32_t nwords = (c->nslots + 31) / 32;
+  // Two slots per warp by default: let 16 consecutive warps share a bitmap word, so
+  // most acquisitions find a free bit at the first word they look at.
+  const uint32_t start = static_cast<uint32_t>((hint / 16) % nwords);
+  for (uint32_t iter = 0;; ++iter) {
+    for (uint32_t i = 0; i < nwords; ++i) {
+      uint32_t w = start + i;
+      if (w >= nwords) w -= nwords;
+      // Device scope: slots are handed between warps of this device only. Acquire pairs
+      // with the release in release_slot(), so the previous owner's last read of the slot
+      // happens before our first write to it.
+      AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[w]);
+      uint32_t cur = word.load(Order::kRelaxed);
+      while (cur != 0xffffffffu) {
+        uint32_t bit = lowest_bit(~cur);
+        uint32_t prev = word.fetch_or(1u << bit, Order::kAcquire);
+        if ((prev & (1u << bit)) == 0) {
+          *slot = w * 32 + bit;
+          return 0;
+        }
+        cur = prev | (1u << bit);
+      }
+    }
+    if (shutting_down(c)) return -ESHUTDOWN;
+    backoff(iter);
+  }
+}
+
+GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {
+  // Release: our reads of the reply happen before the next owner's writes (see acquire).
+  AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[slot / 32]);
+  word.fetch_and(~(1u << (slot % 32)), Order::kRelease);
+}
+
+// Claims `npages` (1..kStagingMaxRun) contiguous staging pages; leader lane only.
+// Returns 0 and sets *first, or -ESHUTDOWN. Waits while the arena is full: that is the
+// backpressure the design asks for, never a dropped payload.
+GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint, uint32_t npages,
+                                          uint32_t* first) {
+  const uint32_t nwords = (c->staging_pages + 63) / 64;
+  const uint64_t run = npages >= 64 ? ~0ull : ((1ull << npages) - 1);
+  const uint32_t start = static_cast<uint32_t>(hint % nwords);
+  for (uint32_t iter = 0;; ++iter) {
+    for (uint32_t i = 0; i < nwords; ++i) {
+      uint32_t w = start + i;
+      if (w >= nwords) w -= nwords;
+      AtomicRef<uint64_t, Scope::kDevice> word(c->state.staging_bitmap[w]);
+      uint64_t cur = word.load(Order::kRelaxed);
+      for (uint32_t p = 0; p + npages <= 64;) {
+        uint64_t want = run << p;
+        if ((cur & want) != 0) {
+          ++p;
+          continue;
+        }
+        // Acquire: pairs with release_staging(), as for slots.
+        if (word.compare_exchange(cur, cur | want, Order::kAcquire)) {
+          *first = w * 64 + p;
+          return 0;
+        }
+        p = 0;  // cur was refreshed by the failed exchange; look again from the start
+      }
+    }
+    if (shutting_down(c)) return -ESHUTDOWN;
+    backoff(iter);
+  }
+}
+
+GPUSOCK_HD inline void release_staging(const DeviceContext* c, uint32_t first, uint32_t npages) {
+  if (npages == 0) return;
+  const uint64_t run = npages >= 64 ? ~0ull : ((1ull << npages) - 1);
+  AtomicRef<uint64_t, Scope::kDevice> word(c->state.staging_bitmap[first / 64]);
+  word.fetch_and(~(run << (first % 64)), Order::kRelease);
+}
+
+struct alignas(16) Chunk16 {
+  uint64_t lo, hi;
+};
+
+// Copies n bytes into mapped staging memory, 16 bytes at a time when both sides allow.
+GPUSOCK_HD inline void copy_bytes(uint8_t* dst, const uint8_t* src, uint32_t n) {
+  uint32_t i = 0;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    for (; i + 16 <= n; i += 16) {
+      *reinterpret_cast<Chunk16*>(dst + i) = *reinterpret_cast<const Chunk16*>(src + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// The core of every submission. Lanes that arrive together and ask for the same opcode
+// form one group and share one slot. Each lane contributes `nargs` words and, if
+// `payload_len` > 0, that many bytes copied into staging; the payload's (offset, length)
+// within the staging arena are appended as two more argument words.
+GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint32_t nargs,
+                                    const void* payload, uint32_t payload_len, bool has_payload) {
+  const DeviceContext* c = context();
+  Ticket t;
+  const uint32_t me = warp::lane_id();
+  uint32_t mask = warp::active_mask();
+  mask = warp::match_any(mask, opcode);
+  const uint32_t lead = warp::leader(mask);
+  t.mask = mask;
+
+  // Lay the group's payloads out back to back, each 16-byte aligned.
+  uint32_t payload_off = 0, payload_total = 0;
+  if (has_payload) payload_off = warp::exclusive_sum(mask, (payload_len + 15u) & ~15u, payload_total);
+  const uint32_t npages = (payload_total + kStagingPageBytes - 1) / kStagingPageBytes;
+
+  uint64_t a = 0, b = 0;
+  if (me == lead) {
+    uint32_t slot = kNoSlot, page = 0, seq = 0;
+    int32_t err = 0;
+    if (npages > kStagingMaxRun) {
+      err = -EMSGSIZE;
+    } else {
+      err = acquire_slot(c, global_warp_id(), &slot);
+      if (err == 0 && npages > 0) {
+        err = acquire_staging(c, global_warp_id() + slot, npages, &page);
+        if (err != 0) {
+          release_slot(c, slot);
+          slot = kNoSlot;
+        }
+      }
+      // The slot is ours: its sequence word is touched only by its owner.
+      if (err == 0) seq = (c->state.slot_seq[slot] + 1) & kSeqMask;
+    }
+    a = (static_cast<uint64_t>(seq) << 32) | slot;
+    b = (static_cast<uint64_t>(page) << 32) | static_cast<uint32_t>(err);
+  }
+  a = warp::shfl(mask, a, lead);
+  b = warp::shfl(mask, b, lead);
+  t.slot = static_cast<uint32_t>(a);
+  t.seq = static_cast<uint32_t>(a >> 32);
+  t.error = static_cast<int32_t>(static_cast<uint32_t>(b));
+  if (t.error != 0) {
+    t.slot = kNoSlot;
+    return t;
+  }
+  t.staging_page = static_cast<uint32_t>(b >> 32);
+  t.staging_pages = npages;
+
+  Slot* s = c->slots + t.slot;
+  for (uint32_t k = 0; k < nargs; ++k) s->data[k][me] = args[k];
+  uint32_t total_args = nargs;
+  if (has_payload) {
+    uint64_t off = static_cast<uint64_t>(t.staging_page) * kStagingPageBytes + payload_off;
+    copy_bytes(c->staging + off, static_cast<const uint8_t*>(payload), payload_len);
+    s->data[nargs][me] = off;
+    s->data[nargs + 1][me] = payload_len;
+    total_args += 2;
+  }
+  // Every lane's argument and payload stores happen before the leader's release below:
+  // the warp barrier orders them before the leader's next instruction, and the release
+  // is cumulative, so the host that acquires `state` sees all of them.
+  warp::sync(mask);
+  if (me == lead) {
+    c->state.slot_seq[t.slot] = t.seq;
+    s->hdr.opcode = opcode;
+    s->hdr.lane_mask = mask;
+    s->hdr.nargs = static_cast<uint16_t>(total_args);
+    s->hdr.flags = 0;
+    s->hdr.origin = global_warp_id();
+    // System scope release: publishes header, arguments and payload to host threads.
+    AtomicRef<uint32_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
+    // The doorbell is a hint and needs no ordering of its own: a host thread that sees
+    // it before the state store lands re-reads the state until it does.
+    uint32_t pos = AtomicRef<uint32_t, Scope::kDevice>(*c->state.ring_pos).fetch_add(1, Order::kRelaxed);
+    AtomicRef<uint64_t, Scope::kSystem>(c->ring[pos & c->ring_mask])
+        .store(make_ring_entry(pos, t.slot, t.seq), Order::kRelaxed);
+  }
+  return t;
+}
+
+}  // namespace internal
+
+// Submits a call with up to kMaxArgs argument words per lane. Never blocks on the host;
+// may wait for a free slot. Returns a ticket; a failed submission carries -errno.
+template <typename... A>
+GPUSOCK_HD inline Ticket submit(uint32_t opcode, A... args) {
+  static_assert(sizeof...(A) <= kMaxArgs, "too many hostcall arguments");
+  uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
+  return internal::submit_raw(opcode, words, sizeof...(A), nullptr, 0, false);
+}
+
+// As submit(), plus `len` bytes at `data` copied into staging for the host to read. The
+// host handler finds them through the two argument words after `args`.
+template <typename... A>
+GPUSOCK_HD inline Ticket submit_with_payload(uint32_t opcode, const void* data, uint32_t len, A... args) {
+  static_assert(sizeof...(A) + 2 <= kMaxArgs, "too many hostcall arguments");
+  uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
+  return internal::submit_raw(opcode, words, sizeof...(A), data, len, true);
+}
+
+// Waits for the reply to `t`. Returns this lane's result word 0 (by convention a value
+// or -errno); copies result words 1..nout into out[0..nout-1] (zero where the host
+// wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first.
+GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
+  for (uint32_t k = 0; k < nout; ++k) out[k] = 0;
+  if (t.slot == kNoSlot) return t.error;
+  const DeviceContext* c = context();
+  const uint32_t me = warp::lane_id();
+  const uint32_t lead = warp::leader(t.mask);
+  Slot* s = c->slots + t.slot;
+  uint32_t aborted = 0;
+  if (me == lead) {
+    // System scope acquire: pairs with the host's release of kReply, so the results it
+    // wrote before are visible to the loads below (after the warp barrier).
+    AtomicRef<uint32_t, Scope::kSystem> state(s->hdr.state);
+    const uint32_t want = make_state(t.seq, kReply);
+    for (uint32_t i = 0; state.load(Order::kAcquire) != want; ++i) {
+      // Each poll is a read across the bus (about a microsecond on a GPU), so checking
+      // the shutdown flag every 64 polls bounds the exit delay without slowing replies.
+      if ((i & 63) == 63 && internal::shutting_down(c)) {
+        aborted = 1;
+        break;
+      }
+      if (i > 256) backoff(i);
+    }
+  }
+  // The barrier both keeps the group convergent and orders the leader's acquire before
+  // every lane's result loads.
+  warp::sync(t.mask);
+  aborted = warp::shfl(t.mask, aborted, lead);
+  if (aborted) return -ESHUTDOWN;  // the host may still write this slot: never reuse it
+
+  // Results are read with system-scope loads: the lanes wrote arguments to these very
+  // words, and a plain load could be served from a stale L1 line.
+  using Sys64 = AtomicRef<uint64_t, Scope::kSystem>;
+  using Sys32 = AtomicRef<uint32_t, Scope::kSystem>;
+  int64_t ret;
+  if (Sys32(s->hdr.reply_flags).load(Order::kRelaxed) & kReplyUniform) {
+    ret = static_cast<int64_t>(Sys64(reinterpret_cast<uint64_t&>(s->hdr.uniform_result)).load(Order::kRelaxed));
+  } else {
+    uint32_t nres = Sys32(s->hdr.nresults).load(Order::kRelaxed);
+    ret = static_cast<int64_t>(Sys64(s->data[0][me]).load(Order::kRelaxed));
+    for (uint32_t k = 1; k <= nout && k < nres && k < kMaxArgs; ++k) {
+      out[k - 1] = Sys64(s->data[k][me]).load(Order::kRelaxed);
+    }
+  }
+  // All lanes have read their results before the slot goes back to the pool.
+  warp::sync(t.mask);
+  if (me == lead) {
+    internal::release_staging(c, t.staging_page, t.staging_pages);
+    internal::release_slot(c, t.slot);
+  }
+  return ret;
+}
+
+// submit() then wait(): the synchronous call.
+template <typename... A>
+GPUSOCK_HD inline int64_t call(uint32_t opcode, A... args) {
+  return wait(submit(opcode, args...));
+}
+
+}  // namespace gpusock::hostcall

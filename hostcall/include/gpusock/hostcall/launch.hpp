@@ -1,0 +1,93 @@
+// gpusock/hostcall/launch.hpp — one launch API for both devices.
+//
+// A kernel is any copyable callable marked GPUSOCK_HD (a functor, or an extended
+// __host__ __device__ lambda). It is written once; the runtime's device decides whether
+// it runs as a CUDA grid or as cpu-device lanes:
+//
+//   struct Hello {
+//     GPUSOCK_HD void operator()(int* out) const { out[gpusock::global_thread_id()] = 1; }
+//   };
+//   auto k = gpusock::launch(*rt, {8}, {128}, Hello{}, out);
+//   if (!k.ok()) return k.status();
+//   gpusock::Status s = k->wait();
+//
+// Launches are asynchronous and may run concurrently (each has its own CUDA stream, or
+// its own lane threads on the cpu device). To run on a GPU the calling translation unit
+// must be compiled by nvcc; a g++-compiled unit launches on the cpu device only.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <utility>
+
+#include "gpusock/hostcall/client.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/status.hpp"
+#include "gpusock/hostcall/warp.hpp"
+
+namespace gpusock {
+
+namespace internal {
+struct LaunchState;
+Result<std::shared_ptr<LaunchState>> cpu_launch(Runtime& rt, Dim3 grid, Dim3 block,
+                                                std::function<void()> lane_body);
+#if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
+// Checks dimensions and creates the launch's stream.
+Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream);
+// Wraps a launched stream (or the launch error) into a handle.
+Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, int launch_error);
+#endif
+Status no_cuda_in_this_unit();
+}  // namespace internal
+
+// A running (or finished) kernel.
+class Launch {
+ public:
+  explicit Launch(std::shared_ptr<internal::LaunchState> s) : s_(std::move(s)) {}
+  // Waits for the kernel to finish. Returns ok, or the device's error (a trap, a fault).
+  Status wait();
+  // Waits at most `timeout`; true once the kernel has finished (then wait() returns at once).
+  bool wait_for(std::chrono::nanoseconds timeout);
+
+ private:
+  std::shared_ptr<internal::LaunchState> s_;
+};
+
+#if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
+namespace internal {
+template <typename Kernel, typename... Args>
+__global__ void gpusock_entry(const hostcall::DeviceContext* ctx, Kernel kernel, Args... args) {
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) hostcall::gpusock_kernel_context = ctx;
+  // Every thread of the block must see the context before its first hostcall.
+  __syncthreads();
+  kernel(args...);
+}
+}  // namespace internal
+#endif
+
+// Launches `kernel(args...)` over `grid` blocks of `block` threads on the runtime's
+// device. Returns the running kernel, or EINVAL (bad dimensions), ENODEV, ESHUTDOWN.
+template <typename Kernel, typename... Args>
+Result<Launch> launch(Runtime& rt, Dim3 grid, Dim3 block, Kernel kernel, Args... args) {
+  if (rt.device() == DeviceKind::kCuda) {
+#if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
+    void* stream = nullptr;
+    Status s = internal::cuda_launch_begin(rt, grid, block, &stream);
+    if (!s.ok()) return s;
+    internal::gpusock_entry<Kernel, Args...>
+        <<<dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), 0,
+           static_cast<cudaStream_t>(stream)>>>(rt.device_context(), kernel, args...);
+    auto r = internal::cuda_launch_end(rt, stream, static_cast<int>(cudaGetLastError()));
+    if (!r.ok()) return r.status();
+    return Launch(std::move(r.value()));
+#else
+    return internal::no_cuda_in_this_unit();
+#endif
+  }
+  auto r = internal::cpu_launch(rt, grid, block, [kernel, args...]() { kernel(args...); });
+  if (!r.ok()) return r.status();
+  return Launch(std::move(r.value()));
+}
+
+}  // namespace gpusock

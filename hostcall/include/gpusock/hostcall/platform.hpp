@@ -1,0 +1,199 @@
+// gpusock/hostcall/platform.hpp — the one place where GPU and CPU code paths split.
+//
+// Every portable function in gpusock is marked GPUSOCK_HD and compiles twice: as CUDA
+// device code (nvcc's device pass, where GPUSOCK_IS_GPU is 1) and as ordinary host C++
+// (nvcc's host pass, or g++/clang for the cpu-only build). Nothing outside this header
+// and warp.hpp tests __CUDA_ARCH__; everything else asks `gpusock::is_gpu()` or uses the
+// primitives below.
+//
+//   GPUSOCK_HD void spin_until_set(const uint32_t& flag) {
+//     gpusock::AtomicRef<const uint32_t, gpusock::Scope::kSystem> f(flag);
+//     for (uint32_t i = 0; f.load(gpusock::Order::kAcquire) == 0; ++i) gpusock::backoff(i);
+//   }
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GPUSOCK_HD __host__ __device__
+#define GPUSOCK_DEVICE_ONLY __device__
+#else
+#define GPUSOCK_HD
+#define GPUSOCK_DEVICE_ONLY
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define GPUSOCK_IS_GPU 1
+#include <cuda/atomic>
+#else
+#define GPUSOCK_IS_GPU 0
+#include <atomic>
+#include <ctime>
+#include <sched.h>
+#endif
+
+#define GPUSOCK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace gpusock {
+
+// True when this code runs on a GPU, false on the cpu device and in host code.
+GPUSOCK_HD constexpr bool is_gpu() { return GPUSOCK_IS_GPU != 0; }
+
+// Memory orders and scopes, mapped onto libcu++ on the GPU and std:: on the CPU.
+// Scopes mean the same thing on both: kDevice orders accesses among threads of one
+// device (all warps of all blocks), kSystem among the device and host threads.
+enum class Order { kRelaxed, kAcquire, kRelease, kAcqRel, kSeqCst };
+enum class Scope { kBlock, kDevice, kSystem };
+
+namespace internal {
+#if GPUSOCK_IS_GPU
+template <Scope S>
+struct CudaScope;
+template <>
+struct CudaScope<Scope::kBlock> {
+  static constexpr cuda::thread_scope value = cuda::thread_scope_block;
+};
+template <>
+struct CudaScope<Scope::kDevice> {
+  static constexpr cuda::thread_scope value = cuda::thread_scope_device;
+};
+template <>
+struct CudaScope<Scope::kSystem> {
+  static constexpr cuda::thread_scope value = cuda::thread_scope_system;
+};
+__device__ GPUSOCK_ALWAYS_INLINE constexpr cuda::std::memory_order to_std(Order o) {
+  switch (o) {
+    case Order::kRelaxed: return cuda::std::memory_order_relaxed;
+    case Order::kAcquire: return cuda::std::memory_order_acquire;
+    case Order::kRelease: return cuda::std::memory_order_release;
+    case Order::kAcqRel: return cuda::std::memory_order_acq_rel;
+    default: return cuda::std::memory_order_seq_cst;
+  }
+}
+#else
+GPUSOCK_ALWAYS_INLINE constexpr std::memory_order to_std(Order o) {
+  switch (o) {
+    case Order::kRelaxed: return std::memory_order_relaxed;
+    case Order::kAcquire: return std::memory_order_acquire;
+    case Order::kRelease: return std::memory_order_release;
+    case Order::kAcqRel: return std::memory_order_acq_rel;
+    default: return std::memory_order_seq_cst;
+  }
+}
+#endif
+}  // namespace internal
+
+// An atomic view of an ordinary object, at an explicit scope. The object must be
+// naturally aligned. On the GPU this is cuda::atomic_ref (ld.acquire.sys and friends);
+// on the CPU std::atomic_ref, which ThreadSanitizer understands.
+template <typename T, Scope S>
+class AtomicRef {
+ public:
+  GPUSOCK_HD explicit AtomicRef(T& obj) : ref_(obj) {}
+
+  GPUSOCK_HD T load(Order o = Order::kSeqCst) const { return ref_.load(internal::to_std(o)); }
+  GPUSOCK_HD void store(T v, Order o = Order::kSeqCst) const { ref_.store(v, internal::to_std(o)); }
+  GPUSOCK_HD T exchange(T v, Order o = Order::kSeqCst) const {
+    return ref_.exchange(v, internal::to_std(o));
+  }
+  GPUSOCK_HD T fetch_add(T v, Order o = Order::kSeqCst) const {
+    return ref_.fetch_add(v, internal::to_std(o));
+  }
+  GPUSOCK_HD T fetch_or(T v, Order o = Order::kSeqCst) const {
+    return ref_.fetch_or(v, internal::to_std(o));
+  }
+  GPUSOCK_HD T fetch_and(T v, Order o = Order::kSeqCst) const {
+    return ref_.fetch_and(v, internal::to_std(o));
+  }
+  // Strong compare-exchange; on failure `expected` receives the current value.
+  GPUSOCK_HD bool compare_exchange(T& expected, T desired, Order o = Order::kSeqCst) const {
+    return ref_.compare_exchange_strong(expected, desired, internal::to_std(o),
+                                        failure_order(o));
+  }
+
+ private:
+#if GPUSOCK_IS_GPU
+  using Ref = cuda::atomic_ref<T, internal::CudaScope<S>::value>;
+  __device__ static constexpr cuda::std::memory_order failure_order(Order o) {
+    return (o == Order::kRelease || o == Order::kRelaxed) ? cuda::std::memory_order_relaxed
+           : (o == Order::kSeqCst)                        ? cuda::std::memory_order_seq_cst
+                                                          : cuda::std::memory_order_acquire;
+  }
+#else
+  using Ref = std::atomic_ref<T>;
+  static constexpr std::memory_order failure_order(Order o) {
+    return (o == Order::kRelease || o == Order::kRelaxed) ? std::memory_order_relaxed
+           : (o == Order::kSeqCst)                        ? std::memory_order_seq_cst
+                                                          : std::memory_order_acquire;
+  }
+#endif
+  Ref ref_;
+};
+
+// A fence at the given scope. On the CPU every scope is the same fence.
+template <Scope S>
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void fence(Order o) {
+#if GPUSOCK_IS_GPU
+  cuda::atomic_thread_fence(internal::to_std(o), internal::CudaScope<S>::value);
+#else
+  std::atomic_thread_fence(internal::to_std(o));
+#endif
+}
+
+// Index of the lowest set bit of a non-zero word, and the number of set bits.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t lowest_bit(uint32_t x) {
+#if GPUSOCK_IS_GPU
+  return static_cast<uint32_t>(__ffs(static_cast<int>(x)) - 1);
+#else
+  return static_cast<uint32_t>(__builtin_ctz(x));
+#endif
+}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t lowest_bit64(uint64_t x) {
+#if GPUSOCK_IS_GPU
+  return static_cast<uint32_t>(__ffsll(static_cast<long long>(x)) - 1);
+#else
+  return static_cast<uint32_t>(__builtin_ctzll(x));
+#endif
+}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t popcount(uint32_t x) {
+#if GPUSOCK_IS_GPU
+  return static_cast<uint32_t>(__popc(x));
+#else
+  return static_cast<uint32_t>(__builtin_popcount(x));
+#endif
+}
+
+// A nanosecond clock. On the GPU it is %globaltimer (a device-wide clock that advances
+// in 32 ns steps on Hopper); on the cpu device it is CLOCK_MONOTONIC. The two differ in
+// epoch: gpusock::clock_gettime() adds the offsets the runtime measured at start.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint64_t globaltimer_ns() {
+#if GPUSOCK_IS_GPU
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#else
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+#endif
+}
+
+// Politeness inside a spin loop: iteration `i` of a wait. The GPU spins hard for a few
+// iterations and then sleeps with __nanosleep so that a waiting warp leaves issue slots
+// to others; a CPU lane yields its core, since on the cpu device many more lanes than
+// cores wait at once and the thread it waits for may need that very core.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void backoff(uint32_t i) {
+#if GPUSOCK_IS_GPU
+  if (i >= 8) __nanosleep(i < 64 ? 64u : 256u);
+#else
+  if (i < 4) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  } else {
+    sched_yield();
+  }
+#endif
+}
+
+}  // namespace gpusock

@@ -1,0 +1,169 @@
+// gpusock/hostcall/protocol.hpp — the hostcall wire format, shared by the device-side
+// client and the host dispatcher. Everything here is plain data; docs/architecture.md
+// walks through the state machine and every fence.
+//
+// Memory map (one runtime):
+//
+//   mapped pinned host memory          device memory (host memory on the cpu device)
+//   ---------------------------        ---------------------------------------------
+//   ControlBlock   (host -> device)    DeviceState: slot bitmap, per-slot sequence and
+//   Slot[nslots]   (both, see state)                reader masks, ring position,
+//   ring[cap]      (device -> host)                 staging page bitmap
+//   staging arena  (both, payloads)
+//
+// The host only ever reads mapped memory; it never reads device memory on the hot path.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "gpusock/hostcall/warp.hpp"
+
+namespace gpusock::hostcall {
+
+// Arguments (and results) per lane in one call.
+inline constexpr uint32_t kMaxArgs = 8;
+
+// ---------------------------------------------------------------------------------
+// Slot state word (SlotHeader::state), 32 bits:
+//
+//   bits 31..3  seq    the slot's use count (mod 2^29), chosen by the device when it
+//                      fills the slot; the host echoes it in the reply, so a reply
+//                      can never be mistaken for the answer to an older request.
+//   bits  2..0  phase  who owns the slot body right now:
+//
+//     kEmpty      device  slot has never carried a call
+//     kRequest    host    device published a request; body is complete
+//     kClaimed    host    one host thread took it (CAS from kRequest): nobody else will
+//     kCompleting host    one host thread won the right to answer (CAS from kClaimed):
+//                         it is writing results
+//     kReply      device  results are complete; the device reads them and frees the slot
+//
+// Transitions and who makes them:
+//   device: (any phase it owns) --store release--> kRequest
+//   host:   kRequest --CAS--> kClaimed --CAS--> kCompleting --store release--> kReply
+// The device never writes the state while the host owns it, and the host never
+// touches a slot after storing kReply, so every transition has exactly one writer.
+// ---------------------------------------------------------------------------------
+enum Phase : uint32_t {
+  kEmpty = 0,
+  kRequest = 1,
+  kClaimed = 2,
+  kCompleting = 3,
+  kReply = 4,
+};
+inline constexpr uint32_t kPhaseBits = 3;
+inline constexpr uint32_t kPhaseMask = (1u << kPhaseBits) - 1;
+inline constexpr uint32_t kSeqMask = 0xffffffffu >> kPhaseBits;
+
+GPUSOCK_HD constexpr uint32_t make_state(uint32_t seq, Phase p) {
+  return ((seq & kSeqMask) << kPhaseBits) | p;
+}
+GPUSOCK_HD constexpr uint32_t state_seq(uint32_t s) { return s >> kPhaseBits; }
+GPUSOCK_HD constexpr Phase state_phase(uint32_t s) { return static_cast<Phase>(s & kPhaseMask); }
+
+// SlotHeader::reply_flags bits.
+inline constexpr uint32_t kReplyUniform = 1u << 0;  // every lane's result 0 is uniform_result
+                                                    // and no other results were written
+
+// One cache line. The device writes the request fields, then `state`; the host writes
+// the reply fields, then `state`. The two never write at the same time (see Phase).
+struct alignas(64) SlotHeader {
+  uint32_t state;           // both: phase | seq, written last by whoever publishes
+  uint32_t opcode;          // device: which handler
+  uint32_t lane_mask;       // device: lanes that take part; bit i = lane i
+  uint16_t nargs;           // device: argument words per lane, 0..kMaxArgs
+  uint16_t flags;           // device: reserved, must be 0
+  uint64_t origin;          // device: global warp id of the caller (diagnostics)
+  uint32_t reply_flags;     // host: kReply* bits
+  uint32_t nresults;        // host: result words per lane written into data[][]
+  int64_t uniform_result;   // host: with kReplyUniform, every lane's result 0
+  uint8_t reserved[24];
+};
+static_assert(sizeof(SlotHeader) == 64, "SlotHeader is one cache line");
+static_assert(offsetof(SlotHeader, state) == 0, "state word first");
+
+// A slot: header plus the per-lane argument/result words, transposed ([word][lane]) so a
+// warp writing word k of all its lanes writes 256 contiguous bytes, one coalesced burst
+// over PCIe instead of 32 scattered 8-byte writes. Results overwrite arguments in place.
+struct alignas(64) Slot {
+  SlotHeader hdr;
+  uint64_t data[kMaxArgs][kWarpSize];
+};
+static_assert(sizeof(Slot) == 64 + kMaxArgs * kWarpSize * 8, "Slot layout is fixed");
+static_assert(alignof(Slot) == 64, "Slots start on cache lines");
+
+// ---------------------------------------------------------------------------------
+// Doorbell ring: ring[capacity] 64-bit entries in mapped host memory, capacity a power
+// of two. A device leader takes a position `pos` from DeviceState::ring_pos (device-scope
+// atomic) after publishing a request, and stores into ring[pos & (capacity-1)]:
+//
+//   bits 63..32  tag   (pos + 1) mod 2^32; the host consuming position p expects p + 1,
+//                      so an entry validates itself: an older lap's entry, or a never
+//                      written zero, has the wrong tag.
+//   bits 31..12  slot  index of the slot that was published (so at most 2^20 slots)
+//   bits 11..0   seq   low 12 bits of the request's seq: tells the host whether the
+//                      slot's state it reads is this request, an older one whose update
+//                      has not landed yet, or a newer one (the doorbell is stale)
+//
+// Doorbells are hints. The host also sweeps every slot's state on a timer, so a
+// doorbell lost to a lapped ring or a producer stalled between taking a position and
+// writing it delays a call by at most one sweep interval; it cannot lose one.
+inline constexpr uint32_t kMaxSlots = 1u << 20;
+inline constexpr uint32_t kRingSeqBits = 12;
+inline constexpr uint32_t kRingSeqMask = (1u << kRingSeqBits) - 1;
+
+GPUSOCK_HD constexpr uint64_t make_ring_entry(uint32_t pos, uint32_t slot, uint32_t seq) {
+  return (static_cast<uint64_t>(pos + 1u) << 32) | (static_cast<uint64_t>(slot) << kRingSeqBits) |
+         (seq & kRingSeqMask);
+}
+GPUSOCK_HD constexpr uint32_t ring_entry_tag(uint64_t e) { return static_cast<uint32_t>(e >> 32); }
+GPUSOCK_HD constexpr uint32_t ring_entry_slot(uint64_t e) {
+  return static_cast<uint32_t>(e & 0xffffffffu) >> kRingSeqBits;
+}
+GPUSOCK_HD constexpr uint32_t ring_entry_seq(uint64_t e) { return static_cast<uint32_t>(e) & kRingSeqMask; }
+
+// Host-written, device-read flags, on its own cache line in mapped memory.
+struct alignas(64) ControlBlock {
+  uint32_t magic;           // kControlMagic once initialised
+  uint32_t shutdown;        // host: non-zero once the runtime is shutting down; every
+                            // device spin loop reads it and gives up with ESHUTDOWN
+  uint8_t reserved[56];
+};
+static_assert(sizeof(ControlBlock) == 64, "ControlBlock is one cache line");
+inline constexpr uint32_t kControlMagic = 0x67707363;  // "gpsc"
+
+// Staging pages: the arena is split into pages of 1 << kStagingPageShift bytes; one call
+// takes a contiguous run of at most kStagingMaxRun pages, all inside one 64-bit word of
+// the page bitmap so that one compare-and-swap claims the whole run.
+inline constexpr uint32_t kStagingPageShift = 12;  // 4 KiB
+inline constexpr uint32_t kStagingPageBytes = 1u << kStagingPageShift;
+inline constexpr uint32_t kStagingMaxRun = 64;     // 256 KiB per call
+
+// Per-runtime state in device memory. The device reads and writes it with device-scope
+// atomics; the host reads it only at shutdown and in diagnostics, never on a hot path.
+struct DeviceState {
+  uint32_t* slot_bitmap;     // nslots bits: 1 = slot owned by a device warp
+  uint32_t* slot_seq;        // per slot: seq of its latest request
+  uint32_t* ring_pos;        // next doorbell position
+  uint64_t* staging_bitmap;  // staging_pages bits: 1 = page in use
+  int32_t* errno_slots;      // per hardware thread slot: the POSIX layer's errno
+};
+
+// Everything device code needs to reach the runtime, in device-visible memory. Kernels
+// find it through gpusock::hostcall::context(); launch() puts it there.
+struct DeviceContext {
+  Slot* slots;                      // mapped host memory, device pointer
+  uint64_t* ring;                   // mapped host memory, device pointer
+  ControlBlock* control;            // mapped host memory, device pointer
+  uint8_t* staging;                 // mapped host memory, device pointer
+  DeviceState state;
+  uint32_t nslots;
+  uint32_t ring_mask;               // capacity - 1
+  uint32_t staging_pages;
+  uint32_t threads_per_sm;          // GPU: errno slot = smid * threads_per_sm + hw thread
+  int64_t monotonic_offset_ns;      // CLOCK_MONOTONIC = globaltimer + this
+  int64_t realtime_offset_ns;       // CLOCK_REALTIME  = globaltimer + this
+};
+
+}  // namespace gpusock::hostcall

@@ -1,0 +1,138 @@
+// gpusock/hostcall/runtime.hpp — the host runtime: owns the hostcall region, the service
+// threads that answer calls, and the device kernels run on.
+//
+//   gpusock::RuntimeOptions opts;                  // device: GPUSOCK_DEVICE or auto
+//   auto rt = gpusock::Runtime::create(opts);
+//   if (!rt.ok()) return fail(rt.status());
+//   (*rt)->register_handler(kMyOp, "my-op", [](gpusock::hostcall::Call& c) { c.set_all(7); });
+//   auto k = gpusock::launch(**rt, {4}, {128}, MyKernel{}, args...);   // launch.hpp
+//   k->wait();
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gpusock/hostcall/handler.hpp"
+#include "gpusock/hostcall/protocol.hpp"
+#include "gpusock/hostcall/status.hpp"
+
+namespace gpusock {
+
+enum class DeviceKind { kAuto, kCuda, kCpu };
+const char* to_string(DeviceKind kind);
+
+struct RuntimeOptions {
+  // kAuto: the environment variable GPUSOCK_DEVICE (cuda|cpu) if set, else cuda when a
+  // GPU is present, else cpu. kCuda fails at create() when there is no usable GPU.
+  DeviceKind device = DeviceKind::kAuto;
+  int cuda_device = 0;
+
+  // Host service threads that answer hostcalls, and whether each pins itself to a core
+  // (thread i to cpu_list[i % size], or to core i when cpu_list is empty).
+  uint32_t service_threads = 1;
+  bool pin_service_threads = false;
+  std::vector<int> cpu_list;
+
+  // A service thread that found no work keeps polling for spin_time, then parks and
+  // re-checks every park_interval: the wake-up delay of an idle runtime is bounded by
+  // park_interval (plus scheduling); bench/hostcall measures it.
+  std::chrono::nanoseconds spin_time = std::chrono::microseconds(200);
+  std::chrono::nanoseconds park_interval = std::chrono::microseconds(50);
+  // Every sweep_interval one service thread scans all slots for requests whose doorbell
+  // it never saw. Doorbells are hints; the sweep is what guarantees progress.
+  std::chrono::nanoseconds sweep_interval = std::chrono::milliseconds(5);
+
+  // Slots = max resident warps of the device * slots_per_warp (at least 1 per resident
+  // warp, so warps making synchronous calls can never starve each other of slots).
+  uint32_t slots_per_warp = 2;
+  // Pinned staging arena for payloads, rounded up to whole 256 KiB words of pages.
+  uint64_t staging_bytes = 16ull << 20;
+
+  // Where kernels' write(1, ...) and write(2, ...) go.
+  int stdout_fd = 1;
+  int stderr_fd = 2;
+
+  // cpu device: most warps resident at once (each lane is a host thread), and the
+  // largest block. Blocks wait for room, as on a GPU.
+  uint32_t cpu_resident_warps = 64;
+};
+
+// Counters of calls the host has served. Cheap to read; no lock on the hot path.
+struct OpcodeStats {
+  uint32_t opcode = 0;
+  std::string name;
+  uint64_t calls = 0;   // slots answered (one per warp group)
+  uint64_t lanes = 0;   // lane calls answered
+  uint64_t errors = 0;  // lane results < 0
+};
+struct RuntimeStats {
+  std::vector<OpcodeStats> by_opcode;  // registered opcodes, ascending
+  uint64_t calls = 0, lanes = 0, errors = 0;
+  uint64_t rejected = 0;        // calls failed by validation (bad opcode, mask, nargs)
+  uint64_t handler_exceptions = 0;
+  uint64_t doorbells = 0;       // calls found through the doorbell ring
+  uint64_t swept = 0;           // calls found only by the timed sweep
+  uint64_t sweeps = 0;
+  uint64_t shutdown_failed = 0; // calls answered ESHUTDOWN at shutdown
+  uint64_t parks = 0;           // times a service thread parked
+};
+
+namespace internal {
+class Core;
+}
+
+class Runtime {
+ public:
+  // Starts a runtime on the chosen device. Fails with a message naming what is missing.
+  static Result<std::unique_ptr<Runtime>> create(const RuntimeOptions& options = {});
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  DeviceKind device() const;
+  std::string device_name() const;
+
+  // Registers `handler` for `opcode`. Returns ok, or EINVAL (opcode out of range or in
+  // the core range), EEXIST (already registered), ESHUTDOWN (runtime shut down).
+  // Handlers may be registered while kernels run.
+  Status register_handler(uint32_t opcode, std::string name, hostcall::Handler handler);
+
+  RuntimeStats stats() const;
+
+  // Fails every pending call with ESHUTDOWN, tells running kernels to give up waiting,
+  // and stops the service threads. Idempotent; the destructor calls it.
+  void shutdown();
+  bool is_shut_down() const;
+
+  // Memory kernels can use: device memory on a GPU, host memory on the cpu device.
+  // Allocations are zeroed. See device_buffer.hpp for an owning wrapper.
+  Result<void*> device_alloc(size_t bytes);
+  void device_free(void* ptr);
+  Status copy_to_device(void* dst, const void* src, size_t bytes);
+  Status copy_from_device(void* dst, const void* src, size_t bytes);
+
+  // Region facts, for modules built on hostcall (net/ registers the staging arena with
+  // io_uring and RDMA).
+  uint8_t* staging_host() const;
+  uint64_t staging_size() const;
+  uint32_t slot_count() const;
+  uint32_t max_resident_warps() const;
+
+  internal::Core& core() { return *core_; }
+  const hostcall::DeviceContext* device_context() const;  // device-visible pointer
+
+ private:
+  explicit Runtime(std::shared_ptr<internal::Core> core);
+  std::shared_ptr<internal::Core> core_;
+};
+
+// The runtime's default device choice, without creating one: GPUSOCK_DEVICE if set,
+// else cuda when a usable GPU is present.
+DeviceKind detect_device();
+// Whether this build can drive a GPU at all (compiled with CUDA) and one is present.
+bool cuda_available();
+
+}  // namespace gpusock

@@ -1,0 +1,602 @@
+// The host dispatcher: service threads find published slots through the doorbell ring
+// (and a timed sweep), validate what the kernel wrote, run the handler, and publish the
+// reply. See docs/architecture.md for the protocol this implements.
+#include "core.hpp"
+
+#include <pthread.h>
+#include <sched.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace gpusock::internal {
+
+using hostcall::Call;
+using hostcall::kMaxArgs;
+using gpusock::kWarpSize;
+using hostcall::Slot;
+
+namespace {
+
+constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+uint32_t next_pow2(uint32_t v) {
+  uint32_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Host view of a mapped 32-bit word shared with the device.
+std::atomic_ref<uint32_t> word(uint32_t& w) { return std::atomic_ref<uint32_t>(w); }
+
+}  // namespace
+
+int64_t now_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+Result<std::shared_ptr<Core>> Core::create(const RuntimeOptions& options) {
+  std::shared_ptr<Core> core(new Core(options));
+  Status s = core->init();
+  if (!s.ok()) return s;
+  core->register_builtins();
+  core->start_threads();
+  return core;
+}
+
+Status Core::init() {
+  if (options_.service_threads == 0 || options_.service_threads > 256) {
+    return {EINVAL, "service_threads must be 1..256"};
+  }
+  if (options_.slots_per_warp == 0) return {EINVAL, "slots_per_warp must be at least 1"};
+
+  DeviceKind kind = options_.device == DeviceKind::kAuto ? detect_device() : options_.device;
+  if (kind == DeviceKind::kCuda) {
+    auto b = make_cuda_backend(options_);
+    if (!b.ok()) return b.status();
+    device_ = std::move(b.value());
+  } else {
+    device_ = make_cpu_backend(options_);
+  }
+
+  uint64_t slots64 = static_cast<uint64_t>(device_->max_resident_warps()) * options_.slots_per_warp;
+  if (slots64 > hostcall::kMaxSlots) slots64 = hostcall::kMaxSlots;
+  nslots_ = static_cast<uint32_t>(slots64);
+  // Twice the slots: a ring that only laps when the host stops consuming entirely.
+  ring_cap_ = next_pow2(nslots_ * 2);
+  const uint64_t word_bytes = uint64_t{hostcall::kStagingPageBytes} * 64;
+  staging_bytes_ = std::max<uint64_t>(word_bytes, align_up(options_.staging_bytes, word_bytes));
+  const uint32_t staging_pages = static_cast<uint32_t>(staging_bytes_ / hostcall::kStagingPageBytes);
+
+  // One mapped block: control line, slots, ring, staging (page aligned).
+  const size_t off_slots = 64;
+  const size_t off_ring = off_slots + sizeof(Slot) * nslots_;
+  const size_t off_staging = align_up(off_ring + sizeof(uint64_t) * ring_cap_, 4096);
+  const size_t mapped_bytes = off_staging + staging_bytes_;
+  void* host = nullptr;
+  void* dev = nullptr;
+  Status s = device_->alloc_mapped(mapped_bytes, &host, &dev);
+  if (!s.ok()) return s;
+  mapped_block_ = host;
+  auto* hb = static_cast<uint8_t*>(host);
+  auto* db = static_cast<uint8_t*>(dev);
+  control_h_ = reinterpret_cast<hostcall::ControlBlock*>(hb);
+  slots_h_ = reinterpret_cast<Slot*>(hb + off_slots);
+  ring_h_ = reinterpret_cast<uint64_t*>(hb + off_ring);
+  staging_h_ = hb + off_staging;
+  control_h_->magic = hostcall::kControlMagic;
+
+  // One device block: context, slot bitmap, slot seqs, ring position, staging bitmap,
+  // errno slots.
+  const uint32_t slot_words = (nslots_ + 31) / 32;
+  const uint32_t staging_words = staging_pages / 64;
+  const uint64_t errno_count = uint64_t{device_->sm_count()} * device_->threads_per_sm();
+  const size_t d_ctx = 0;
+  const size_t d_bitmap = align_up(sizeof(hostcall::DeviceContext), 256);
+  const size_t d_seq = align_up(d_bitmap + 4ull * slot_words, 256);
+  const size_t d_ringpos = align_up(d_seq + 4ull * nslots_, 256);
+  const size_t d_staging = align_up(d_ringpos + 4, 256);
+  const size_t d_errno = align_up(d_staging + 8ull * staging_words, 256);
+  const size_t device_bytes = d_errno + 4 * errno_count;
+  void* dblock = nullptr;
+  s = device_->alloc_device(device_bytes, &dblock);
+  if (!s.ok()) return s;
+  device_block_ = dblock;
+  auto* dd = static_cast<uint8_t*>(dblock);
+
+  // Bits past the last slot start set, so no warp can ever claim them.
+  if (nslots_ % 32 != 0) {
+    uint32_t tail = ~((1u << (nslots_ % 32)) - 1);
+    s = device_->copy_to_device(dd + d_bitmap + 4ull * (slot_words - 1), &tail, 4);
+    if (!s.ok()) return s;
+  }
+
+  hostcall::DeviceContext& c = ctx_host_;
+  c.slots = reinterpret_cast<Slot*>(db + off_slots);
+  c.ring = reinterpret_cast<uint64_t*>(db + off_ring);
+  c.control = reinterpret_cast<hostcall::ControlBlock*>(db);
+  c.staging = db + off_staging;
+  c.state.slot_bitmap = reinterpret_cast<uint32_t*>(dd + d_bitmap);
+  c.state.slot_seq = reinterpret_cast<uint32_t*>(dd + d_seq);
+  c.state.ring_pos = reinterpret_cast<uint32_t*>(dd + d_ringpos);
+  c.state.staging_bitmap = reinterpret_cast<uint64_t*>(dd + d_staging);
+  c.state.errno_slots = reinterpret_cast<int32_t*>(dd + d_errno);
+  c.nslots = nslots_;
+  c.ring_mask = ring_cap_ - 1;
+  c.staging_pages = staging_pages;
+  c.threads_per_sm = device_->threads_per_sm();
+  s = device_->calibrate_clock(&c.monotonic_offset_ns, &c.realtime_offset_ns);
+  if (!s.ok()) return s;
+  s = device_->copy_to_device(dd + d_ctx, &c, sizeof(c));
+  if (!s.ok()) return s;
+  ctx_dev_ = reinterpret_cast<hostcall::DeviceContext*>(dd + d_ctx);
+  return {};
+}
+
+void Core::start_threads() {
+  next_sweep_ns_.store(now_ns() + options_.sweep_interval.count(), std::memory_order_relaxed);
+  for (uint32_t i = 0; i < options_.service_threads; ++i) {
+    threads_running_.fetch_add(1, std::memory_order_relaxed);
+    threads_.emplace_back([self = shared_from_this(), i] { self->service_loop(i); });
+  }
+}
+
+Core::~Core() {
+  shutdown();
+  if (leak_memory_) return;
+  if (device_block_ != nullptr) device_->free_device(device_block_);
+  if (mapped_block_ != nullptr) device_->free_mapped(mapped_block_);
+}
+
+Status Core::register_handler(uint32_t opcode, std::string name, hostcall::Handler fn, bool core_range_ok) {
+  if (opcode >= hostcall::kOpcodeLimit) return {EINVAL, "opcode " + std::to_string(opcode) + " is out of range"};
+  if (!core_range_ok && opcode <= hostcall::kCoreLast) {
+    return {EINVAL, "opcodes 0x0000-0x00ff belong to the hostcall core"};
+  }
+  if (!fn) return {EINVAL, "empty handler"};
+  if (is_shut_down()) return {ESHUTDOWN, "runtime is shut down"};
+  std::lock_guard<std::mutex> lock(handlers_mu_);
+  if (handlers_[opcode].load(std::memory_order_relaxed) != nullptr) {
+    return {EEXIST, "opcode " + std::to_string(opcode) + " already has a handler"};
+  }
+  auto e = std::make_unique<HandlerEntry>();
+  e->opcode = opcode;
+  e->name = std::move(name);
+  e->fn = std::move(fn);
+  // Release: a service thread that loads the pointer sees a fully built entry.
+  handlers_[opcode].store(e.get(), std::memory_order_release);
+  handler_store_.push_back(std::move(e));
+  return {};
+}
+
+void Core::service_loop(uint32_t index) {
+  // Parking relies on short sleeps; the default 50 us timer slack would double them.
+  prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+  if (options_.pin_service_threads) {
+    int cpu = options_.cpu_list.empty() ? static_cast<int>(index)
+                                        : options_.cpu_list[index % options_.cpu_list.size()];
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+  }
+  const int64_t spin_ns = options_.spin_time.count();
+  int64_t last_work = now_ns();
+  while (!stopping_.load(std::memory_order_acquire)) {
+    uint32_t n = drain_ring(64);
+    int64_t now = now_ns();
+    if (now >= next_sweep_ns_.load(std::memory_order_relaxed)) n += sweep();
+    if (n > 0) {
+      last_work = now;
+      continue;
+    }
+    if (now - last_work < spin_ns) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+      continue;
+    }
+    // Park: nothing arrived for spin_time. The device cannot wake a host thread, so the
+    // park is a bounded sleep; park_interval is the worst added delay for the next call.
+    parks_.fetch_add(1, std::memory_order_relaxed);
+    std::unique_lock<std::mutex> lock(park_mu_);
+    park_cv_.wait_for(lock, options_.park_interval,
+                      [this] { return stopping_.load(std::memory_order_acquire); });
+  }
+  threads_running_.fetch_sub(1, std::memory_order_release);
+}
+
+uint32_t Core::drain_ring(uint32_t budget) {
+  uint32_t done = 0;
+  while (done < budget) {
+    uint32_t head = ring_head_.load(std::memory_order_acquire);
+    // Acquire pairs with nothing on the device (the doorbell store is relaxed); the
+    // state word read in on_doorbell() is what carries the request's data.
+    uint64_t e = std::atomic_ref<uint64_t>(ring_h_[head & (ring_cap_ - 1)]).load(std::memory_order_acquire);
+    uint32_t tag = hostcall::ring_entry_tag(e);
+    if (tag == head + 1) {
+      if (!ring_head_.compare_exchange_strong(head, head + 1, std::memory_order_acq_rel)) continue;
+      doorbells_.fetch_add(1, std::memory_order_relaxed);
+      on_doorbell(hostcall::ring_entry_slot(e), hostcall::ring_entry_seq(e));
+      ++done;
+      continue;
+    }
+    if (static_cast<int32_t>(tag - (head + 1)) > 0 && tag != 0) {
+      // The device lapped us: jump to the entry it left here. Whatever lay between is
+      // found by the sweep.
+      ring_head_.compare_exchange_strong(head, tag - 1, std::memory_order_acq_rel);
+      continue;
+    }
+    break;  // not written yet
+  }
+  return done;
+}
+
+void Core::on_doorbell(uint32_t slot, uint32_t seq_low) {
+  if (slot >= nslots_) {
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  auto state = word(slots_h_[slot].hdr.state);
+  // The doorbell store may overtake the state store it follows; wait a little for the
+  // state to land. Beyond the bound the sweep finds the call.
+  for (uint32_t i = 0; i < 4096; ++i) {
+    uint32_t st = state.load(std::memory_order_acquire);
+    uint32_t d = (seq_low - hostcall::state_seq(st)) & hostcall::kRingSeqMask;
+    if (d == 0) {
+      if (hostcall::state_phase(st) == hostcall::kRequest) claim_and_run(slot, st);
+      return;  // ours, and already taken (by the sweep) or answered
+    }
+    if (d >= (1u << (hostcall::kRingSeqBits - 1))) return;  // the slot moved on: stale doorbell
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+uint32_t Core::sweep() {
+  bool expected = false;
+  if (!sweeping_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return 0;
+  next_sweep_ns_.store(now_ns() + options_.sweep_interval.count(), std::memory_order_relaxed);
+  sweeps_.fetch_add(1, std::memory_order_relaxed);
+  uint32_t found = 0;
+  for (uint32_t i = 0; i < nslots_; ++i) {
+    uint32_t st = word(slots_h_[i].hdr.state).load(std::memory_order_acquire);
+    if (hostcall::state_phase(st) == hostcall::kRequest && claim_and_run(i, st)) {
+      swept_.fetch_add(1, std::memory_order_relaxed);
+      ++found;
+    }
+  }
+  // A producer that took a ring position and never wrote it would hold up every later
+  // doorbell. If the head has not moved since the last sweep and entries after it are
+  // written, step over it.
+  uint32_t head = ring_head_.load(std::memory_order_acquire);
+  if (head == last_swept_head_) {
+    for (uint32_t k = 1; k < 64; ++k) {
+      uint64_t e = std::atomic_ref<uint64_t>(ring_h_[(head + k) & (ring_cap_ - 1)]).load(std::memory_order_acquire);
+      if (hostcall::ring_entry_tag(e) == head + k + 1) {
+        ring_head_.compare_exchange_strong(head, head + k, std::memory_order_acq_rel);
+        break;
+      }
+    }
+  }
+  last_swept_head_ = ring_head_.load(std::memory_order_relaxed);
+  sweeping_.store(false, std::memory_order_release);
+  return found;
+}
+
+bool Core::claim_and_run(uint32_t slot, uint32_t st) {
+  Slot& s = slots_h_[slot];
+  uint32_t seq = hostcall::state_seq(st);
+  // Acquire: pairs with the device's release of kRequest; after this, the header,
+  // arguments and payload the kernel wrote are visible. The CAS makes exactly one host
+  // thread the owner.
+  if (!word(s.hdr.state).compare_exchange_strong(st, hostcall::make_state(seq, hostcall::kClaimed),
+                                                 std::memory_order_acq_rel)) {
+    return false;
+  }
+  // Copy the header once; every check below uses the copy, so a kernel that writes the
+  // slot again cannot change what was validated.
+  hostcall::SlotHeader hdr;
+  std::memcpy(&hdr, &s.hdr, sizeof(hdr));
+  Call call;
+  call.core_ = this;
+  call.slot_ = slot;
+  call.seq_ = seq;
+  call.opcode_ = hdr.opcode;
+  call.mask_ = hdr.lane_mask;
+  call.nargs_ = hdr.nargs;
+  call.origin_ = hdr.origin;
+  run(call, hdr);
+  return true;
+}
+
+void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
+  for (uint32_t m = call.mask_; m != 0; m &= m - 1) call.results_[0][__builtin_ctz(m)] = 0;
+  if (call.mask_ == 0 || call.nargs_ > kMaxArgs || hdr.flags != 0) {
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    call.nargs_ = 0;
+    call.set_all(-EINVAL);
+    commit(call);
+    return;
+  }
+  HandlerEntry* h = call.opcode_ < hostcall::kOpcodeLimit
+                        ? handlers_[call.opcode_].load(std::memory_order_acquire)
+                        : nullptr;
+  if (h == nullptr) {
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    call.nargs_ = 0;
+    call.set_all(-ENOSYS);
+    commit(call);
+    return;
+  }
+  const Slot& s = slots_h_[call.slot_];
+  for (uint32_t k = 0; k < call.nargs_; ++k) {
+    for (uint32_t m = call.mask_; m != 0; m &= m - 1) {
+      uint32_t lane = __builtin_ctz(m);
+      call.args_[k][lane] = s.data[k][lane];
+    }
+  }
+  try {
+    h->fn(call);
+  } catch (...) {
+    // A handler must never take the host down, nor leave the kernel waiting.
+    exceptions_.fetch_add(1, std::memory_order_relaxed);
+    if (!call.deferred_) {
+      call.nresults_ = 1;
+      call.set_all(-EIO);
+    }
+  }
+  h->calls.fetch_add(1, std::memory_order_relaxed);
+  h->lanes.fetch_add(__builtin_popcount(call.mask_), std::memory_order_relaxed);
+  if (call.deferred_) return;
+  uint64_t errors = 0;
+  call.for_each_lane([&](uint32_t lane) { errors += call.result(lane) < 0; });
+  if (errors != 0) h->errors.fetch_add(errors, std::memory_order_relaxed);
+  commit(call);
+}
+
+bool Core::commit(Call& call) {
+  Slot& s = slots_h_[call.slot_];
+  uint32_t claimed = hostcall::make_state(call.seq_, hostcall::kClaimed);
+  // Whoever moves kClaimed to kCompleting answers; the loser (a late deferred reply
+  // after shutdown failed the call) must not touch the slot.
+  if (!word(s.hdr.state).compare_exchange_strong(claimed, hostcall::make_state(call.seq_, hostcall::kCompleting),
+                                                 std::memory_order_acq_rel)) {
+    return false;
+  }
+  bool uniform = call.nresults_ <= 1;
+  int64_t first = 0;
+  bool have_first = false;
+  for (uint32_t m = call.mask_; uniform && m != 0; m &= m - 1) {
+    int64_t v = static_cast<int64_t>(call.results_[0][__builtin_ctz(m)]);
+    if (!have_first) {
+      first = v;
+      have_first = true;
+    } else if (v != first) {
+      uniform = false;
+    }
+  }
+  if (uniform) {
+    // One header line instead of a result per lane: the common case (all lanes got 0).
+    s.hdr.reply_flags = hostcall::kReplyUniform;
+    s.hdr.nresults = 1;
+    s.hdr.uniform_result = first;
+  } else {
+    s.hdr.reply_flags = 0;
+    s.hdr.nresults = call.nresults_;
+    for (uint32_t k = 0; k < call.nresults_; ++k) {
+      for (uint32_t m = call.mask_; m != 0; m &= m - 1) {
+        uint32_t lane = __builtin_ctz(m);
+        s.data[k][lane] = call.results_[k][lane];
+      }
+    }
+  }
+  // Release, system scope (on x86 a plain store): the results above are visible to the
+  // device before it can see kReply. This is the host's last access to the slot.
+  word(s.hdr.state).store(hostcall::make_state(call.seq_, hostcall::kReply), std::memory_order_release);
+  return true;
+}
+
+void Core::fail_pending(int64_t error) {
+  for (uint32_t i = 0; i < nslots_; ++i) {
+    Slot& s = slots_h_[i];
+    auto state = word(s.hdr.state);
+    for (;;) {
+      uint32_t st = state.load(std::memory_order_acquire);
+      hostcall::Phase p = hostcall::state_phase(st);
+      uint32_t seq = hostcall::state_seq(st);
+      if (p == hostcall::kRequest) {
+        // Claim it first so no service thread starts it; then answer as below.
+        if (!state.compare_exchange_strong(st, hostcall::make_state(seq, hostcall::kClaimed),
+                                           std::memory_order_acq_rel)) {
+          continue;
+        }
+      } else if (p != hostcall::kClaimed) {
+        break;  // empty, being answered, or answered
+      }
+      Call call;
+      call.core_ = this;
+      call.slot_ = i;
+      call.seq_ = seq;
+      call.mask_ = s.hdr.lane_mask;
+      call.nresults_ = 1;
+      call.set_all(error);
+      if (commit(call)) shutdown_failed_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    }
+  }
+}
+
+void Core::shutdown() {
+  std::call_once(shutdown_once_, [this] {
+    stopping_.store(true, std::memory_order_release);
+    if (control_h_ != nullptr) {
+      // System scope release: every device spin loop reads this flag and gives up.
+      word(control_h_->shutdown).store(1, std::memory_order_release);
+    }
+    {
+      std::lock_guard<std::mutex> lock(park_mu_);
+    }
+    park_cv_.notify_all();
+    if (slots_h_ != nullptr) fail_pending(-ESHUTDOWN);
+    // Service threads finish the handler they are in. One stuck in a handler forever
+    // cannot be joined; after a bound it is left behind, holding its own reference to
+    // this Core, so nothing it touches is freed under it.
+    const int64_t deadline = now_ns() + 2'000'000'000;
+    while (threads_running_.load(std::memory_order_acquire) != 0 && now_ns() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    for (auto& t : threads_) {
+      if (threads_running_.load(std::memory_order_acquire) == 0) {
+        t.join();
+      } else {
+        std::fprintf(stderr, "gpusock: a service thread is stuck in a handler; leaving it behind\n");
+        t.detach();
+      }
+    }
+    threads_.clear();
+    // Calls published after fail_pending() ran (kernels still submitting) are failed too.
+    if (slots_h_ != nullptr) fail_pending(-ESHUTDOWN);
+    if (device_ && device_->kernels_running() && !device_->wait_kernels(std::chrono::seconds(10))) {
+      // A kernel that ignores ESHUTDOWN still reads this memory: keep it mapped.
+      std::fprintf(stderr, "gpusock: kernels still running at shutdown; their memory is kept\n");
+      leak_memory_ = true;
+    }
+  });
+}
+
+RuntimeStats Core::stats() const {
+  RuntimeStats r;
+  {
+    std::lock_guard<std::mutex> lock(handlers_mu_);
+    for (const auto& e : handler_store_) {
+      OpcodeStats o;
+      o.opcode = e->opcode;
+      o.name = e->name;
+      o.calls = e->calls.load(std::memory_order_relaxed);
+      o.lanes = e->lanes.load(std::memory_order_relaxed);
+      o.errors = e->errors.load(std::memory_order_relaxed);
+      r.calls += o.calls;
+      r.lanes += o.lanes;
+      r.errors += o.errors;
+      r.by_opcode.push_back(std::move(o));
+    }
+  }
+  std::sort(r.by_opcode.begin(), r.by_opcode.end(),
+            [](const OpcodeStats& a, const OpcodeStats& b) { return a.opcode < b.opcode; });
+  r.rejected = rejected_.load(std::memory_order_relaxed);
+  r.handler_exceptions = exceptions_.load(std::memory_order_relaxed);
+  r.doorbells = doorbells_.load(std::memory_order_relaxed);
+  r.swept = swept_.load(std::memory_order_relaxed);
+  r.sweeps = sweeps_.load(std::memory_order_relaxed);
+  r.shutdown_failed = shutdown_failed_.load(std::memory_order_relaxed);
+  r.parks = parks_.load(std::memory_order_relaxed);
+  return r;
+}
+
+// ---- builtin handlers -------------------------------------------------------------
+
+namespace {
+int64_t write_all(int fd, const uint8_t* p, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t w = ::write(fd, p + done, n - done);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return done > 0 ? static_cast<int64_t>(done) : -errno;
+    }
+    done += static_cast<size_t>(w);
+  }
+  return static_cast<int64_t>(done);
+}
+}  // namespace
+
+void Core::register_builtins() {
+  register_handler(hostcall::op::kNull, "null", [](Call& c) { c.set_all(0); }, true);
+  register_handler(
+      hostcall::op::kWrite, "write",
+      [this](Call& c) {
+        c.for_each_lane([&](uint32_t lane) {
+          int64_t fd = static_cast<int64_t>(c.arg(lane, 0));
+          std::mutex* mu = fd == 1 ? &stdout_mu_ : fd == 2 ? &stderr_mu_ : nullptr;
+          if (mu == nullptr) {
+            c.set_result(lane, -EBADF);
+            return;
+          }
+          std::span<const uint8_t> bytes;
+          int err = c.payload(lane, 1, &bytes);
+          if (err != 0) {
+            c.set_result(lane, err);
+            return;
+          }
+          int out = fd == 1 ? options_.stdout_fd : options_.stderr_fd;
+          std::lock_guard<std::mutex> lock(*mu);
+          c.set_result(lane, write_all(out, bytes.data(), bytes.size()));
+        });
+      },
+      true);
+}
+
+}  // namespace gpusock::internal
+
+// ---- Call / DeferredCall ----------------------------------------------------------
+
+namespace gpusock::hostcall {
+
+int Call::payload(uint32_t lane, uint32_t k, std::span<const uint8_t>* out) const {
+  if (k + 1 >= nargs_) return -EINVAL;
+  uint64_t off = arg(lane, k), len = arg(lane, k + 1);
+  uint64_t size = core_->staging_size();
+  // Overflow-safe bounds check: both values come straight from the kernel.
+  if (off > size || len > size - off) return -EFAULT;
+  *out = std::span<const uint8_t>(core_->staging_host() + off, len);
+  return 0;
+}
+
+DeferredCall Call::defer() {
+  DeferredCall d;
+  if (deferred_) return d;  // only once
+  deferred_ = true;
+  d.core_ = core_->self();
+  d.call_ = std::make_unique<Call>(*this);
+  return d;
+}
+
+DeferredCall& DeferredCall::operator=(DeferredCall&& other) noexcept {
+  if (this != &other) {
+    if (call_) complete_with_cancel();
+    core_ = std::move(other.core_);
+    call_ = std::move(other.call_);
+  }
+  return *this;
+}
+
+void DeferredCall::complete_with_cancel() {
+  call_->nresults_ = 1;
+  call_->set_all(-ECANCELED);
+  complete();
+}
+
+DeferredCall::~DeferredCall() {
+  if (call_) complete_with_cancel();
+}
+
+bool DeferredCall::complete() {
+  if (!call_) return false;
+  bool ok = core_->commit(*call_);
+  call_.reset();
+  core_.reset();
+  return ok;
+}
+
+}  // namespace gpusock::hostcall

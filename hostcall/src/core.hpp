@@ -1,0 +1,148 @@
+// Private: the runtime's implementation. One Core per Runtime, shared (shared_ptr) with
+// everything that may outlive the Runtime object: deferred calls, cpu-device lanes,
+// service threads stuck in a handler at shutdown.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gpusock/hostcall/handler.hpp"
+#include "gpusock/hostcall/opcodes.hpp"
+#include "gpusock/hostcall/protocol.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/status.hpp"
+
+namespace gpusock::internal {
+
+// What a device must provide to host a runtime: memory the GPU (or cpu device) and the
+// host share, device memory, and the facts that size the slot pool.
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+  virtual DeviceKind kind() const = 0;
+  virtual std::string name() const = 0;
+  // Pinned host memory mapped into the device; zeroed. *dev is the device's address.
+  virtual Status alloc_mapped(size_t bytes, void** host, void** dev) = 0;
+  virtual void free_mapped(void* host) = 0;
+  // Device memory, zeroed.
+  virtual Status alloc_device(size_t bytes, void** dev) = 0;
+  virtual void free_device(void* dev) = 0;
+  virtual Status copy_to_device(void* dev, const void* host, size_t bytes) = 0;
+  virtual Status copy_from_device(void* host, const void* dev, size_t bytes) = 0;
+  virtual uint32_t max_resident_warps() const = 0;
+  virtual uint32_t sm_count() const = 0;
+  virtual uint32_t threads_per_sm() const = 0;
+  // Offsets from the device clock to CLOCK_MONOTONIC and CLOCK_REALTIME.
+  virtual Status calibrate_clock(int64_t* monotonic_offset, int64_t* realtime_offset) = 0;
+  // Whether kernels launched on this device may still be running.
+  virtual bool kernels_running() const = 0;
+  // Waits up to `timeout` for launched kernels to finish; true if none is running.
+  virtual bool wait_kernels(std::chrono::nanoseconds timeout) = 0;
+};
+
+std::unique_ptr<DeviceBackend> make_cpu_backend(const RuntimeOptions& options);
+Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& options);
+
+struct HandlerEntry {
+  uint32_t opcode = 0;
+  std::string name;
+  hostcall::Handler fn;
+  std::atomic<uint64_t> calls{0}, lanes{0}, errors{0};
+};
+
+class Core : public std::enable_shared_from_this<Core> {
+ public:
+  static Result<std::shared_ptr<Core>> create(const RuntimeOptions& options);
+  ~Core();
+
+  Status register_handler(uint32_t opcode, std::string name, hostcall::Handler fn, bool core_range_ok);
+  void shutdown();
+  bool is_shut_down() const { return stopping_.load(std::memory_order_acquire); }
+  RuntimeStats stats() const;
+
+  // Answers a claimed call with the results set on it. Returns false if someone else
+  // (shutdown) answered it first.
+  bool commit(hostcall::Call& call);
+
+  DeviceBackend& device() { return *device_; }
+  const DeviceBackend& device() const { return *device_; }
+  const RuntimeOptions& options() const { return options_; }
+  const hostcall::DeviceContext* device_context() const { return ctx_dev_; }
+  // Host-side copy of the context (host pointers replaced by nothing: read-only facts).
+  const hostcall::DeviceContext& context_facts() const { return ctx_host_; }
+  uint8_t* staging_host() const { return staging_h_; }
+  uint64_t staging_size() const { return staging_bytes_; }
+  uint32_t slot_count() const { return nslots_; }
+  // Keeps kernels' launch bookkeeping alive; see LaunchState.
+  std::shared_ptr<Core> self() { return shared_from_this(); }
+
+ private:
+  explicit Core(const RuntimeOptions& options) : options_(options) {}
+  Status init();
+  void start_threads();
+  void service_loop(uint32_t index);
+  // Returns how many calls it dispatched.
+  uint32_t drain_ring(uint32_t budget);
+  uint32_t sweep();
+  void on_doorbell(uint32_t slot, uint32_t seq_low);
+  // Claims slot `slot` if its state is `state` (a kRequest) and runs the call.
+  bool claim_and_run(uint32_t slot, uint32_t state);
+  void run(hostcall::Call& call, const hostcall::SlotHeader& hdr);
+  void fail_pending(int64_t error);
+  void register_builtins();
+
+  RuntimeOptions options_;
+  std::unique_ptr<DeviceBackend> device_;
+
+  // Mapped memory (host addresses; the device's are in ctx_host_).
+  hostcall::Slot* slots_h_ = nullptr;
+  uint64_t* ring_h_ = nullptr;
+  hostcall::ControlBlock* control_h_ = nullptr;
+  uint8_t* staging_h_ = nullptr;
+  void* mapped_block_ = nullptr;
+  uint32_t nslots_ = 0;
+  uint32_t ring_cap_ = 0;
+  uint64_t staging_bytes_ = 0;
+  // Device memory.
+  void* device_block_ = nullptr;
+  hostcall::DeviceContext* ctx_dev_ = nullptr;
+  hostcall::DeviceContext ctx_host_{};
+
+  // Handlers, readable without a lock from service threads; written under handlers_mu_.
+  std::array<std::atomic<HandlerEntry*>, hostcall::kOpcodeLimit> handlers_{};
+  std::vector<std::unique_ptr<HandlerEntry>> handler_store_;
+  mutable std::mutex handlers_mu_;
+
+  // Service threads.
+  std::vector<std::thread> threads_;
+  std::atomic<uint32_t> threads_running_{0};
+  std::atomic<bool> stopping_{false};
+  std::mutex park_mu_;
+  std::condition_variable park_cv_;
+  std::atomic<uint32_t> ring_head_{0};
+  std::atomic<int64_t> next_sweep_ns_{0};
+  std::atomic<bool> sweeping_{false};
+  uint32_t last_swept_head_ = 0;  // guarded by sweeping_
+
+  // kWrite: one lock per output so calls never interleave mid-write.
+  std::mutex stdout_mu_, stderr_mu_;
+
+  // Counters.
+  std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},
+      shutdown_failed_{0}, parks_{0};
+
+  std::once_flag shutdown_once_;
+  bool leak_memory_ = false;  // kernels still ran at destruction: freeing would fault them
+};
+
+// Monotonic nanoseconds for host-side timing.
+int64_t now_ns();
+
+}  // namespace gpusock::internal

@@ -1,0 +1,466 @@
+// The cpu device: the CUDA execution model on host threads. Each lane of a warp is a
+// real thread, so warp-collective code (convergence, shuffles, ballots, warp barriers)
+// runs for real; see docs/architecture.md, "How the cpu device emulates a warp".
+#include <pthread.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "core.hpp"
+#include "gpusock/hostcall/internal/cpu_exec.hpp"
+#include "gpusock/hostcall/launch.hpp"
+#include "launch_state.hpp"
+
+namespace gpusock::internal {
+
+namespace {
+thread_local LaneContext* tls_lane = nullptr;
+
+// How long converging lanes wait for the rest of the warp before the lanes present
+// proceed on their own, as diverged lanes would on a GPU.
+constexpr auto kConvergeWait = std::chrono::milliseconds(10);
+constexpr size_t kLaneStackBytes = 1u << 20;
+}  // namespace
+
+LaneContext* current_lane() { return tls_lane; }
+
+// ---- CpuWarp ------------------------------------------------------------------------
+
+class CpuWarp {
+ public:
+  explicit CpuWarp(uint32_t live) : live_(live) {}
+
+  uint32_t active_mask(uint32_t lane, uint64_t site) {
+    const uint32_t bit = 1u << lane;
+    std::unique_lock<std::mutex> lock(mu_);
+    site_[lane] = site;
+    group_[lane] = 0;
+    converging_ |= bit;
+    waiting_ |= bit;
+    maybe_converge();
+    const auto deadline = std::chrono::steady_clock::now() + kConvergeWait;
+    while (group_[lane] == 0) {
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && group_[lane] == 0) {
+        form_groups();  // the rest of the warp is busy elsewhere: go without it
+      }
+    }
+    return group_[lane];
+  }
+
+  void sync(uint32_t lane, uint32_t mask) {
+    const uint32_t bit = 1u << lane;
+    std::unique_lock<std::mutex> lock(mu_);
+    Barrier* b = find_barrier(mask);
+    b->arrived |= bit;
+    if (barrier_complete(*b)) {
+      release(*b);
+      return;
+    }
+    waiting_ |= bit;
+    const uint64_t seen = released_[lane];
+    maybe_converge();
+    cv_.wait(lock, [&] { return released_[lane] != seen; });
+  }
+
+  void all_gather(uint32_t lane, uint32_t mask, uint64_t value, uint64_t* out) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      exchange_[lane] = value;
+    }
+    sync(lane, mask);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (uint32_t m = mask; m != 0; m &= m - 1) {
+        uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+        out[l] = exchange_[l];
+      }
+    }
+    // Nobody may overwrite its exchange word before every lane of mask has read it.
+    sync(lane, mask);
+  }
+
+  void exit_lane(uint32_t lane) {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_ &= ~(1u << lane);
+    // Exited lanes count as arrived at every barrier, as if they were not in its mask.
+    for (size_t i = 0; i < barriers_.size();) {
+      if (barrier_complete(barriers_[i])) {
+        release(barriers_[i]);  // erases it
+      } else {
+        ++i;
+      }
+    }
+    maybe_converge();
+  }
+
+ private:
+  struct Barrier {
+    uint32_t mask;
+    uint32_t arrived;
+  };
+
+  Barrier* find_barrier(uint32_t mask) {
+    for (auto& b : barriers_) {
+      if (b.mask == mask) return &b;
+    }
+    barriers_.push_back({mask, 0});
+    return &barriers_.back();
+  }
+  bool barrier_complete(const Barrier& b) const { return ((b.arrived | ~live_) & b.mask) == b.mask; }
+  void release(Barrier& b) {
+    for (uint32_t m = b.arrived; m != 0; m &= m - 1) ++released_[__builtin_ctz(m)];
+    waiting_ &= ~b.arrived;
+    barriers_.erase(barriers_.begin() + (&b - barriers_.data()));
+    cv_.notify_all();
+  }
+  // Every live lane is waiting in some warp operation: nobody else can join, so the
+  // lanes converging now form their groups.
+  void maybe_converge() {
+    if (converging_ != 0 && (waiting_ & live_) == live_) form_groups();
+  }
+  void form_groups() {
+    for (uint32_t m = converging_; m != 0; m &= m - 1) {
+      uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+      uint32_t g = 0;
+      for (uint32_t n = converging_; n != 0; n &= n - 1) {
+        uint32_t o = static_cast<uint32_t>(__builtin_ctz(n));
+        if (site_[o] == site_[l]) g |= 1u << o;
+      }
+      group_[l] = g;
+    }
+    waiting_ &= ~converging_;
+    converging_ = 0;
+    cv_.notify_all();
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint32_t live_;
+  uint32_t waiting_ = 0;
+  uint32_t converging_ = 0;
+  uint64_t site_[32] = {};
+  uint32_t group_[32] = {};
+  uint64_t released_[32] = {};
+  uint64_t exchange_[32] = {};
+  std::vector<Barrier> barriers_;
+};
+
+// ---- CpuBlock -----------------------------------------------------------------------
+
+class CpuBlock {
+ public:
+  CpuBlock(uint32_t threads, Dim3 idx) : idx_(idx), live_(threads), remaining_(threads) {
+    for (uint32_t w = 0; w * 32 < threads; ++w) {
+      uint32_t n = std::min<uint32_t>(32, threads - w * 32);
+      warps_.push_back(std::make_unique<CpuWarp>(n == 32 ? 0xffffffffu : ((1u << n) - 1)));
+    }
+  }
+  CpuWarp* warp(uint32_t i) { return warps_[i].get(); }
+  Dim3 idx() const { return idx_; }
+  uint32_t warps() const { return static_cast<uint32_t>(warps_.size()); }
+
+  void sync() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t gen = gen_;
+    if (++arrived_ == live_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return gen_ != gen; });
+  }
+  // Returns true for the last lane of the block to exit.
+  bool exit_lane() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --live_;
+    if (arrived_ > 0 && arrived_ == live_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    }
+    return --remaining_ == 0;
+  }
+
+ private:
+  Dim3 idx_;
+  std::vector<std::unique_ptr<CpuWarp>> warps_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint32_t live_;
+  uint32_t arrived_ = 0;
+  uint64_t gen_ = 0;
+  uint32_t remaining_;
+};
+
+// ---- warp operations called from portable code ----------------------------------------
+
+uint32_t cpu_active_mask(uint64_t site) {
+  LaneContext* l = tls_lane;
+  return l->warp->active_mask(l->lane, site);
+}
+void cpu_sync_warp(uint32_t mask) { tls_lane->warp->sync(tls_lane->lane, mask); }
+void cpu_all_gather(uint32_t mask, uint64_t value, uint64_t* out) {
+  tls_lane->warp->all_gather(tls_lane->lane, mask, value, out);
+}
+uint64_t cpu_shfl(uint32_t mask, uint64_t value, uint32_t src_lane) {
+  uint64_t all[32];
+  cpu_all_gather(mask, value, all);
+  return all[src_lane];
+}
+uint32_t cpu_ballot(uint32_t mask, bool pred) {
+  uint64_t all[32];
+  cpu_all_gather(mask, pred ? 1 : 0, all);
+  uint32_t r = 0;
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+    if (all[l] != 0) r |= 1u << l;
+  }
+  return r;
+}
+uint32_t cpu_match_any(uint32_t mask, uint64_t value) {
+  uint64_t all[32];
+  cpu_all_gather(mask, value, all);
+  uint32_t r = 0;
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+    if (all[l] == value) r |= 1u << l;
+  }
+  return r;
+}
+void cpu_sync_block() { tls_lane->block->sync(); }
+
+// ---- scheduler and launches ---------------------------------------------------------
+
+class CpuBackend;
+
+struct CpuLaunch : LaunchState, std::enable_shared_from_this<CpuLaunch> {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t blocks_left = 0;
+  Status result;
+
+  bool wait(std::chrono::nanoseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mu);
+    if (timeout.count() < 0) {
+      cv.wait(lock, [&] { return blocks_left == 0; });
+      return true;
+    }
+    return cv.wait_for(lock, timeout, [&] { return blocks_left == 0; });
+  }
+  Status status() override {
+    std::lock_guard<std::mutex> lock(mu);
+    return result;
+  }
+};
+
+class CpuBackend : public DeviceBackend {
+ public:
+  explicit CpuBackend(const RuntimeOptions& o) : max_warps_(std::max<uint32_t>(1, o.cpu_resident_warps)) {}
+
+  DeviceKind kind() const override { return DeviceKind::kCpu; }
+  std::string name() const override {
+    return "cpu device (" + std::to_string(max_warps_) + " resident warps, lanes are host threads)";
+  }
+  Status alloc_mapped(size_t bytes, void** host, void** dev) override {
+    Status s = alloc_device(bytes, host);
+    *dev = *host;
+    return s;
+  }
+  void free_mapped(void* host) override { std::free(host); }
+  Status alloc_device(size_t bytes, void** dev) override {
+    size_t rounded = (bytes + 4095) / 4096 * 4096;
+    void* p = std::aligned_alloc(4096, rounded);
+    if (p == nullptr) return {ENOMEM, "cannot allocate " + std::to_string(bytes) + " bytes"};
+    std::memset(p, 0, rounded);
+    *dev = p;
+    return {};
+  }
+  void free_device(void* dev) override { std::free(dev); }
+  Status copy_to_device(void* dev, const void* host, size_t bytes) override {
+    std::memcpy(dev, host, bytes);
+    return {};
+  }
+  Status copy_from_device(void* host, const void* dev, size_t bytes) override {
+    std::memcpy(host, dev, bytes);
+    return {};
+  }
+  uint32_t max_resident_warps() const override { return max_warps_; }
+  uint32_t sm_count() const override { return 1; }
+  uint32_t threads_per_sm() const override { return 32; }
+  Status calibrate_clock(int64_t* mono, int64_t* real) override {
+    // The cpu device's clock is CLOCK_MONOTONIC itself.
+    timespec m, r;
+    ::clock_gettime(CLOCK_MONOTONIC, &m);
+    ::clock_gettime(CLOCK_REALTIME, &r);
+    *mono = 0;
+    *real = (static_cast<int64_t>(r.tv_sec) - m.tv_sec) * 1000000000 + (r.tv_nsec - m.tv_nsec);
+    return {};
+  }
+  bool kernels_running() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return launches_ != 0;
+  }
+  bool wait_kernels(std::chrono::nanoseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return launches_ == 0; });
+  }
+
+  Result<std::shared_ptr<LaunchState>> launch(std::shared_ptr<Core> core, Dim3 grid, Dim3 block,
+                                              std::function<void()> body) {
+    const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+    const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+    if (threads == 0 || threads > 1024) return Status(EINVAL, "block must have 1..1024 threads");
+    if (blocks == 0) return Status(EINVAL, "grid must have at least one block");
+    const uint32_t warps = static_cast<uint32_t>((threads + 31) / 32);
+    if (warps > max_warps_) {
+      return Status(EINVAL, "block of " + std::to_string(warps) + " warps exceeds the cpu device's " +
+                                std::to_string(max_warps_) + " resident warps");
+    }
+    auto l = std::make_shared<CpuLaunch>();
+    l->blocks_left = blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++launches_;
+    }
+    auto shared_body = std::make_shared<const std::function<void()>>(std::move(body));
+    // The grid driver hands blocks out as residency allows, like a GPU's block scheduler.
+    std::thread([this, core, l, shared_body, grid, block, warps] {
+      for (uint32_t z = 0; z < grid.z; ++z)
+        for (uint32_t y = 0; y < grid.y; ++y)
+          for (uint32_t x = 0; x < grid.x; ++x) {
+            {
+              std::unique_lock<std::mutex> lock(mu_);
+              cv_.wait(lock, [&] { return resident_ + warps <= max_warps_; });
+              resident_ += warps;
+            }
+            start_block(core, l, shared_body, grid, block, Dim3{x, y, z}, warps);
+          }
+    }).detach();
+    return std::shared_ptr<LaunchState>(l);
+  }
+
+ private:
+  struct LaneStart {
+    std::shared_ptr<Core> core;
+    std::shared_ptr<CpuLaunch> launch;
+    std::shared_ptr<CpuBlock> block;
+    std::shared_ptr<const std::function<void()>> body;
+    CpuBackend* backend;
+    LaneContext ctx;
+    uint32_t warps;
+  };
+
+  static void* lane_main(void* arg) {
+    std::unique_ptr<LaneStart> st(static_cast<LaneStart*>(arg));
+    tls_lane = &st->ctx;
+    try {
+      (*st->body)();
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(st->launch->mu);
+      if (st->launch->result.ok()) st->launch->result = Status(EIO, std::string("kernel lane threw: ") + e.what());
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(st->launch->mu);
+      if (st->launch->result.ok()) st->launch->result = Status(EIO, "kernel lane threw");
+    }
+    tls_lane = nullptr;
+    st->ctx.warp->exit_lane(st->ctx.lane);
+    if (st->block->exit_lane()) st->backend->finish_block(*st->launch, st->warps);
+    return nullptr;
+  }
+
+  void start_block(const std::shared_ptr<Core>& core, const std::shared_ptr<CpuLaunch>& l,
+                   const std::shared_ptr<const std::function<void()>>& body, Dim3 grid, Dim3 block,
+                   Dim3 idx, uint32_t warps) {
+    const uint32_t threads = block.x * block.y * block.z;
+    auto b = std::make_shared<CpuBlock>(threads, idx);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, kLaneStackBytes);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (uint32_t t = 0; t < threads; ++t) {
+      auto* st = new LaneStart{core, l, b, body, this, {}, warps};
+      st->ctx.warp = b->warp(t / 32);
+      st->ctx.block = b.get();
+      st->ctx.ctx = core->device_context();
+      st->ctx.lane = t % 32;
+      st->ctx.thread_idx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      st->ctx.block_idx = idx;
+      st->ctx.block_dim = block;
+      st->ctx.grid_dim = grid;
+      pthread_t tid;
+      int rc;
+      while ((rc = pthread_create(&tid, &attr, &lane_main, st)) == EAGAIN) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));  // thread limit: wait for exits
+      }
+      if (rc != 0) {
+        std::fprintf(stderr, "gpusock: cannot start a cpu-device lane: %s\n", std::strerror(rc));
+        std::abort();
+      }
+    }
+    pthread_attr_destroy(&attr);
+  }
+
+  void finish_block(CpuLaunch& l, uint32_t warps) {
+    bool launch_done;
+    {
+      std::lock_guard<std::mutex> lock(l.mu);
+      launch_done = --l.blocks_left == 0;
+    }
+    if (launch_done) l.cv.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      resident_ -= warps;
+      if (launch_done) --launches_;
+    }
+    cv_.notify_all();
+  }
+
+  const uint32_t max_warps_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  uint32_t resident_ = 0;
+  uint32_t launches_ = 0;
+};
+
+std::unique_ptr<DeviceBackend> make_cpu_backend(const RuntimeOptions& options) {
+  return std::make_unique<CpuBackend>(options);
+}
+
+Result<std::shared_ptr<LaunchState>> cpu_launch(Runtime& rt, Dim3 grid, Dim3 block,
+                                                std::function<void()> lane_body) {
+  if (rt.is_shut_down()) return Status(ESHUTDOWN, "runtime is shut down");
+  auto* cpu = dynamic_cast<CpuBackend*>(&rt.core().device());
+  if (cpu == nullptr) return Status(ENODEV, "the runtime's device is not the cpu device");
+  return cpu->launch(rt.core().self(), grid, block, std::move(lane_body));
+}
+
+Status no_cuda_in_this_unit() {
+  return {ENODEV,
+          "the runtime runs on cuda, but this kernel's translation unit was not compiled by nvcc "
+          "with CUDA enabled: compile it as CUDA, or create the runtime with device = cpu"};
+}
+
+}  // namespace gpusock::internal
+
+namespace gpusock {
+
+Status Launch::wait() {
+  s_->wait(std::chrono::nanoseconds(-1));
+  return s_->status();
+}
+
+bool Launch::wait_for(std::chrono::nanoseconds timeout) { return s_->wait(timeout); }
+
+}  // namespace gpusock

@@ -1,0 +1,221 @@
+// The cuda device: mapped pinned memory for the hostcall region, device memory for the
+// allocation state, one stream per launch, and the clock calibration kernel.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "core.hpp"
+#include "gpusock/hostcall/launch.hpp"
+#include "launch_state.hpp"
+
+namespace gpusock {
+
+bool cuda_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+namespace internal {
+namespace {
+
+Status cuda_status(cudaError_t e, const char* what) {
+  return {e == cudaErrorMemoryAllocation ? ENOMEM : EIO,
+          std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")"};
+}
+
+int64_t clock_ns(clockid_t c) {
+  timespec ts;
+  ::clock_gettime(c, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+__global__ void read_globaltimer(uint64_t* out) { *out = globaltimer_ns(); }
+
+struct CudaLaunch;
+
+}  // namespace
+
+class CudaBackend : public DeviceBackend {
+ public:
+  Status init(int device) {
+    device_ = device;
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) return cuda_status(e, "cudaSetDevice");
+    e = cudaGetDeviceProperties(&props_, device);
+    if (e != cudaSuccess) return cuda_status(e, "cudaGetDeviceProperties");
+    if (!props_.canMapHostMemory) return {ENODEV, "GPU cannot map host memory"};
+    return {};
+  }
+  DeviceKind kind() const override { return DeviceKind::kCuda; }
+  std::string name() const override {
+    return std::string(props_.name) + " (sm_" + std::to_string(props_.major) + std::to_string(props_.minor) +
+           ", " + std::to_string(props_.multiProcessorCount) + " SMs)";
+  }
+  Status alloc_mapped(size_t bytes, void** host, void** dev) override {
+    cudaError_t e = cudaHostAlloc(host, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e != cudaSuccess) return cuda_status(e, "cudaHostAlloc");
+    std::memset(*host, 0, bytes);
+    e = cudaHostGetDevicePointer(dev, *host, 0);
+    if (e != cudaSuccess) return cuda_status(e, "cudaHostGetDevicePointer");
+    return {};
+  }
+  void free_mapped(void* host) override { cudaFreeHost(host); }
+  Status alloc_device(size_t bytes, void** dev) override {
+    cudaError_t e = cudaMalloc(dev, bytes);
+    if (e != cudaSuccess) return cuda_status(e, "cudaMalloc");
+    e = cudaMemset(*dev, 0, bytes);
+    if (e != cudaSuccess) return cuda_status(e, "cudaMemset");
+    return {};
+  }
+  void free_device(void* dev) override { cudaFree(dev); }
+  Status copy_to_device(void* dev, const void* host, size_t bytes) override {
+    cudaError_t e = cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice);
+    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpy");
+  }
+  Status copy_from_device(void* host, const void* dev, size_t bytes) override {
+    cudaError_t e = cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost);
+    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpy");
+  }
+  uint32_t max_resident_warps() const override {
+    return static_cast<uint32_t>(props_.multiProcessorCount) * (props_.maxThreadsPerMultiProcessor / 32);
+  }
+  uint32_t sm_count() const override { return static_cast<uint32_t>(props_.multiProcessorCount); }
+  uint32_t threads_per_sm() const override {
+    // %warpid can reach the SM's warp-slot count, which is the thread limit / 32.
+    return static_cast<uint32_t>(props_.maxThreadsPerMultiProcessor);
+  }
+  Status calibrate_clock(int64_t* mono, int64_t* real) override {
+    uint64_t* d = nullptr;
+    cudaError_t e = cudaMalloc(&d, sizeof(uint64_t));
+    if (e != cudaSuccess) return cuda_status(e, "cudaMalloc");
+    // Several rounds; keep the one with the tightest host bracket around the GPU read.
+    int64_t best_span = INT64_MAX;
+    for (int i = 0; i < 8; ++i) {
+      uint64_t g = 0;
+      int64_t m0 = clock_ns(CLOCK_MONOTONIC);
+      int64_t r0 = clock_ns(CLOCK_REALTIME);
+      read_globaltimer<<<1, 1>>>(d);
+      e = cudaMemcpy(&g, d, sizeof(g), cudaMemcpyDeviceToHost);
+      int64_t m1 = clock_ns(CLOCK_MONOTONIC);
+      if (e != cudaSuccess) break;
+      if (m1 - m0 < best_span) {
+        best_span = m1 - m0;
+        *mono = (m0 + m1) / 2 - static_cast<int64_t>(g);
+        *real = r0 + (m1 - m0) / 2 - static_cast<int64_t>(g);
+      }
+    }
+    cudaFree(d);
+    if (e != cudaSuccess) return cuda_status(e, "clock calibration");
+    return {};
+  }
+  bool kernels_running() const override;
+  bool wait_kernels(std::chrono::nanoseconds timeout) override;
+
+  void track(const std::shared_ptr<CudaLaunch>& l);
+
+ private:
+  int device_ = 0;
+  cudaDeviceProp props_{};
+  mutable std::mutex mu_;
+  std::vector<std::weak_ptr<CudaLaunch>> launches_;
+};
+
+namespace {
+struct CudaLaunch : LaunchState {
+  std::mutex mu;
+  cudaStream_t stream = nullptr;
+  bool done = false;
+  Status result;
+
+  ~CudaLaunch() override {
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+  // Polls (or, with block, waits for) the stream; records the outcome once.
+  bool check(bool block) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (done) return true;
+    cudaError_t e = block ? cudaStreamSynchronize(stream) : cudaStreamQuery(stream);
+    if (e == cudaErrorNotReady) return false;
+    done = true;
+    if (e != cudaSuccess) result = cuda_status(e, "kernel");
+    return true;
+  }
+  bool wait(std::chrono::nanoseconds timeout) override {
+    if (timeout.count() < 0) return check(true);
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!check(false)) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return true;
+  }
+  Status status() override {
+    std::lock_guard<std::mutex> lock(mu);
+    return result;
+  }
+};
+}  // namespace
+
+bool CudaBackend::kernels_running() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& w : launches_) {
+    if (auto l = w.lock(); l && !l->check(false)) return true;
+  }
+  return false;
+}
+
+bool CudaBackend::wait_kernels(std::chrono::nanoseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (kernels_running()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+void CudaBackend::track(const std::shared_ptr<CudaLaunch>& l) {
+  std::lock_guard<std::mutex> lock(mu_);
+  launches_.erase(std::remove_if(launches_.begin(), launches_.end(), [](auto& w) { return w.expired(); }),
+                  launches_.end());
+  launches_.push_back(l);
+}
+
+Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& options) {
+  if (!cuda_available()) {
+    return Status(ENODEV, "device cuda was requested but no usable GPU was found (cudaGetDeviceCount)");
+  }
+  auto b = std::make_unique<CudaBackend>();
+  Status s = b->init(options.cuda_device);
+  if (!s.ok()) return s;
+  return std::unique_ptr<DeviceBackend>(std::move(b));
+}
+
+Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
+  if (rt.is_shut_down()) return {ESHUTDOWN, "runtime is shut down"};
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (threads == 0 || threads > 1024) return {EINVAL, "block must have 1..1024 threads"};
+  if (uint64_t{grid.x} * grid.y * grid.z == 0) return {EINVAL, "grid must have at least one block"};
+  cudaStream_t s = nullptr;
+  cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (e != cudaSuccess) return cuda_status(e, "cudaStreamCreate");
+  *stream = s;
+  return {};
+}
+
+Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, int launch_error) {
+  auto l = std::make_shared<CudaLaunch>();
+  l->stream = static_cast<cudaStream_t>(stream);
+  if (launch_error != cudaSuccess) return cuda_status(static_cast<cudaError_t>(launch_error), "kernel launch");
+  static_cast<CudaBackend&>(rt.core().device()).track(l);
+  return std::shared_ptr<LaunchState>(l);
+}
+
+}  // namespace internal
+}  // namespace gpusock

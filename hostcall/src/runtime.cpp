@@ -1,0 +1,71 @@
+// Runtime: the public face of Core, and device selection.
+#include "gpusock/hostcall/runtime.hpp"
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "core.hpp"
+
+namespace gpusock {
+
+std::string Status::to_string() const {
+  if (ok()) return "ok";
+  return std::string(std::strerror(code_)) + ": " + message_;
+}
+
+const char* to_string(DeviceKind kind) {
+  switch (kind) {
+    case DeviceKind::kCuda: return "cuda";
+    case DeviceKind::kCpu: return "cpu";
+    default: return "auto";
+  }
+}
+
+DeviceKind detect_device() {
+  if (const char* env = std::getenv("GPUSOCK_DEVICE")) {
+    if (std::strcmp(env, "cpu") == 0) return DeviceKind::kCpu;
+    if (std::strcmp(env, "cuda") == 0) return DeviceKind::kCuda;
+  }
+  return cuda_available() ? DeviceKind::kCuda : DeviceKind::kCpu;
+}
+
+Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options) {
+  auto core = internal::Core::create(options);
+  if (!core.ok()) return core.status();
+  return std::unique_ptr<Runtime>(new Runtime(std::move(core.value())));
+}
+
+Runtime::Runtime(std::shared_ptr<internal::Core> core) : core_(std::move(core)) {}
+Runtime::~Runtime() { core_->shutdown(); }
+
+DeviceKind Runtime::device() const { return core_->device().kind(); }
+std::string Runtime::device_name() const { return core_->device().name(); }
+Status Runtime::register_handler(uint32_t opcode, std::string name, hostcall::Handler handler) {
+  return core_->register_handler(opcode, std::move(name), std::move(handler), false);
+}
+RuntimeStats Runtime::stats() const { return core_->stats(); }
+void Runtime::shutdown() { core_->shutdown(); }
+bool Runtime::is_shut_down() const { return core_->is_shut_down(); }
+uint8_t* Runtime::staging_host() const { return core_->staging_host(); }
+uint64_t Runtime::staging_size() const { return core_->staging_size(); }
+uint32_t Runtime::slot_count() const { return core_->slot_count(); }
+uint32_t Runtime::max_resident_warps() const { return core_->device().max_resident_warps(); }
+Result<void*> Runtime::device_alloc(size_t bytes) {
+  void* p = nullptr;
+  Status s = core_->device().alloc_device(bytes == 0 ? 1 : bytes, &p);
+  if (!s.ok()) return s;
+  return p;
+}
+void Runtime::device_free(void* ptr) {
+  if (ptr != nullptr) core_->device().free_device(ptr);
+}
+Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
+  return core_->device().copy_to_device(dst, src, bytes);
+}
+Status Runtime::copy_from_device(void* dst, const void* src, size_t bytes) {
+  return core_->device().copy_from_device(dst, src, bytes);
+}
+const hostcall::DeviceContext* Runtime::device_context() const { return core_->device_context(); }
+
+}  // namespace gpusock

@@ -1,0 +1,585 @@
+// The hostcall core on both devices. Every test runs once on the cpu device and once on
+// a GPU; the GPU run skips, with its reason, where no GPU is present.
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gpusock/hostcall/client.hpp"
+#include "gpusock/hostcall/device_buffer.hpp"
+#include "gpusock/hostcall/io.hpp"
+#include "gpusock/hostcall/launch.hpp"
+#include "gpusock/hostcall/opcodes.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+
+namespace {
+
+using gpusock::DeviceBuffer;
+using gpusock::DeviceKind;
+using gpusock::Dim3;
+using gpusock::Runtime;
+namespace hc = gpusock::hostcall;
+
+constexpr uint32_t kOpEcho = hc::kTestFirst + 1;      // answers arg0 * 3 + arg1
+constexpr uint32_t kOpThrow = hc::kTestFirst + 2;     // throws
+constexpr uint32_t kOpDeferred = hc::kTestFirst + 3;  // answered later, out of order
+constexpr uint32_t kOpHold = hc::kTestFirst + 4;      // never answered until shutdown
+constexpr uint32_t kOpMulti = hc::kTestFirst + 5;     // three result words per lane
+
+constexpr auto kKernelTimeout = std::chrono::seconds(120);
+
+// ---- kernels ------------------------------------------------------------------------
+
+struct NullCalls {
+  GPUSOCK_HD void operator()(int64_t* out, int iters) const {
+    int64_t bad = 0;
+    for (int i = 0; i < iters; ++i) bad += gpusock::hostcall::call(hc::op::kNull) != 0;
+    out[gpusock::global_thread_id()] = bad;
+  }
+};
+
+// Each lane sends its own arguments; records result - expected (0 when right).
+struct EchoPerLane {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    int64_t r = hc::call(kOpEcho, tid, 1000 + gpusock::warp::lane_id());
+    out[tid] = r - static_cast<int64_t>(tid * 3 + 1000 + gpusock::warp::lane_id());
+  }
+};
+
+// Even lanes call kOpEcho, odd lanes kOpMulti; lanes >= 24 make no call at all.
+struct Divergent {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    uint32_t lane = gpusock::warp::lane_id();
+    int64_t err = 0;
+    if (lane < 24) {
+      if (lane % 2 == 0) {
+        err = hc::call(kOpEcho, tid, 7) - static_cast<int64_t>(tid * 3 + 7);
+      } else {
+        uint64_t more[2];
+        int64_t r = hc::wait(hc::submit(kOpMulti, tid), more, 2);
+        err = (r != static_cast<int64_t>(tid)) + (more[0] != tid + 1) + (more[1] != tid + 2);
+      }
+    }
+    out[tid] = err;
+  }
+};
+
+// Many calls per lane through a handler that answers later, from other threads, in
+// random order. Counts wrong replies.
+struct ManyDeferred {
+  GPUSOCK_HD void operator()(int64_t* bad, int iters) const {
+    uint64_t tid = gpusock::global_thread_id();
+    int64_t wrong = 0;
+    for (int i = 0; i < iters; ++i) {
+      uint64_t key = tid * 1000003ull + static_cast<uint64_t>(i);
+      int64_t r = hc::call(kOpDeferred, key);
+      wrong += r != static_cast<int64_t>((key * 2654435761ull) & 0x7fffffffffffull);
+    }
+    bad[tid] = wrong;
+  }
+};
+
+// Several calls in flight per lane, waited for in reverse order.
+struct AsyncInFlight {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    hc::Ticket t0 = hc::submit(kOpEcho, tid, 0);
+    hc::Ticket t1 = hc::submit(kOpEcho, tid, 1);
+    hc::Ticket t2 = hc::submit(kOpEcho, tid, 2);
+    int64_t r2 = hc::wait(t2), r1 = hc::wait(t1), r0 = hc::wait(t0);
+    out[tid] = (r0 != static_cast<int64_t>(tid * 3)) + (r1 != static_cast<int64_t>(tid * 3 + 1)) +
+               (r2 != static_cast<int64_t>(tid * 3 + 2));
+  }
+};
+
+struct CallOne {
+  GPUSOCK_HD void operator()(int64_t* out, uint32_t opcode) const {
+    out[gpusock::global_thread_id()] = hc::call(opcode, gpusock::global_thread_id());
+  }
+};
+
+// Publishes a slot by hand with whatever header fields it is given, as a buggy kernel
+// might, optionally without ringing the doorbell. Lane 0 only.
+struct RawPublish {
+  GPUSOCK_HD void operator()(int64_t* out, uint32_t opcode, uint32_t mask, uint32_t nargs, uint32_t flags,
+                             uint64_t arg1, uint64_t arg2, int ring) const {
+    if (gpusock::global_thread_id() != 0) return;
+    const hc::DeviceContext* c = hc::context();
+    uint32_t slot = 0;
+    if (hc::internal::acquire_slot(c, 0, &slot) != 0) {
+      out[0] = -12345;
+      return;
+    }
+    uint32_t seq = (c->state.slot_seq[slot] + 1) & hc::kSeqMask;
+    c->state.slot_seq[slot] = seq;
+    hc::Slot* s = c->slots + slot;
+    s->data[0][0] = 1;  // fd for kWrite
+    s->data[1][0] = arg1;
+    s->data[2][0] = arg2;
+    s->hdr.opcode = opcode;
+    s->hdr.lane_mask = mask;
+    s->hdr.nargs = static_cast<uint16_t>(nargs);
+    s->hdr.flags = static_cast<uint16_t>(flags);
+    gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(s->hdr.state)
+        .store(hc::make_state(seq, hc::kRequest), gpusock::Order::kRelease);
+    if (ring) {
+      uint32_t pos = gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(*c->state.ring_pos)
+                         .fetch_add(1, gpusock::Order::kRelaxed);
+      gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(c->ring[pos & c->ring_mask])
+          .store(hc::make_ring_entry(pos, slot, seq), gpusock::Order::kRelaxed);
+    }
+    hc::Ticket t;
+    t.slot = slot;
+    t.seq = seq;
+    t.mask = 1;
+    out[0] = hc::wait(t);
+  }
+};
+
+// Writes "w<warp> l<lane> ....\n" lines of varying length to fd 1; a lane can also
+// be sent to a bad fd. Records each lane's return value and errno.
+struct WriteLines {
+  GPUSOCK_HD void operator()(int64_t* ret, int64_t* err, int bad_lane, int repeat) const {
+    uint64_t tid = gpusock::global_thread_id();
+    uint32_t lane = gpusock::warp::lane_id();
+    char line[256];
+    int n = 0;
+    auto put_num = [&](uint64_t v) {
+      char tmp[24];
+      int k = 0;
+      do {
+        tmp[k++] = static_cast<char>('0' + v % 10);
+        v /= 10;
+      } while (v != 0);
+      while (k > 0) line[n++] = tmp[--k];
+    };
+    line[n++] = 't';
+    put_num(tid);
+    line[n++] = ' ';
+    // A lane-dependent run of payload so lines differ in length and content.
+    for (uint32_t i = 0; i < 16 + lane * 5; ++i) line[n++] = static_cast<char>('a' + (tid + i) % 26);
+    line[n++] = '\n';
+    int fd = static_cast<int>(lane) == bad_lane ? 7 : 1;
+    int64_t total = 0;
+    for (int r = 0; r < repeat; ++r) {
+      int64_t w = gpusock::write(fd, line, static_cast<uint64_t>(n));
+      if (w < 0) {
+        total = -1;
+        break;
+      }
+      total += w;
+    }
+    ret[tid] = total;
+    err[tid] = total < 0 ? gpusock::errno_value() : 0;
+  }
+};
+
+struct BigWrite {
+  GPUSOCK_HD void operator()(const char* src, uint64_t n, int64_t* ret) const {
+    if (gpusock::global_thread_id() == 0) ret[0] = gpusock::write(1, src, n);
+  }
+};
+
+// Reads the monotonic clock many times; out[tid*3] = first, +1 = last, +2 = # of times
+// it went backwards.
+struct ClockReads {
+  GPUSOCK_HD void operator()(int64_t* out, int iters) const {
+    uint64_t tid = gpusock::global_thread_id();
+    timespec ts;
+    int64_t prev = 0, first = 0, back = 0;
+    for (int i = 0; i < iters; ++i) {
+      if (gpusock::clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
+        back += 1000000;
+        break;
+      }
+      int64_t t = static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+      if (i == 0) first = t;
+      if (t < prev) ++back;
+      prev = t;
+    }
+    timespec rt;
+    int bad_clock = gpusock::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &rt);
+    int bad_errno = gpusock::errno_value();
+    gpusock::clock_gettime(CLOCK_REALTIME, &rt);
+    out[tid * 4] = first;
+    out[tid * 4 + 1] = prev;
+    out[tid * 4 + 2] = back + (bad_clock == -1 && bad_errno == EINVAL ? 0 : 1000);
+    out[tid * 4 + 3] = static_cast<int64_t>(rt.tv_sec);
+  }
+};
+
+// ---- fixture ------------------------------------------------------------------------
+
+int64_t host_ns(clockid_t c) {
+  timespec ts;
+  ::clock_gettime(c, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+uint64_t lanes_for(const gpusock::RuntimeStats& s, uint32_t opcode, uint64_t* calls = nullptr) {
+  for (const auto& o : s.by_opcode) {
+    if (o.opcode == opcode) {
+      if (calls) *calls = o.calls;
+      return o.lanes;
+    }
+  }
+  return 0;
+}
+
+class HostcallTest : public ::testing::TestWithParam<DeviceKind> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == DeviceKind::kCuda && !gpusock::cuda_available()) {
+      GTEST_SKIP() << "no usable GPU here (cudaGetDeviceCount found none); the cpu-device run covers this test";
+    }
+    opts_.device = GetParam();
+    opts_.cpu_resident_warps = 32;
+  }
+  void Start() {
+    auto rt = Runtime::create(opts_);
+    ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+    rt_ = std::move(rt.value());
+    ASSERT_TRUE(rt_->register_handler(kOpEcho, "echo", [](hc::Call& c) {
+                      c.for_each_lane([&](uint32_t l) { c.set_result(l, static_cast<int64_t>(c.arg(l, 0) * 3 + c.arg(l, 1))); });
+                    }).ok());
+    ASSERT_TRUE(rt_->register_handler(kOpMulti, "multi", [](hc::Call& c) {
+                      c.for_each_lane([&](uint32_t l) {
+                        c.set_result(l, static_cast<int64_t>(c.arg(l, 0)));
+                        c.set_result(l, 1, c.arg(l, 0) + 1);
+                        c.set_result(l, 2, c.arg(l, 0) + 2);
+                      });
+                    }).ok());
+  }
+  template <typename K, typename... A>
+  void Run(Dim3 grid, Dim3 block, K k, A... a) {
+    auto l = gpusock::launch(*rt_, grid, block, k, a...);
+    ASSERT_TRUE(l.ok()) << l.status().to_string();
+    ASSERT_TRUE(l->wait_for(kKernelTimeout)) << "kernel did not finish";
+    gpusock::Status s = l->wait();
+    ASSERT_TRUE(s.ok()) << s.to_string();
+  }
+  template <typename T>
+  DeviceBuffer<T> Buffer(size_t n) {
+    auto b = DeviceBuffer<T>::create(*rt_, n);
+    EXPECT_TRUE(b.ok()) << b.status().to_string();
+    return std::move(b.value());
+  }
+
+  gpusock::RuntimeOptions opts_;
+  std::unique_ptr<Runtime> rt_;
+};
+
+std::string DeviceName(const ::testing::TestParamInfo<DeviceKind>& info) {
+  return gpusock::to_string(info.param);
+}
+
+INSTANTIATE_TEST_SUITE_P(BothDevices, HostcallTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         DeviceName);
+
+// ---- tests --------------------------------------------------------------------------
+
+TEST_P(HostcallTest, NullCallRoundTripAnswersZero) {
+  Start();
+  auto out = Buffer<int64_t>(64);
+  Run({1}, {64}, NullCalls{}, out.data(), 10);
+  for (int64_t v : out.to_host()) EXPECT_EQ(v, 0);
+  EXPECT_EQ(lanes_for(rt_->stats(), hc::op::kNull), 640u);
+}
+
+TEST_P(HostcallTest, AllLanesWithDifferentArgumentsGetTheirOwnResultsInOneSlot) {
+  Start();
+  auto out = Buffer<int64_t>(4 * 128);
+  Run({4}, {128}, EchoPerLane{}, out.data());
+  for (int64_t v : out.to_host()) ASSERT_EQ(v, 0);
+  uint64_t calls = 0;
+  EXPECT_EQ(lanes_for(rt_->stats(), kOpEcho, &calls), 512u);
+  // 16 warps that each call once with all 32 lanes converged: one slot per warp.
+  EXPECT_EQ(calls, 16u);
+}
+
+TEST_P(HostcallTest, DivergentLaneGroupsEachGetTheirOwnCall) {
+  Start();
+  auto out = Buffer<int64_t>(2 * 64);
+  Run({2}, {64}, Divergent{}, out.data());
+  for (int64_t v : out.to_host()) ASSERT_EQ(v, 0);
+  auto st = rt_->stats();
+  EXPECT_EQ(lanes_for(st, kOpEcho), 4u * 12);
+  EXPECT_EQ(lanes_for(st, kOpMulti), 4u * 12);
+}
+
+TEST_P(HostcallTest, SeveralCallsInFlightPerWarpCompleteInAnyOrder) {
+  Start();
+  auto out = Buffer<int64_t>(256);
+  Run({2}, {128}, AsyncInFlight{}, out.data());
+  for (int64_t v : out.to_host()) ASSERT_EQ(v, 0);
+  EXPECT_EQ(lanes_for(rt_->stats(), kOpEcho), 3u * 256);
+}
+
+// Thousands of warps, a million lane calls, each answered from a pool of completer
+// threads after a random delay and in shuffled order; every reply is checked.
+TEST_P(HostcallTest, MillionCallsFromThousandsOfWarpsWithRandomDelaysAllAnsweredCorrectly) {
+  opts_.service_threads = 2;
+  Start();
+  struct Pending {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<hc::DeferredCall> q;
+    bool stop = false;
+  } p;
+  ASSERT_TRUE(rt_->register_handler(kOpDeferred, "deferred", [&p](hc::Call& c) {
+                    c.for_each_lane([&](uint32_t l) {
+                      uint64_t key = c.arg(l, 0);
+                      c.set_result(l, static_cast<int64_t>((key * 2654435761ull) & 0x7fffffffffffull));
+                    });
+                    hc::DeferredCall d = c.defer();
+                    std::lock_guard<std::mutex> lock(p.mu);
+                    p.q.push_back(std::move(d));
+                    p.cv.notify_one();
+                  }).ok());
+  std::atomic<uint64_t> completed{0};
+  std::vector<std::thread> completers;
+  for (int i = 0; i < 3; ++i) {
+    completers.emplace_back([&p, &completed, i] {
+      std::mt19937 rng(1234 + i);
+      std::vector<hc::DeferredCall> batch;
+      for (;;) {
+        {
+          std::unique_lock<std::mutex> lock(p.mu);
+          p.cv.wait(lock, [&] { return p.stop || !p.q.empty(); });
+          if (p.stop && p.q.empty()) return;
+          // Take a few at once and answer them in shuffled order.
+          while (!p.q.empty() && batch.size() < 8) {
+            batch.push_back(std::move(p.q.front()));
+            p.q.pop_front();
+          }
+        }
+        std::shuffle(batch.begin(), batch.end(), rng);
+        for (auto& d : batch) {
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20));
+          if (d.complete()) completed.fetch_add(1);
+        }
+        batch.clear();
+      }
+    });
+  }
+  const bool gpu = GetParam() == DeviceKind::kCuda;
+  // GPU: 2048 warps x 32 lanes x 16 calls; cpu device: 1024 warps x 32 lanes x 32 calls.
+  const Dim3 grid{gpu ? 512u : 256u}, block{128};
+  const int iters = gpu ? 16 : 32;
+  const uint64_t threads = uint64_t{grid.x} * block.x;
+  auto bad = Buffer<int64_t>(threads);
+  Run(grid, block, ManyDeferred{}, bad.data(), iters);
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    p.stop = true;
+  }
+  p.cv.notify_all();
+  for (auto& t : completers) t.join();
+  uint64_t wrong = 0;
+  for (int64_t v : bad.to_host()) wrong += static_cast<uint64_t>(v);
+  EXPECT_EQ(wrong, 0u);
+  uint64_t calls = 0;
+  uint64_t lanes = lanes_for(rt_->stats(), kOpDeferred, &calls);
+  EXPECT_EQ(lanes, threads * iters);
+  EXPECT_GE(lanes, 1000000u);
+  EXPECT_EQ(completed.load(), calls);  // every deferred reply reached its slot
+}
+
+TEST_P(HostcallTest, ThrowingHandlerAnswersEioAndHostKeepsServing) {
+  Start();
+  ASSERT_TRUE(rt_->register_handler(kOpThrow, "throw", [](hc::Call&) { throw std::runtime_error("boom"); }).ok());
+  auto out = Buffer<int64_t>(64);
+  Run({1}, {64}, CallOne{}, out.data(), kOpThrow);
+  for (int64_t v : out.to_host()) EXPECT_EQ(v, -EIO);
+  EXPECT_GE(rt_->stats().handler_exceptions, 1u);
+  Run({1}, {64}, CallOne{}, out.data(), kOpEcho);
+  auto h = out.to_host();
+  for (size_t i = 0; i < h.size(); ++i) EXPECT_EQ(h[i], static_cast<int64_t>(i * 3));
+}
+
+TEST_P(HostcallTest, UnregisteredOpcodeAnswersEnosys) {
+  Start();
+  auto out = Buffer<int64_t>(32);
+  Run({1}, {32}, CallOne{}, out.data(), hc::kUserFirst + 77);
+  for (int64_t v : out.to_host()) EXPECT_EQ(v, -ENOSYS);
+}
+
+struct GarbageCase {
+  uint32_t opcode, mask, nargs, flags;
+  uint64_t arg1, arg2;
+  int64_t want;
+};
+
+TEST_P(HostcallTest, GarbageWrittenIntoASlotFailsOnlyThatCall) {
+  Start();
+  auto out = Buffer<int64_t>(1);
+  const uint64_t staging = rt_->staging_size();
+  const GarbageCase cases[] = {
+      {kOpEcho, 1, 200, 0, 0, 0, -EINVAL},                       // nargs beyond kMaxArgs
+      {kOpEcho, 1, 2, 0x40, 0, 0, -EINVAL},                      // reserved flags set
+      {0xdeadbeef, 1, 0, 0, 0, 0, -ENOSYS},                      // opcode out of range
+      {hc::op::kWrite, 1, 3, 0, staging - 4, 64, -EFAULT},       // payload past the arena
+      {hc::op::kWrite, 1, 3, 0, ~0ull - 8, 64, -EFAULT},         // offset + length overflows
+      {hc::op::kWrite, 1, 2, 0, 0, 0, -EINVAL},                  // descriptor missing
+  };
+  for (const auto& g : cases) {
+    Run({1}, {32}, RawPublish{}, out.data(), g.opcode, g.mask, g.nargs, g.flags, g.arg1, g.arg2, 1);
+    EXPECT_EQ(out.to_host()[0], g.want) << "opcode " << g.opcode << " nargs " << g.nargs;
+  }
+  EXPECT_GE(rt_->stats().rejected, 3u);
+  // The host still serves well-formed calls.
+  auto echo = Buffer<int64_t>(32);
+  Run({1}, {32}, EchoPerLane{}, echo.data());
+  for (int64_t v : echo.to_host()) EXPECT_EQ(v, 0);
+}
+
+TEST_P(HostcallTest, CallWithoutDoorbellIsFoundByTheSweep) {
+  opts_.sweep_interval = std::chrono::milliseconds(2);
+  Start();
+  auto out = Buffer<int64_t>(1);
+  Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 1u, 2u, 0u, uint64_t{5}, uint64_t{0}, 0);
+  EXPECT_EQ(out.to_host()[0], 3 * 1 + 5);  // data[0][0] = 1, data[1][0] = 5
+  EXPECT_GE(rt_->stats().swept, 1u);
+}
+
+TEST_P(HostcallTest, ShutdownFailsCallsKernelsAreWaitingOn) {
+  Start();
+  std::mutex mu;
+  std::vector<hc::DeferredCall> held;
+  std::atomic<int> arrived{0};
+  ASSERT_TRUE(rt_->register_handler(kOpHold, "hold", [&](hc::Call& c) {
+                    std::lock_guard<std::mutex> lock(mu);
+                    held.push_back(c.defer());
+                    arrived.fetch_add(1);
+                  }).ok());
+  auto out = Buffer<int64_t>(128);
+  auto l = gpusock::launch(*rt_, {2}, {64}, CallOne{}, out.data(), kOpHold);
+  ASSERT_TRUE(l.ok());
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (arrived.load() < 4 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(arrived.load(), 4);  // 4 warps, each one call
+  EXPECT_FALSE(l->wait_for(std::chrono::milliseconds(50)));  // really blocked
+  rt_->shutdown();
+  ASSERT_TRUE(l->wait_for(std::chrono::seconds(30))) << "kernel still waiting after shutdown";
+  for (int64_t v : out.to_host()) EXPECT_EQ(v, -ESHUTDOWN);
+  // The late answers lose: the calls were already failed.
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& d : held) EXPECT_FALSE(d.complete());
+  EXPECT_GE(rt_->stats().shutdown_failed, 4u);
+}
+
+TEST_P(HostcallTest, MonotonicClockNeverGoesBackAndIssuesNoHostcalls) {
+  Start();
+  auto out = Buffer<int64_t>(64 * 4);
+  int64_t before = host_ns(CLOCK_MONOTONIC);
+  Run({1}, {64}, ClockReads{}, out.data(), 2000);
+  int64_t after = host_ns(CLOCK_MONOTONIC);
+  int64_t real_after = host_ns(CLOCK_REALTIME);
+  auto h = out.to_host();
+  for (int t = 0; t < 64; ++t) {
+    EXPECT_EQ(h[t * 4 + 2], 0) << "thread " << t;
+    EXPECT_LE(h[t * 4], h[t * 4 + 1]);
+    // Calibrated against the host clock: within 50 ms of the launch window.
+    EXPECT_GT(h[t * 4], before - 50'000'000);
+    EXPECT_LT(h[t * 4 + 1], after + 50'000'000);
+    EXPECT_NEAR(static_cast<double>(h[t * 4 + 3]), static_cast<double>(real_after / 1000000000), 2.0);
+  }
+  EXPECT_EQ(rt_->stats().calls, 0u);
+}
+
+TEST_P(HostcallTest, WriteKeepsEachCallContiguousAndErrnoPerLane) {
+  char path[] = "/tmp/gpusock-write-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  opts_.stdout_fd = fd;
+  Start();
+  const int repeat = 20;
+  auto ret = Buffer<int64_t>(256);
+  auto err = Buffer<int64_t>(256);
+  Run({2}, {128}, WriteLines{}, ret.data(), err.data(), 5, repeat);
+  auto r = ret.to_host();
+  auto e = err.to_host();
+  std::ifstream in(path);
+  std::map<std::string, int> seen;
+  std::string line;
+  while (std::getline(in, line)) seen[line]++;
+  close(fd);
+  unlink(path);
+  for (uint32_t tid = 0; tid < 256; ++tid) {
+    uint32_t lane = tid % 32;
+    std::string want = "t" + std::to_string(tid) + " ";
+    for (uint32_t i = 0; i < 16 + lane * 5; ++i) want += static_cast<char>('a' + (tid + i) % 26);
+    if (lane == 5) {
+      EXPECT_EQ(r[tid], -1);
+      EXPECT_EQ(e[tid], EBADF);  // only this lane's errno
+      EXPECT_EQ(seen.count(want), 0u);
+    } else {
+      EXPECT_EQ(r[tid], static_cast<int64_t>((want.size() + 1) * repeat)) << "tid " << tid;
+      EXPECT_EQ(e[tid], 0);
+      EXPECT_EQ(seen[want], repeat) << "tid " << tid << ": line missing or torn";
+    }
+  }
+  EXPECT_EQ(seen.size(), 256u - 8u);  // every line intact: nothing else in the file
+}
+
+TEST_P(HostcallTest, LongWriteArrivesWhole) {
+  char path[] = "/tmp/gpusock-bigwrite-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  opts_.stdout_fd = fd;
+  Start();
+  std::string text;
+  for (int i = 0; text.size() < 100000; ++i) text += "line " + std::to_string(i) + "\n";
+  auto src = Buffer<char>(text.size());
+  ASSERT_TRUE(src.from_host(std::vector<char>(text.begin(), text.end())).ok());
+  auto ret = Buffer<int64_t>(1);
+  Run({1}, {32}, BigWrite{}, static_cast<const char*>(src.data()), static_cast<uint64_t>(text.size()), ret.data());
+  EXPECT_EQ(ret.to_host()[0], static_cast<int64_t>(text.size()));
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_EQ(ss.str(), text);
+  close(fd);
+  unlink(path);
+}
+
+TEST_P(HostcallTest, RegisterHandlerRejectsBadOpcodes) {
+  Start();
+  auto noop = [](hc::Call&) {};
+  EXPECT_EQ(rt_->register_handler(kOpEcho, "again", noop).code(), EEXIST);
+  EXPECT_EQ(rt_->register_handler(hc::op::kNull, "core", noop).code(), EINVAL);
+  EXPECT_EQ(rt_->register_handler(hc::kOpcodeLimit, "big", noop).code(), EINVAL);
+  EXPECT_EQ(rt_->register_handler(hc::kUserFirst, "empty", hc::Handler{}).code(), EINVAL);
+  EXPECT_TRUE(rt_->register_handler(hc::kUserFirst, "user", noop).ok());
+  rt_->shutdown();
+  EXPECT_EQ(rt_->register_handler(hc::kUserFirst + 1, "late", noop).code(), ESHUTDOWN);
+}
+
+TEST_P(HostcallTest, LaunchRejectsBadDimensions) {
+  Start();
+  auto out = Buffer<int64_t>(1);
+  EXPECT_EQ(gpusock::launch(*rt_, {1}, {2048}, CallOne{}, out.data(), kOpEcho).status().code(), EINVAL);
+  EXPECT_EQ(gpusock::launch(*rt_, {0}, {32}, CallOne{}, out.data(), kOpEcho).status().code(), EINVAL);
+}
+
+}  // namespace
