@@ -33,8 +33,8 @@ uint32_t next_pow2(uint32_t v) {
   return p;
 }
 
-// Host view of a mapped 32-bit word shared with the device.
-std::atomic_ref<uint32_t> word(uint32_t& w) { return std::atomic_ref<uint32_t>(w); }
+// Host view of a slot's state word, shared with the device.
+std::atomic_ref<uint64_t> state_of(Slot& s) { return std::atomic_ref<uint64_t>(s.hdr.state); }
 
 }  // namespace
 
@@ -69,7 +69,7 @@ Status Core::init() {
   }
 
   uint64_t slots64 = static_cast<uint64_t>(device_->max_resident_warps()) * options_.slots_per_warp;
-  if (slots64 > hostcall::kMaxSlots) slots64 = hostcall::kMaxSlots;
+  if (slots64 > hostcall::kMaxSlots) slots64 = hostcall::kMaxSlots;  // below kFillerSlot
   nslots_ = static_cast<uint32_t>(slots64);
   // Twice the slots: a ring that only laps when the host stops consuming entirely.
   ring_cap_ = next_pow2(nslots_ * 2);
@@ -94,16 +94,15 @@ Status Core::init() {
   ring_h_ = reinterpret_cast<uint64_t*>(hb + off_ring);
   staging_h_ = hb + off_staging;
   control_h_->magic = hostcall::kControlMagic;
+  swept_tags_.assign(nslots_, 0);
 
-  // One device block: context, slot bitmap, slot seqs, ring position, staging bitmap,
-  // errno slots.
+  // One device block: context, slot bitmap, ring position, staging bitmap, errno slots.
   const uint32_t slot_words = (nslots_ + 31) / 32;
   const uint32_t staging_words = staging_pages / 64;
   const uint64_t errno_count = uint64_t{device_->sm_count()} * device_->threads_per_sm();
   const size_t d_ctx = 0;
   const size_t d_bitmap = align_up(sizeof(hostcall::DeviceContext), 256);
-  const size_t d_seq = align_up(d_bitmap + 4ull * slot_words, 256);
-  const size_t d_ringpos = align_up(d_seq + 4ull * nslots_, 256);
+  const size_t d_ringpos = align_up(d_bitmap + 4ull * slot_words, 256);
   const size_t d_staging = align_up(d_ringpos + 4, 256);
   const size_t d_errno = align_up(d_staging + 8ull * staging_words, 256);
   const size_t device_bytes = d_errno + 4 * errno_count;
@@ -126,7 +125,6 @@ Status Core::init() {
   c.control = reinterpret_cast<hostcall::ControlBlock*>(db);
   c.staging = db + off_staging;
   c.state.slot_bitmap = reinterpret_cast<uint32_t*>(dd + d_bitmap);
-  c.state.slot_seq = reinterpret_cast<uint32_t*>(dd + d_seq);
   c.state.ring_pos = reinterpret_cast<uint32_t*>(dd + d_ringpos);
   c.state.staging_bitmap = reinterpret_cast<uint64_t*>(dd + d_staging);
   c.state.errno_slots = reinterpret_cast<int32_t*>(dd + d_errno);
@@ -191,8 +189,10 @@ void Core::service_loop(uint32_t index) {
   }
   const int64_t spin_ns = options_.spin_time.count();
   int64_t last_work = now_ns();
+  std::vector<Early> early;
   while (!stopping_.load(std::memory_order_acquire)) {
-    uint32_t n = drain_ring(64);
+    uint32_t n = drain_ring(64, early);
+    if (!early.empty()) n += retry_early(early);
     int64_t now = now_ns();
     if (now >= next_sweep_ns_.load(std::memory_order_relaxed)) n += sweep();
     if (n > 0) {
@@ -215,7 +215,7 @@ void Core::service_loop(uint32_t index) {
   threads_running_.fetch_sub(1, std::memory_order_release);
 }
 
-uint32_t Core::drain_ring(uint32_t budget) {
+uint32_t Core::drain_ring(uint32_t budget, std::vector<Early>& early) {
   uint32_t done = 0;
   while (done < budget) {
     uint32_t head = ring_head_.load(std::memory_order_acquire);
@@ -225,8 +225,13 @@ uint32_t Core::drain_ring(uint32_t budget) {
     uint32_t tag = hostcall::ring_entry_tag(e);
     if (tag == head + 1) {
       if (!ring_head_.compare_exchange_strong(head, head + 1, std::memory_order_acq_rel)) continue;
+      uint32_t slot = hostcall::ring_entry_slot(e);
+      if (slot == hostcall::kFillerSlot) continue;
       doorbells_.fetch_add(1, std::memory_order_relaxed);
-      on_doorbell(hostcall::ring_entry_slot(e), hostcall::ring_entry_seq(e));
+      if (on_doorbell(slot, hostcall::ring_entry_seq(e)) == DoorbellResult::kEarly) {
+        early_doorbells_.fetch_add(1, std::memory_order_relaxed);
+        early.push_back({slot, hostcall::ring_entry_seq(e), now_ns()});
+      }
       ++done;
       continue;
     }
@@ -241,26 +246,37 @@ uint32_t Core::drain_ring(uint32_t budget) {
   return done;
 }
 
-void Core::on_doorbell(uint32_t slot, uint32_t seq_low) {
+Core::DoorbellResult Core::on_doorbell(uint32_t slot, uint32_t seq_low) {
   if (slot >= nslots_) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
-    return;
+    return DoorbellResult::kDone;
   }
-  auto state = word(slots_h_[slot].hdr.state);
-  // The doorbell store may overtake the state store it follows; wait a little for the
-  // state to land. Beyond the bound the sweep finds the call.
-  for (uint32_t i = 0; i < 4096; ++i) {
-    uint32_t st = state.load(std::memory_order_acquire);
-    uint32_t d = (seq_low - hostcall::state_seq(st)) & hostcall::kRingSeqMask;
-    if (d == 0) {
-      if (hostcall::state_phase(st) == hostcall::kRequest) claim_and_run(slot, st);
-      return;  // ours, and already taken (by the sweep) or answered
+  uint64_t st = state_of(slots_h_[slot]).load(std::memory_order_acquire);
+  uint32_t d = (seq_low - hostcall::state_seq(st)) & hostcall::kRingSeqMask;
+  if (d == 0) {
+    if (hostcall::state_phase(st) == hostcall::kRequest) claim_and_run(slot, st);
+    return DoorbellResult::kDone;  // ours: run now, or already taken by the sweep
+  }
+  // Older state: the doorbell overtook the state store it follows. Newer: the slot moved
+  // on and this doorbell is stale.
+  return d < (1u << (hostcall::kRingSeqBits - 1)) ? DoorbellResult::kEarly : DoorbellResult::kDone;
+}
+
+uint32_t Core::retry_early(std::vector<Early>& early) {
+  uint32_t done = 0;
+  const int64_t now = now_ns();
+  for (size_t i = 0; i < early.size();) {
+    DoorbellResult r = on_doorbell(early[i].slot, early[i].seq_low);
+    // Past 1 ms the sweep will find it; stop looking here.
+    if (r == DoorbellResult::kDone || now - early[i].since > 1'000'000) {
+      done += r == DoorbellResult::kDone;
+      early[i] = early.back();
+      early.pop_back();
+    } else {
+      ++i;
     }
-    if (d >= (1u << (hostcall::kRingSeqBits - 1))) return;  // the slot moved on: stale doorbell
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
   }
+  return done;
 }
 
 uint32_t Core::sweep() {
@@ -268,13 +284,19 @@ uint32_t Core::sweep() {
   if (!sweeping_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return 0;
   next_sweep_ns_.store(now_ns() + options_.sweep_interval.count(), std::memory_order_relaxed);
   sweeps_.fetch_add(1, std::memory_order_relaxed);
+  // Only requests that were already pending, with the same seq, at the previous sweep
+  // are taken here: those are the ones whose doorbell went missing. A request merely
+  // queued behind others is left to its doorbell, so a busy host does no double work.
   uint32_t found = 0;
   for (uint32_t i = 0; i < nslots_; ++i) {
-    uint32_t st = word(slots_h_[i].hdr.state).load(std::memory_order_acquire);
-    if (hostcall::state_phase(st) == hostcall::kRequest && claim_and_run(i, st)) {
+    uint64_t st = state_of(slots_h_[i]).load(std::memory_order_acquire);
+    uint32_t tag = hostcall::state_tag(st);
+    bool pending = hostcall::state_phase(st) == hostcall::kRequest;
+    if (pending && swept_tags_[i] == tag && claim_and_run(i, st)) {
       swept_.fetch_add(1, std::memory_order_relaxed);
       ++found;
     }
+    swept_tags_[i] = pending ? tag : 0;
   }
   // A producer that took a ring position and never wrote it would hold up every later
   // doorbell. If the head has not moved since the last sweep and entries after it are
@@ -294,14 +316,14 @@ uint32_t Core::sweep() {
   return found;
 }
 
-bool Core::claim_and_run(uint32_t slot, uint32_t st) {
+bool Core::claim_and_run(uint32_t slot, uint64_t st) {
   Slot& s = slots_h_[slot];
   uint32_t seq = hostcall::state_seq(st);
   // Acquire: pairs with the device's release of kRequest; after this, the header,
   // arguments and payload the kernel wrote are visible. The CAS makes exactly one host
   // thread the owner.
-  if (!word(s.hdr.state).compare_exchange_strong(st, hostcall::make_state(seq, hostcall::kClaimed),
-                                                 std::memory_order_acq_rel)) {
+  if (!state_of(s).compare_exchange_strong(st, hostcall::make_state(seq, hostcall::kClaimed),
+                                           std::memory_order_acq_rel)) {
     return false;
   }
   // Copy the header once; every check below uses the copy, so a kernel that writes the
@@ -367,13 +389,15 @@ void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
 
 bool Core::commit(Call& call) {
   Slot& s = slots_h_[call.slot_];
-  uint32_t claimed = hostcall::make_state(call.seq_, hostcall::kClaimed);
+  uint64_t claimed = hostcall::make_state(call.seq_, hostcall::kClaimed);
   // Whoever moves kClaimed to kCompleting answers; the loser (a late deferred reply
   // after shutdown failed the call) must not touch the slot.
-  if (!word(s.hdr.state).compare_exchange_strong(claimed, hostcall::make_state(call.seq_, hostcall::kCompleting),
-                                                 std::memory_order_acq_rel)) {
+  if (!state_of(s).compare_exchange_strong(claimed, hostcall::make_state(call.seq_, hostcall::kCompleting),
+                                           std::memory_order_acq_rel)) {
     return false;
   }
+  // Inline reply when every lane has the same single result and it fits in 32 bits: the
+  // device then reads one word for the whole call.
   bool uniform = call.nresults_ <= 1;
   int64_t first = 0;
   bool have_first = false;
@@ -386,13 +410,11 @@ bool Core::commit(Call& call) {
       uniform = false;
     }
   }
+  uniform = uniform && first == static_cast<int32_t>(first);
+  uint64_t reply;
   if (uniform) {
-    // One header line instead of a result per lane: the common case (all lanes got 0).
-    s.hdr.reply_flags = hostcall::kReplyUniform;
-    s.hdr.nresults = 1;
-    s.hdr.uniform_result = first;
+    reply = hostcall::make_state(call.seq_, hostcall::kReplyInline, static_cast<int32_t>(first));
   } else {
-    s.hdr.reply_flags = 0;
     s.hdr.nresults = call.nresults_;
     for (uint32_t k = 0; k < call.nresults_; ++k) {
       for (uint32_t m = call.mask_; m != 0; m &= m - 1) {
@@ -400,19 +422,20 @@ bool Core::commit(Call& call) {
         s.data[k][lane] = call.results_[k][lane];
       }
     }
+    reply = hostcall::make_state(call.seq_, hostcall::kReply);
   }
   // Release, system scope (on x86 a plain store): the results above are visible to the
-  // device before it can see kReply. This is the host's last access to the slot.
-  word(s.hdr.state).store(hostcall::make_state(call.seq_, hostcall::kReply), std::memory_order_release);
+  // device before it can see the reply. This is the host's last access to the slot.
+  state_of(s).store(reply, std::memory_order_release);
   return true;
 }
 
 void Core::fail_pending(int64_t error) {
   for (uint32_t i = 0; i < nslots_; ++i) {
     Slot& s = slots_h_[i];
-    auto state = word(s.hdr.state);
+    auto state = state_of(s);
     for (;;) {
-      uint32_t st = state.load(std::memory_order_acquire);
+      uint64_t st = state.load(std::memory_order_acquire);
       hostcall::Phase p = hostcall::state_phase(st);
       uint32_t seq = hostcall::state_seq(st);
       if (p == hostcall::kRequest) {
@@ -442,7 +465,7 @@ void Core::shutdown() {
     stopping_.store(true, std::memory_order_release);
     if (control_h_ != nullptr) {
       // System scope release: every device spin loop reads this flag and gives up.
-      word(control_h_->shutdown).store(1, std::memory_order_release);
+      std::atomic_ref<uint32_t>(control_h_->shutdown).store(1, std::memory_order_release);
     }
     {
       std::lock_guard<std::mutex> lock(park_mu_);
@@ -501,6 +524,7 @@ RuntimeStats Core::stats() const {
   r.sweeps = sweeps_.load(std::memory_order_relaxed);
   r.shutdown_failed = shutdown_failed_.load(std::memory_order_relaxed);
   r.parks = parks_.load(std::memory_order_relaxed);
+  r.early_doorbells = early_doorbells_.load(std::memory_order_relaxed);
   return r;
 }
 

@@ -88,12 +88,19 @@ class Core : public std::enable_shared_from_this<Core> {
   Status init();
   void start_threads();
   void service_loop(uint32_t index);
-  // Returns how many calls it dispatched.
-  uint32_t drain_ring(uint32_t budget);
+  // A doorbell that arrived before the state it announces; retried by its thread.
+  struct Early {
+    uint32_t slot, seq_low;
+    int64_t since;
+  };
+  enum class DoorbellResult { kDone, kEarly };
+  // Returns how many doorbells it consumed.
+  uint32_t drain_ring(uint32_t budget, std::vector<Early>& early);
+  uint32_t retry_early(std::vector<Early>& early);
   uint32_t sweep();
-  void on_doorbell(uint32_t slot, uint32_t seq_low);
+  DoorbellResult on_doorbell(uint32_t slot, uint32_t seq_low);
   // Claims slot `slot` if its state is `state` (a kRequest) and runs the call.
-  bool claim_and_run(uint32_t slot, uint32_t state);
+  bool claim_and_run(uint32_t slot, uint64_t state);
   void run(hostcall::Call& call, const hostcall::SlotHeader& hdr);
   void fail_pending(int64_t error);
   void register_builtins();
@@ -129,14 +136,16 @@ class Core : public std::enable_shared_from_this<Core> {
   std::atomic<uint32_t> ring_head_{0};
   std::atomic<int64_t> next_sweep_ns_{0};
   std::atomic<bool> sweeping_{false};
-  uint32_t last_swept_head_ = 0;  // guarded by sweeping_
+  uint32_t last_swept_head_ = 0;      // guarded by sweeping_
+  std::vector<uint32_t> swept_tags_;  // guarded by sweeping_: per slot, the pending
+                                      // request's tag seen by the last sweep, or 0
 
   // kWrite: one lock per output so calls never interleave mid-write.
   std::mutex stdout_mu_, stderr_mu_;
 
   // Counters.
   std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},
-      shutdown_failed_{0}, parks_{0};
+      shutdown_failed_{0}, parks_{0}, early_doorbells_{0};
 
   std::once_flag shutdown_once_;
   bool leak_memory_ = false;  // kernels still ran at destruction: freeing would fault them

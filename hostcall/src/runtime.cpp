@@ -60,6 +60,15 @@ Result<void*> Runtime::device_alloc(size_t bytes) {
 void Runtime::device_free(void* ptr) {
   if (ptr != nullptr) core_->device().free_device(ptr);
 }
+Result<Runtime::Mapped> Runtime::mapped_alloc(size_t bytes) {
+  Mapped m;
+  Status s = core_->device().alloc_mapped(bytes == 0 ? 1 : bytes, &m.host, &m.device);
+  if (!s.ok()) return s;
+  return m;
+}
+void Runtime::mapped_free(void* host) {
+  if (host != nullptr) core_->device().free_mapped(host);
+}
 Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   return core_->device().copy_to_device(dst, src, bytes);
 }

@@ -128,8 +128,8 @@ struct RawPublish {
       out[0] = -12345;
       return;
     }
-    uint32_t seq = (c->state.slot_seq[slot] + 1) & hc::kSeqMask;
-    c->state.slot_seq[slot] = seq;
+    uint32_t pos = hc::internal::take_ring_position(c);
+    uint32_t seq = pos & hc::kSeqMask;
     hc::Slot* s = c->slots + slot;
     s->data[0][0] = 1;  // fd for kWrite
     s->data[1][0] = arg1;
@@ -138,14 +138,10 @@ struct RawPublish {
     s->hdr.lane_mask = mask;
     s->hdr.nargs = static_cast<uint16_t>(nargs);
     s->hdr.flags = static_cast<uint16_t>(flags);
-    gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(s->hdr.state)
+    gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(s->hdr.state)
         .store(hc::make_state(seq, hc::kRequest), gpusock::Order::kRelease);
-    if (ring) {
-      uint32_t pos = gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(*c->state.ring_pos)
-                         .fetch_add(1, gpusock::Order::kRelaxed);
-      gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(c->ring[pos & c->ring_mask])
-          .store(hc::make_ring_entry(pos, slot, seq), gpusock::Order::kRelaxed);
-    }
+    // Without a doorbell the position is still given back, as a filler.
+    hc::internal::ring_doorbell(c, pos, ring ? slot : hc::kFillerSlot, seq);
     hc::Ticket t;
     t.slot = slot;
     t.seq = seq;

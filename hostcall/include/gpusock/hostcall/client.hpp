@@ -67,6 +67,17 @@ struct Ticket {
 
 namespace internal {
 
+// Sleeps about `ns` (at most `cap`) on a GPU; on the cpu device, backs off by iteration.
+GPUSOCK_HD inline void sleep_ns(uint64_t ns, uint32_t cap, uint32_t iter) {
+#if GPUSOCK_IS_GPU
+  __nanosleep(ns > cap ? cap : static_cast<uint32_t>(ns));
+#else
+  (void)ns;
+  (void)cap;
+  backoff(iter);
+#endif
+}
+
 GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
   // System scope: the host sets this flag in mapped memory while the kernel runs; a
   // relaxed load suffices because no data is published with it, only "stop".
@@ -103,6 +114,30 @@ GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, ui
     if (shutting_down(c)) return -ESHUTDOWN;
     backoff(iter);
   }
+}
+
+// One attempt at the calling warp's home slot: a single atomic, no scan. Leader only.
+GPUSOCK_HD inline bool try_home_slot(const DeviceContext* c, uint64_t warp, uint32_t* slot) {
+  const uint32_t home = static_cast<uint32_t>((warp * 2) % c->nslots);
+  // Acquire, device scope: as in acquire_slot().
+  AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[home / 32]);
+  uint32_t bit = 1u << (home % 32);
+  if ((word.fetch_or(bit, Order::kAcquire) & bit) != 0) return false;
+  *slot = home;
+  return true;
+}
+
+GPUSOCK_HD inline uint32_t take_ring_position(const DeviceContext* c) {
+  // Relaxed, device scope: positions only need to be unique; the entry written at a
+  // position is validated by its tag, not by ordering with this counter.
+  return AtomicRef<uint32_t, Scope::kDevice>(*c->state.ring_pos).fetch_add(1, Order::kRelaxed);
+}
+
+GPUSOCK_HD inline void ring_doorbell(const DeviceContext* c, uint32_t pos, uint32_t slot, uint32_t seq) {
+  // Relaxed, system scope: a doorbell is a hint; the host validates the slot's state
+  // (published with release before this) and re-checks if the doorbell overtook it.
+  AtomicRef<uint64_t, Scope::kSystem>(c->ring[pos & c->ring_mask])
+      .store(make_ring_entry(pos, slot, seq), Order::kRelaxed);
 }
 
 GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {
@@ -186,24 +221,34 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   const uint32_t npages = (payload_total + kStagingPageBytes - 1) / kStagingPageBytes;
 
   uint64_t a = 0, b = 0;
+  uint32_t pos = 0;  // leader: the doorbell position; its low bits are the request's seq
   if (me == lead) {
-    uint32_t slot = kNoSlot, page = 0, seq = 0;
+    uint32_t slot = kNoSlot, page = 0;
     int32_t err = 0;
-    if (npages > kStagingMaxRun) {
-      err = -EMSGSIZE;
+    // The ring position and the home slot come from independent atomics, so their round
+    // trips to L2 overlap.
+    pos = take_ring_position(c);
+    if (npages == 0 && try_home_slot(c, global_warp_id(), &slot)) {
+      // fast path: one slot, no staging
     } else {
-      err = acquire_slot(c, global_warp_id(), &slot);
-      if (err == 0 && npages > 0) {
-        err = acquire_staging(c, global_warp_id() + slot, npages, &page);
-        if (err != 0) {
-          release_slot(c, slot);
-          slot = kNoSlot;
+      // Slow path: we may wait here (for a slot or staging). Give the position back as
+      // a filler first, so no later doorbell queues behind one we might not write soon.
+      ring_doorbell(c, pos, kFillerSlot, 0);
+      if (npages > kStagingMaxRun) {
+        err = -EMSGSIZE;
+      } else {
+        err = acquire_slot(c, global_warp_id(), &slot);
+        if (err == 0 && npages > 0) {
+          err = acquire_staging(c, global_warp_id() + slot, npages, &page);
+          if (err != 0) {
+            release_slot(c, slot);
+            slot = kNoSlot;
+          }
         }
       }
-      // The slot is ours: its sequence word is touched only by its owner.
-      if (err == 0) seq = (c->state.slot_seq[slot] + 1) & kSeqMask;
+      if (err == 0) pos = take_ring_position(c);
     }
-    a = (static_cast<uint64_t>(seq) << 32) | slot;
+    a = (static_cast<uint64_t>(pos & kSeqMask) << 32) | slot;
     b = (static_cast<uint64_t>(page) << 32) | static_cast<uint32_t>(err);
   }
   a = warp::shfl(mask, a, lead);
@@ -233,19 +278,14 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   // is cumulative, so the host that acquires `state` sees all of them.
   warp::sync(mask);
   if (me == lead) {
-    c->state.slot_seq[t.slot] = t.seq;
     s->hdr.opcode = opcode;
     s->hdr.lane_mask = mask;
     s->hdr.nargs = static_cast<uint16_t>(total_args);
     s->hdr.flags = 0;
     s->hdr.origin = global_warp_id();
     // System scope release: publishes header, arguments and payload to host threads.
-    AtomicRef<uint32_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
-    // The doorbell is a hint and needs no ordering of its own: a host thread that sees
-    // it before the state store lands re-reads the state until it does.
-    uint32_t pos = AtomicRef<uint32_t, Scope::kDevice>(*c->state.ring_pos).fetch_add(1, Order::kRelaxed);
-    AtomicRef<uint64_t, Scope::kSystem>(c->ring[pos & c->ring_mask])
-        .store(make_ring_entry(pos, t.slot, t.seq), Order::kRelaxed);
+    AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
+    ring_doorbell(c, pos, t.slot, t.seq);
   }
   return t;
 }
@@ -280,40 +320,51 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
   const uint32_t me = warp::lane_id();
   const uint32_t lead = warp::leader(t.mask);
   Slot* s = c->slots + t.slot;
-  uint32_t aborted = 0;
+  uint64_t st = 0;
   if (me == lead) {
-    // System scope acquire: pairs with the host's release of kReply, so the results it
-    // wrote before are visible to the loads below (after the warp barrier).
-    AtomicRef<uint32_t, Scope::kSystem> state(s->hdr.state);
-    const uint32_t want = make_state(t.seq, kReply);
-    for (uint32_t i = 0; state.load(Order::kAcquire) != want; ++i) {
+    // Poll with relaxed system-scope loads: an inline reply carries its result in the
+    // word itself, so nothing needs ordering after it; a reply with data in the slot
+    // gets one acquire fence below, once, instead of one per poll.
+    AtomicRef<uint64_t, Scope::kSystem> state(s->hdr.state);
+    const uint64_t start = globaltimer_ns();
+    for (uint32_t i = 0;; ++i) {
+      st = state.load(Order::kRelaxed);
+      if (state_seq(st) == (t.seq & kSeqMask) && state_phase(st) >= kReply) break;
       // Each poll is a read across the bus (about a microsecond on a GPU), so checking
       // the shutdown flag every 64 polls bounds the exit delay without slowing replies.
       if ((i & 63) == 63 && internal::shutting_down(c)) {
-        aborted = 1;
+        st = 0;
         break;
       }
-      if (i > 256) backoff(i);
+      // Poll back-to-back for the first few reads (a reply usually lands within them),
+      // then sleep about an eighth of the time waited so far, up to 50 us: thousands of
+      // waiting warps polling every microsecond would flood the bus with reads and slow
+      // the very replies they wait for. The added delay stays below ~1/8 of the wait.
+      if (i >= 8) internal::sleep_ns((globaltimer_ns() - start) / 8, 50000, i);
     }
+    // Pairs with the host's release store of kReply: the result words it wrote before
+    // are visible to the loads below. An inline reply needs no such fence.
+    if (state_phase(st) == kReply) fence<Scope::kSystem>(Order::kAcquire);
   }
-  // The barrier both keeps the group convergent and orders the leader's acquire before
-  // every lane's result loads.
+  // The barrier keeps the group convergent and orders the leader's fence before every
+  // lane's result loads; the shuffle hands every lane the reply word.
   warp::sync(t.mask);
-  aborted = warp::shfl(t.mask, aborted, lead);
-  if (aborted) return -ESHUTDOWN;  // the host may still write this slot: never reuse it
+  st = warp::shfl(t.mask, st, lead);
+  if (st == 0) return -ESHUTDOWN;  // the host may still write this slot: never reuse it
 
-  // Results are read with system-scope loads: the lanes wrote arguments to these very
-  // words, and a plain load could be served from a stale L1 line.
-  using Sys64 = AtomicRef<uint64_t, Scope::kSystem>;
-  using Sys32 = AtomicRef<uint32_t, Scope::kSystem>;
   int64_t ret;
-  if (Sys32(s->hdr.reply_flags).load(Order::kRelaxed) & kReplyUniform) {
-    ret = static_cast<int64_t>(Sys64(reinterpret_cast<uint64_t&>(s->hdr.uniform_result)).load(Order::kRelaxed));
+  if (state_phase(st) == kReplyInline) {
+    ret = state_inline(st);
   } else {
-    uint32_t nres = Sys32(s->hdr.nresults).load(Order::kRelaxed);
+    // System-scope loads: the lanes wrote arguments to these very words, and a plain
+    // load could be served from a stale L1 line.
+    using Sys64 = AtomicRef<uint64_t, Scope::kSystem>;
     ret = static_cast<int64_t>(Sys64(s->data[0][me]).load(Order::kRelaxed));
-    for (uint32_t k = 1; k <= nout && k < nres && k < kMaxArgs; ++k) {
-      out[k - 1] = Sys64(s->data[k][me]).load(Order::kRelaxed);
+    if (nout > 0) {
+      uint32_t nres = AtomicRef<uint32_t, Scope::kSystem>(s->hdr.nresults).load(Order::kRelaxed);
+      for (uint32_t k = 1; k <= nout && k < nres && k < kMaxArgs; ++k) {
+        out[k - 1] = Sys64(s->data[k][me]).load(Order::kRelaxed);
+      }
     }
   }
   // All lanes have read their results before the slot goes back to the pool.

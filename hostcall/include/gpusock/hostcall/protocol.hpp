@@ -25,25 +25,27 @@ namespace gpusock::hostcall {
 inline constexpr uint32_t kMaxArgs = 8;
 
 // ---------------------------------------------------------------------------------
-// Slot state word (SlotHeader::state), 32 bits:
+// Slot state word (SlotHeader::state), 64 bits, the only word both sides write:
 //
-//   bits 31..3  seq    the slot's use count (mod 2^29), chosen by the device when it
-//                      fills the slot; the host echoes it in the reply, so a reply
-//                      can never be mistaken for the answer to an older request.
-//   bits  2..0  phase  who owns the slot body right now:
+//   bits 63..32  inline   with phase kReplyInline: every lane's result word 0 (int32);
+//                         otherwise 0. A reply that fits here costs the device one read.
+//   bits 31..3   seq      the request's sequence number (mod 2^29): the doorbell ring
+//                         position the device took for it. The host echoes it in the
+//                         reply, so a reply is never mistaken for an older request's.
+//   bits  2..0   phase    who owns the slot body right now:
 //
-//     kEmpty      device  slot has never carried a call
-//     kRequest    host    device published a request; body is complete
-//     kClaimed    host    one host thread took it (CAS from kRequest): nobody else will
-//     kCompleting host    one host thread won the right to answer (CAS from kClaimed):
-//                         it is writing results
-//     kReply      device  results are complete; the device reads them and frees the slot
+//     kEmpty        device  never used
+//     kRequest      host    device published a request; body is complete
+//     kClaimed      host    one host thread took it (CAS from kRequest): nobody else will
+//     kCompleting   host    one host thread won the right to answer (CAS from kClaimed)
+//     kReply        device  results are in data[][] (nresults words per lane)
+//     kReplyInline  device  every lane's only result is `inline`
 //
 // Transitions and who makes them:
-//   device: (any phase it owns) --store release--> kRequest
-//   host:   kRequest --CAS--> kClaimed --CAS--> kCompleting --store release--> kReply
-// The device never writes the state while the host owns it, and the host never
-// touches a slot after storing kReply, so every transition has exactly one writer.
+//   device: (phase it owns) --store, system release--> kRequest
+//   host:   kRequest --CAS--> kClaimed --CAS--> kCompleting --store release--> kReply*
+// The device never writes the state while the host owns it, and the host never touches
+// a slot after storing kReply*, so every transition has exactly one writer.
 // ---------------------------------------------------------------------------------
 enum Phase : uint32_t {
   kEmpty = 0,
@@ -51,34 +53,33 @@ enum Phase : uint32_t {
   kClaimed = 2,
   kCompleting = 3,
   kReply = 4,
+  kReplyInline = 5,
 };
 inline constexpr uint32_t kPhaseBits = 3;
 inline constexpr uint32_t kPhaseMask = (1u << kPhaseBits) - 1;
 inline constexpr uint32_t kSeqMask = 0xffffffffu >> kPhaseBits;
 
-GPUSOCK_HD constexpr uint32_t make_state(uint32_t seq, Phase p) {
-  return ((seq & kSeqMask) << kPhaseBits) | p;
+GPUSOCK_HD constexpr uint64_t make_state(uint32_t seq, Phase p, int32_t inline_result = 0) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(inline_result)) << 32) |
+         ((seq & kSeqMask) << kPhaseBits) | p;
 }
-GPUSOCK_HD constexpr uint32_t state_seq(uint32_t s) { return s >> kPhaseBits; }
-GPUSOCK_HD constexpr Phase state_phase(uint32_t s) { return static_cast<Phase>(s & kPhaseMask); }
-
-// SlotHeader::reply_flags bits.
-inline constexpr uint32_t kReplyUniform = 1u << 0;  // every lane's result 0 is uniform_result
-                                                    // and no other results were written
+GPUSOCK_HD constexpr uint32_t state_seq(uint64_t s) { return static_cast<uint32_t>(s) >> kPhaseBits; }
+GPUSOCK_HD constexpr Phase state_phase(uint64_t s) { return static_cast<Phase>(s & kPhaseMask); }
+GPUSOCK_HD constexpr int32_t state_inline(uint64_t s) { return static_cast<int32_t>(s >> 32); }
+// The low half identifies (seq, phase); replies compare it, ignoring the inline result.
+GPUSOCK_HD constexpr uint32_t state_tag(uint64_t s) { return static_cast<uint32_t>(s); }
 
 // One cache line. The device writes the request fields, then `state`; the host writes
 // the reply fields, then `state`. The two never write at the same time (see Phase).
 struct alignas(64) SlotHeader {
-  uint32_t state;           // both: phase | seq, written last by whoever publishes
+  uint64_t state;           // both: see above; written last by whoever publishes
   uint32_t opcode;          // device: which handler
   uint32_t lane_mask;       // device: lanes that take part; bit i = lane i
   uint16_t nargs;           // device: argument words per lane, 0..kMaxArgs
   uint16_t flags;           // device: reserved, must be 0
+  uint32_t nresults;        // host: with kReply, result words per lane in data[][]
   uint64_t origin;          // device: global warp id of the caller (diagnostics)
-  uint32_t reply_flags;     // host: kReply* bits
-  uint32_t nresults;        // host: result words per lane written into data[][]
-  int64_t uniform_result;   // host: with kReplyUniform, every lane's result 0
-  uint8_t reserved[24];
+  uint8_t reserved[32];
 };
 static_assert(sizeof(SlotHeader) == 64, "SlotHeader is one cache line");
 static_assert(offsetof(SlotHeader, state) == 0, "state word first");
@@ -108,8 +109,11 @@ static_assert(alignof(Slot) == 64, "Slots start on cache lines");
 //
 // Doorbells are hints. The host also sweeps every slot's state on a timer, so a
 // doorbell lost to a lapped ring or a producer stalled between taking a position and
-// writing it delays a call by at most one sweep interval; it cannot lose one.
-inline constexpr uint32_t kMaxSlots = 1u << 20;
+// writing it delays a call by at most two sweep intervals; it cannot lose one.
+inline constexpr uint32_t kMaxSlots = (1u << 20) - 1;
+// A doorbell naming this slot is a filler: a position the device took and then gave
+// back (it had to wait for a slot); the host steps over it.
+inline constexpr uint32_t kFillerSlot = (1u << 20) - 1;
 inline constexpr uint32_t kRingSeqBits = 12;
 inline constexpr uint32_t kRingSeqMask = (1u << kRingSeqBits) - 1;
 
@@ -144,7 +148,6 @@ inline constexpr uint32_t kStagingMaxRun = 64;     // 256 KiB per call
 // atomics; the host reads it only at shutdown and in diagnostics, never on a hot path.
 struct DeviceState {
   uint32_t* slot_bitmap;     // nslots bits: 1 = slot owned by a device warp
-  uint32_t* slot_seq;        // per slot: seq of its latest request
   uint32_t* ring_pos;        // next doorbell position
   uint64_t* staging_bitmap;  // staging_pages bits: 1 = page in use
   int32_t* errno_slots;      // per hardware thread slot: the POSIX layer's errno

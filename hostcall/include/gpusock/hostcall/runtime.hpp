@@ -41,8 +41,9 @@ struct RuntimeOptions {
   // park_interval (plus scheduling); bench/hostcall measures it.
   std::chrono::nanoseconds spin_time = std::chrono::microseconds(200);
   std::chrono::nanoseconds park_interval = std::chrono::microseconds(50);
-  // Every sweep_interval one service thread scans all slots for requests whose doorbell
-  // it never saw. Doorbells are hints; the sweep is what guarantees progress.
+  // Every sweep_interval one service thread scans all slots and takes requests that were
+  // already pending at the previous sweep: a call whose doorbell was lost waits at most
+  // two intervals. Doorbells are hints; the sweep is what guarantees progress.
   std::chrono::nanoseconds sweep_interval = std::chrono::milliseconds(5);
 
   // Slots = max resident warps of the device * slots_per_warp (at least 1 per resident
@@ -78,6 +79,7 @@ struct RuntimeStats {
   uint64_t sweeps = 0;
   uint64_t shutdown_failed = 0; // calls answered ESHUTDOWN at shutdown
   uint64_t parks = 0;           // times a service thread parked
+  uint64_t early_doorbells = 0; // doorbells that arrived before their slot's state
 };
 
 namespace internal {
@@ -113,6 +115,15 @@ class Runtime {
   void device_free(void* ptr);
   Status copy_to_device(void* dst, const void* src, size_t bytes);
   Status copy_from_device(void* dst, const void* src, size_t bytes);
+
+  // Pinned host memory that kernels read and write directly (zero-copy), zeroed:
+  // `host` for host threads, `device` for kernels. Freed with mapped_free(host).
+  struct Mapped {
+    void* host = nullptr;
+    void* device = nullptr;
+  };
+  Result<Mapped> mapped_alloc(size_t bytes);
+  void mapped_free(void* host);
 
   // Region facts, for modules built on hostcall (net/ registers the staging arena with
   // io_uring and RDMA).
