@@ -99,7 +99,7 @@ Status Core::init() {
   // One device block: context, slot bitmap, ring position, staging bitmap, errno slots.
   const uint32_t slot_words = (nslots_ + 31) / 32;
   const uint32_t staging_words = staging_pages / 64;
-  const uint64_t errno_count = uint64_t{device_->sm_count()} * device_->threads_per_sm();
+  const uint64_t errno_count = uint64_t{device_->sm_ids()} * device_->threads_per_sm();
   const size_t d_ctx = 0;
   const size_t d_bitmap = align_up(sizeof(hostcall::DeviceContext), 256);
   const size_t d_ringpos = align_up(d_bitmap + 4ull * slot_words, 256);
@@ -132,6 +132,8 @@ Status Core::init() {
   c.ring_mask = ring_cap_ - 1;
   c.staging_pages = staging_pages;
   c.threads_per_sm = device_->threads_per_sm();
+  c.errno_sms = device_->sm_ids();
+  c.slots_per_warp = options_.slots_per_warp;
   s = device_->calibrate_clock(&c.monotonic_offset_ns, &c.realtime_offset_ns);
   if (!s.ok()) return s;
   s = device_->copy_to_device(dd + d_ctx, &c, sizeof(c));
@@ -144,6 +146,7 @@ void Core::start_threads() {
   next_sweep_ns_.store(now_ns() + options_.sweep_interval.count(), std::memory_order_relaxed);
   for (uint32_t i = 0; i < options_.service_threads; ++i) {
     threads_running_.fetch_add(1, std::memory_order_relaxed);
+    thread_done_.push_back(std::make_unique<std::atomic<bool>>(false));
     threads_.emplace_back([self = shared_from_this(), i] { self->service_loop(i); });
   }
 }
@@ -185,7 +188,8 @@ void Core::service_loop(uint32_t index) {
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    if (rc != 0) std::fprintf(stderr, "gpusock: cannot pin service thread %u to cpu %d: %s\n", index, cpu, std::strerror(rc));
   }
   const int64_t spin_ns = options_.spin_time.count();
   int64_t last_work = now_ns();
@@ -212,6 +216,7 @@ void Core::service_loop(uint32_t index) {
     park_cv_.wait_for(lock, options_.park_interval,
                       [this] { return stopping_.load(std::memory_order_acquire); });
   }
+  thread_done_[index]->store(true, std::memory_order_release);
   threads_running_.fetch_sub(1, std::memory_order_release);
 }
 
@@ -338,6 +343,8 @@ bool Core::claim_and_run(uint32_t slot, uint64_t st) {
   call.mask_ = hdr.lane_mask;
   call.nargs_ = hdr.nargs;
   call.origin_ = hdr.origin;
+  call.staging_first_ = hdr.staging_first;
+  call.staging_count_ = hdr.staging_count;
   run(call, hdr);
   return true;
 }
@@ -410,6 +417,7 @@ bool Core::commit(Call& call) {
       uniform = false;
     }
   }
+  if (!have_first) first = call.all_;  // no lanes at all (a kernel wrote mask 0)
   uniform = uniform && first == static_cast<int32_t>(first);
   uint64_t reply;
   if (uniform) {
@@ -479,8 +487,9 @@ void Core::shutdown() {
     while (threads_running_.load(std::memory_order_acquire) != 0 && now_ns() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    for (auto& t : threads_) {
-      if (threads_running_.load(std::memory_order_acquire) == 0) {
+    for (size_t i = 0; i < threads_.size(); ++i) {
+      std::thread& t = threads_[i];
+      if (thread_done_[i]->load(std::memory_order_acquire)) {
         t.join();
       } else {
         std::fprintf(stderr, "gpusock: a service thread is stuck in a handler; leaving it behind\n");
@@ -552,8 +561,7 @@ void Core::register_builtins() {
       [this](Call& c) {
         c.for_each_lane([&](uint32_t lane) {
           int64_t fd = static_cast<int64_t>(c.arg(lane, 0));
-          std::mutex* mu = fd == 1 ? &stdout_mu_ : fd == 2 ? &stderr_mu_ : nullptr;
-          if (mu == nullptr) {
+          if (fd != 1 && fd != 2) {
             c.set_result(lane, -EBADF);
             return;
           }
@@ -564,7 +572,8 @@ void Core::register_builtins() {
             return;
           }
           int out = fd == 1 ? options_.stdout_fd : options_.stderr_fd;
-          std::lock_guard<std::mutex> lock(*mu);
+          // One lock per target, so fds 1 and 2 sent to the same place never interleave.
+          std::lock_guard<std::mutex> lock(out == options_.stdout_fd ? stdout_mu_ : stderr_mu_);
           c.set_result(lane, write_all(out, bytes.data(), bytes.size()));
         });
       },
@@ -580,9 +589,13 @@ namespace gpusock::hostcall {
 int Call::payload(uint32_t lane, uint32_t k, std::span<const uint8_t>* out) const {
   if (k + 1 >= nargs_) return -EINVAL;
   uint64_t off = arg(lane, k), len = arg(lane, k + 1);
+  // The pages this call holds, clipped to the arena; both come from the kernel too.
   uint64_t size = core_->staging_size();
-  // Overflow-safe bounds check: both values come straight from the kernel.
-  if (off > size || len > size - off) return -EFAULT;
+  uint64_t lo = uint64_t{staging_first_} * kStagingPageBytes;
+  uint64_t hi = lo + uint64_t{staging_count_} * kStagingPageBytes;
+  if (hi > size) hi = size;
+  // Overflow-safe bounds check: offset and length come straight from the kernel.
+  if (off < lo || off > hi || len > hi - off) return -EFAULT;
   *out = std::span<const uint8_t>(core_->staging_host() + off, len);
   return 0;
 }

@@ -39,6 +39,8 @@ class DeviceBackend {
   virtual uint32_t max_resident_warps() const = 0;
   virtual uint32_t sm_count() const = 0;
   virtual uint32_t threads_per_sm() const = 0;
+  // One past the largest SM id a thread can see (%nsmid on a GPU): sizes per-SM arrays.
+  virtual uint32_t sm_ids() const = 0;
   // Offsets from the device clock to CLOCK_MONOTONIC and CLOCK_REALTIME.
   virtual Status calibrate_clock(int64_t* monotonic_offset, int64_t* realtime_offset) = 0;
   // Whether kernels launched on this device may still be running.
@@ -129,6 +131,7 @@ class Core : public std::enable_shared_from_this<Core> {
 
   // Service threads.
   std::vector<std::thread> threads_;
+  std::vector<std::unique_ptr<std::atomic<bool>>> thread_done_;  // one per service thread
   std::atomic<uint32_t> threads_running_{0};
   std::atomic<bool> stopping_{false};
   std::mutex park_mu_;

@@ -41,16 +41,33 @@ class CpuWarp {
  public:
   explicit CpuWarp(uint32_t live) : live_(live) {}
 
-  uint32_t active_mask(uint32_t lane, uint64_t site) {
+  // A lane's thread began running the kernel. Until every lane has, converging lanes
+  // wait for the rest without a time bound: a lane not yet started is not a lane busy
+  // elsewhere.
+  void start_lane(uint32_t lane) {
+    std::lock_guard<std::mutex> lock(mu_);
+    started_ |= 1u << lane;
+    if ((started_ & live_) == live_) all_started_ = std::chrono::steady_clock::now();
+    cv_.notify_all();
+  }
+
+  // Converges the lanes that reach this call site with the same key.
+  uint32_t converge(uint32_t lane, uint64_t site, uint64_t key) {
     const uint32_t bit = 1u << lane;
     std::unique_lock<std::mutex> lock(mu_);
     site_[lane] = site;
+    key_[lane] = key;
     group_[lane] = 0;
     converging_ |= bit;
     waiting_ |= bit;
     maybe_converge();
-    const auto deadline = std::chrono::steady_clock::now() + kConvergeWait;
+    const auto entered = std::chrono::steady_clock::now();
     while (group_[lane] == 0) {
+      if ((started_ & live_) != live_) {
+        cv_.wait(lock);
+        continue;
+      }
+      const auto deadline = std::max(entered, all_started_) + kConvergeWait;
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && group_[lane] == 0) {
         form_groups();  // the rest of the warp is busy elsewhere: go without it
       }
@@ -58,12 +75,17 @@ class CpuWarp {
     return group_[lane];
   }
 
-  void sync(uint32_t lane, uint32_t mask) {
+  // Barrier over `mask` that also exchanges one word per lane: out[l] receives lane l's
+  // `value` for every l in mask (out may be null). One rendezvous per exchange: values
+  // travel with the barrier, so no second barrier is needed to protect a shared array.
+  void sync(uint32_t lane, uint32_t mask, uint64_t value = 0, uint64_t* out = nullptr) {
     const uint32_t bit = 1u << lane;
     std::unique_lock<std::mutex> lock(mu_);
     Barrier* b = find_barrier(mask);
     b->arrived |= bit;
+    b->values[lane] = value;
     if (barrier_complete(*b)) {
+      if (out != nullptr) copy_values(*b, out);
       release(*b);
       return;
     }
@@ -71,23 +93,12 @@ class CpuWarp {
     const uint64_t seen = released_[lane];
     maybe_converge();
     cv_.wait(lock, [&] { return released_[lane] != seen; });
-  }
-
-  void all_gather(uint32_t lane, uint32_t mask, uint64_t value, uint64_t* out) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      exchange_[lane] = value;
-    }
-    sync(lane, mask);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
+    if (out != nullptr) {
       for (uint32_t m = mask; m != 0; m &= m - 1) {
         uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
-        out[l] = exchange_[l];
+        out[l] = delivered_[lane][l];
       }
     }
-    // Nobody may overwrite its exchange word before every lane of mask has read it.
-    sync(lane, mask);
   }
 
   void exit_lane(uint32_t lane) {
@@ -102,24 +113,36 @@ class CpuWarp {
       }
     }
     maybe_converge();
+    cv_.notify_all();
   }
 
  private:
   struct Barrier {
     uint32_t mask;
     uint32_t arrived;
+    uint64_t values[32];
   };
 
   Barrier* find_barrier(uint32_t mask) {
     for (auto& b : barriers_) {
       if (b.mask == mask) return &b;
     }
-    barriers_.push_back({mask, 0});
+    barriers_.push_back({mask, 0, {}});
     return &barriers_.back();
   }
   bool barrier_complete(const Barrier& b) const { return ((b.arrived | ~live_) & b.mask) == b.mask; }
+  void copy_values(const Barrier& b, uint64_t* out) const {
+    for (uint32_t m = b.arrived; m != 0; m &= m - 1) {
+      uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+      out[l] = b.values[l];
+    }
+  }
   void release(Barrier& b) {
-    for (uint32_t m = b.arrived; m != 0; m &= m - 1) ++released_[__builtin_ctz(m)];
+    for (uint32_t m = b.arrived; m != 0; m &= m - 1) {
+      uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+      copy_values(b, delivered_[l]);
+      ++released_[l];
+    }
     waiting_ &= ~b.arrived;
     barriers_.erase(barriers_.begin() + (&b - barriers_.data()));
     cv_.notify_all();
@@ -135,7 +158,7 @@ class CpuWarp {
       uint32_t g = 0;
       for (uint32_t n = converging_; n != 0; n &= n - 1) {
         uint32_t o = static_cast<uint32_t>(__builtin_ctz(n));
-        if (site_[o] == site_[l]) g |= 1u << o;
+        if (site_[o] == site_[l] && key_[o] == key_[l]) g |= 1u << o;
       }
       group_[l] = g;
     }
@@ -147,12 +170,15 @@ class CpuWarp {
   std::mutex mu_;
   std::condition_variable cv_;
   uint32_t live_;
+  uint32_t started_ = 0;
+  std::chrono::steady_clock::time_point all_started_{};
   uint32_t waiting_ = 0;
   uint32_t converging_ = 0;
   uint64_t site_[32] = {};
+  uint64_t key_[32] = {};
   uint32_t group_[32] = {};
   uint64_t released_[32] = {};
-  uint64_t exchange_[32] = {};
+  uint64_t delivered_[32][32] = {};
   std::vector<Barrier> barriers_;
 };
 
@@ -208,11 +234,15 @@ class CpuBlock {
 
 uint32_t cpu_active_mask(uint64_t site) {
   LaneContext* l = tls_lane;
-  return l->warp->active_mask(l->lane, site);
+  return l->warp->converge(l->lane, site, 0);
+}
+uint32_t cpu_converge_match(uint64_t site, uint64_t key) {
+  LaneContext* l = tls_lane;
+  return l->warp->converge(l->lane, site, key);
 }
 void cpu_sync_warp(uint32_t mask) { tls_lane->warp->sync(tls_lane->lane, mask); }
 void cpu_all_gather(uint32_t mask, uint64_t value, uint64_t* out) {
-  tls_lane->warp->all_gather(tls_lane->lane, mask, value, out);
+  tls_lane->warp->sync(tls_lane->lane, mask, value, out);
 }
 uint64_t cpu_shfl(uint32_t mask, uint64_t value, uint32_t src_lane) {
   uint64_t all[32];
@@ -240,6 +270,94 @@ uint32_t cpu_match_any(uint32_t mask, uint64_t value) {
   return r;
 }
 void cpu_sync_block() { tls_lane->block->sync(); }
+
+// ---- lane threads -------------------------------------------------------------------
+
+// Lane threads are kept and reused: creating a thread costs from tens of microseconds to
+// half a millisecond on a virtual machine, and lanes that start far apart would miss
+// each other at their first convergence point. The pool is process-wide, so runtimes
+// created one after another (as tests do) share it; it grows to the most lanes ever
+// resident at once and its threads park when idle.
+class LanePool {
+ public:
+  static LanePool& instance() {
+    static LanePool* pool = new LanePool();  // never destroyed: parked threads outlive main
+    return *pool;
+  }
+
+  // Runs job(arg) on a pooled thread. Returns false, without running it, if no thread
+  // could be had (the process is out of threads or memory).
+  bool run(void (*job)(void*), void* arg) {
+    Worker* w = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!idle_.empty()) {
+        w = idle_.back();
+        idle_.pop_back();
+      }
+    }
+    if (w == nullptr) w = spawn();
+    if (w == nullptr) return false;
+    {
+      std::lock_guard<std::mutex> lock(w->mu);
+      w->job = job;
+      w->arg = arg;
+    }
+    w->cv.notify_one();
+    return true;
+  }
+
+ private:
+  struct Worker {
+    std::mutex mu;
+    std::condition_variable cv;
+    void (*job)(void*) = nullptr;
+    void* arg = nullptr;
+  };
+
+  Worker* spawn() {
+    auto* w = new Worker();
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, kLaneStackBytes);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t tid;
+    int rc = EAGAIN;
+    // At the thread limit, wait a little for other lanes to finish, then give up.
+    for (int tries = 0; tries < 1000 && (rc = pthread_create(&tid, &attr, &LanePool::main, w)) == EAGAIN; ++tries) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+      std::fprintf(stderr, "gpusock: cannot start a cpu-device lane thread: %s\n", std::strerror(rc));
+      delete w;
+      return nullptr;
+    }
+    return w;
+  }
+
+  static void* main(void* arg) {
+    auto* w = static_cast<Worker*>(arg);
+    for (;;) {
+      void (*job)(void*);
+      void* job_arg;
+      {
+        std::unique_lock<std::mutex> lock(w->mu);
+        w->cv.wait(lock, [&] { return w->job != nullptr; });
+        job = w->job;
+        job_arg = w->arg;
+        w->job = nullptr;
+      }
+      job(job_arg);
+      std::lock_guard<std::mutex> lock(instance().mu_);
+      instance().idle_.push_back(w);
+    }
+    return nullptr;
+  }
+
+  std::mutex mu_;
+  std::vector<Worker*> idle_;
+};
 
 // ---- scheduler and launches ---------------------------------------------------------
 
@@ -299,6 +417,7 @@ class CpuBackend : public DeviceBackend {
   uint32_t max_resident_warps() const override { return max_warps_; }
   uint32_t sm_count() const override { return 1; }
   uint32_t threads_per_sm() const override { return 32; }
+  uint32_t sm_ids() const override { return 1; }
   Status calibrate_clock(int64_t* mono, int64_t* real) override {
     // The cpu device's clock is CLOCK_MONOTONIC itself.
     timespec m, r;
@@ -362,8 +481,9 @@ class CpuBackend : public DeviceBackend {
     uint32_t warps;
   };
 
-  static void* lane_main(void* arg) {
+  static void lane_main(void* arg) {
     std::unique_ptr<LaneStart> st(static_cast<LaneStart*>(arg));
+    st->ctx.warp->start_lane(st->ctx.lane);
     tls_lane = &st->ctx;
     try {
       (*st->body)();
@@ -376,8 +496,15 @@ class CpuBackend : public DeviceBackend {
     }
     tls_lane = nullptr;
     st->ctx.warp->exit_lane(st->ctx.lane);
-    if (st->block->exit_lane()) st->backend->finish_block(*st->launch, st->warps);
-    return nullptr;
+    // Drop the block before reporting it finished, but keep the runtime (which owns the
+    // backend) alive until finish_block() has returned.
+    std::shared_ptr<Core> core = std::move(st->core);
+    std::shared_ptr<CpuLaunch> launch = std::move(st->launch);
+    CpuBackend* backend = st->backend;
+    uint32_t warps = st->warps;
+    bool last = st->block->exit_lane();
+    st.reset();
+    if (last) backend->finish_block(*launch, warps);
   }
 
   void start_block(const std::shared_ptr<Core>& core, const std::shared_ptr<CpuLaunch>& l,
@@ -385,10 +512,6 @@ class CpuBackend : public DeviceBackend {
                    Dim3 idx, uint32_t warps) {
     const uint32_t threads = block.x * block.y * block.z;
     auto b = std::make_shared<CpuBlock>(threads, idx);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, kLaneStackBytes);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     for (uint32_t t = 0; t < threads; ++t) {
       auto* st = new LaneStart{core, l, b, body, this, {}, warps};
       st->ctx.warp = b->warp(t / 32);
@@ -399,17 +522,20 @@ class CpuBackend : public DeviceBackend {
       st->ctx.block_idx = idx;
       st->ctx.block_dim = block;
       st->ctx.grid_dim = grid;
-      pthread_t tid;
-      int rc;
-      while ((rc = pthread_create(&tid, &attr, &lane_main, st)) == EAGAIN) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));  // thread limit: wait for exits
-      }
-      if (rc != 0) {
-        std::fprintf(stderr, "gpusock: cannot start a cpu-device lane: %s\n", std::strerror(rc));
-        std::abort();
+      if (!LanePool::instance().run(&CpuBackend::lane_main, st)) {
+        // No thread for this lane: it counts as exited at once, and the launch reports
+        // the failure. Its warp-mates see it as absent rather than waiting for it.
+        {
+          std::lock_guard<std::mutex> lock(l->mu);
+          if (l->result.ok()) l->result = Status(EAGAIN, "cpu device: cannot create a lane thread");
+        }
+        st->ctx.warp->exit_lane(st->ctx.lane);
+        std::shared_ptr<Core> keep = st->core;
+        bool last = b->exit_lane();
+        delete st;
+        if (last) finish_block(*l, warps);
       }
     }
-    pthread_attr_destroy(&attr);
   }
 
   void finish_block(CpuLaunch& l, uint32_t warps) {

@@ -38,6 +38,12 @@ int64_t clock_ns(clockid_t c) {
 
 __global__ void read_globaltimer(uint64_t* out) { *out = globaltimer_ns(); }
 
+__global__ void read_nsmid(uint32_t* out) {
+  uint32_t n;
+  asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
+  *out = n;
+}
+
 struct CudaLaunch;
 
 }  // namespace
@@ -51,14 +57,27 @@ class CudaBackend : public DeviceBackend {
     e = cudaGetDeviceProperties(&props_, device);
     if (e != cudaSuccess) return cuda_status(e, "cudaGetDeviceProperties");
     if (!props_.canMapHostMemory) return {ENODEV, "GPU cannot map host memory"};
+    // %nsmid can exceed the SM count; errno slots are indexed by %smid.
+    uint32_t* d = nullptr;
+    e = cudaMalloc(&d, sizeof(uint32_t));
+    if (e != cudaSuccess) return cuda_status(e, "cudaMalloc");
+    read_nsmid<<<1, 1>>>(d);
+    e = cudaMemcpy(&nsmid_, d, sizeof(uint32_t), cudaMemcpyDeviceToHost);
+    cudaFree(d);
+    if (e != cudaSuccess) return cuda_status(e, "reading %nsmid");
+    nsmid_ = std::max<uint32_t>(nsmid_, static_cast<uint32_t>(props_.multiProcessorCount));
     return {};
   }
+  // CUDA's current device is per host thread: every entry point that may run on a thread
+  // other than the creator's selects ours first.
+  void bind() const { cudaSetDevice(device_); }
   DeviceKind kind() const override { return DeviceKind::kCuda; }
   std::string name() const override {
     return std::string(props_.name) + " (sm_" + std::to_string(props_.major) + std::to_string(props_.minor) +
            ", " + std::to_string(props_.multiProcessorCount) + " SMs)";
   }
   Status alloc_mapped(size_t bytes, void** host, void** dev) override {
+    bind();
     cudaError_t e = cudaHostAlloc(host, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
     if (e != cudaSuccess) return cuda_status(e, "cudaHostAlloc");
     std::memset(*host, 0, bytes);
@@ -66,20 +85,29 @@ class CudaBackend : public DeviceBackend {
     if (e != cudaSuccess) return cuda_status(e, "cudaHostGetDevicePointer");
     return {};
   }
-  void free_mapped(void* host) override { cudaFreeHost(host); }
+  void free_mapped(void* host) override {
+    bind();
+    cudaFreeHost(host);
+  }
   Status alloc_device(size_t bytes, void** dev) override {
+    bind();
     cudaError_t e = cudaMalloc(dev, bytes);
     if (e != cudaSuccess) return cuda_status(e, "cudaMalloc");
     e = cudaMemset(*dev, 0, bytes);
     if (e != cudaSuccess) return cuda_status(e, "cudaMemset");
     return {};
   }
-  void free_device(void* dev) override { cudaFree(dev); }
+  void free_device(void* dev) override {
+    bind();
+    cudaFree(dev);
+  }
   Status copy_to_device(void* dev, const void* host, size_t bytes) override {
+    bind();
     cudaError_t e = cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice);
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpy");
   }
   Status copy_from_device(void* host, const void* dev, size_t bytes) override {
+    bind();
     cudaError_t e = cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost);
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpy");
   }
@@ -87,11 +115,13 @@ class CudaBackend : public DeviceBackend {
     return static_cast<uint32_t>(props_.multiProcessorCount) * (props_.maxThreadsPerMultiProcessor / 32);
   }
   uint32_t sm_count() const override { return static_cast<uint32_t>(props_.multiProcessorCount); }
+  uint32_t sm_ids() const override { return nsmid_; }
   uint32_t threads_per_sm() const override {
     // %warpid can reach the SM's warp-slot count, which is the thread limit / 32.
     return static_cast<uint32_t>(props_.maxThreadsPerMultiProcessor);
   }
   Status calibrate_clock(int64_t* mono, int64_t* real) override {
+    bind();
     uint64_t* d = nullptr;
     cudaError_t e = cudaMalloc(&d, sizeof(uint64_t));
     if (e != cudaSuccess) return cuda_status(e, "cudaMalloc");
@@ -122,9 +152,12 @@ class CudaBackend : public DeviceBackend {
 
  private:
   int device_ = 0;
+  uint32_t nsmid_ = 0;
   cudaDeviceProp props_{};
   mutable std::mutex mu_;
-  std::vector<std::weak_ptr<CudaLaunch>> launches_;
+  // Strong references: a kernel keeps its launch tracked even after the caller drops
+  // its Launch handle, so shutdown knows it still runs. Finished ones are pruned.
+  mutable std::vector<std::shared_ptr<CudaLaunch>> launches_;
 };
 
 namespace {
@@ -165,10 +198,10 @@ struct CudaLaunch : LaunchState {
 
 bool CudaBackend::kernels_running() const {
   std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& w : launches_) {
-    if (auto l = w.lock(); l && !l->check(false)) return true;
-  }
-  return false;
+  bind();
+  launches_.erase(std::remove_if(launches_.begin(), launches_.end(), [](auto& l) { return l->check(false); }),
+                  launches_.end());
+  return !launches_.empty();
 }
 
 bool CudaBackend::wait_kernels(std::chrono::nanoseconds timeout) {
@@ -182,7 +215,7 @@ bool CudaBackend::wait_kernels(std::chrono::nanoseconds timeout) {
 
 void CudaBackend::track(const std::shared_ptr<CudaLaunch>& l) {
   std::lock_guard<std::mutex> lock(mu_);
-  launches_.erase(std::remove_if(launches_.begin(), launches_.end(), [](auto& w) { return w.expired(); }),
+  launches_.erase(std::remove_if(launches_.begin(), launches_.end(), [](auto& x) { return x->check(false); }),
                   launches_.end());
   launches_.push_back(l);
 }
@@ -202,6 +235,7 @@ Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024) return {EINVAL, "block must have 1..1024 threads"};
   if (uint64_t{grid.x} * grid.y * grid.z == 0) return {EINVAL, "grid must have at least one block"};
+  static_cast<CudaBackend&>(rt.core().device()).bind();
   cudaStream_t s = nullptr;
   cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   if (e != cudaSuccess) return cuda_status(e, "cudaStreamCreate");

@@ -41,8 +41,10 @@ constexpr uint32_t kOpThrow = hc::kTestFirst + 2;     // throws
 constexpr uint32_t kOpDeferred = hc::kTestFirst + 3;  // answered later, out of order
 constexpr uint32_t kOpHold = hc::kTestFirst + 4;      // never answered until shutdown
 constexpr uint32_t kOpMulti = hc::kTestFirst + 5;     // three result words per lane
+constexpr uint32_t kOpSparse = hc::kTestFirst + 6;    // word 2 set only for even lanes
 
-constexpr auto kKernelTimeout = std::chrono::seconds(120);
+constexpr auto kKernelTimeout = std::chrono::seconds(600);
+
 
 // ---- kernels ------------------------------------------------------------------------
 
@@ -138,6 +140,8 @@ struct RawPublish {
     s->hdr.lane_mask = mask;
     s->hdr.nargs = static_cast<uint16_t>(nargs);
     s->hdr.flags = static_cast<uint16_t>(flags);
+    s->hdr.staging_first = 0;
+    s->hdr.staging_count = 0;
     gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(s->hdr.state)
         .store(hc::make_state(seq, hc::kRequest), gpusock::Order::kRelease);
     // Without a doorbell the position is still given back, as a filler.
@@ -268,7 +272,12 @@ class HostcallTest : public ::testing::TestWithParam<DeviceKind> {
   void Run(Dim3 grid, Dim3 block, K k, A... a) {
     auto l = gpusock::launch(*rt_, grid, block, k, a...);
     ASSERT_TRUE(l.ok()) << l.status().to_string();
-    ASSERT_TRUE(l->wait_for(kKernelTimeout)) << "kernel did not finish";
+    if (!l->wait_for(kKernelTimeout)) {
+      // Fail, but leave nothing running behind: shutdown fails the kernel's calls.
+      rt_->shutdown();
+      l->wait_for(std::chrono::seconds(60));
+      FAIL() << "kernel did not finish within " << kKernelTimeout.count() << " s";
+    }
     gpusock::Status s = l->wait();
     ASSERT_TRUE(s.ok()) << s.to_string();
   }
@@ -321,6 +330,29 @@ TEST_P(HostcallTest, DivergentLaneGroupsEachGetTheirOwnCall) {
   EXPECT_EQ(lanes_for(st, kOpMulti), 4u * 12);
 }
 
+struct SparseResults {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    uint64_t more[3] = {99, 99, 99};
+    int64_t r = hc::wait(hc::submit(kOpSparse, tid), more, 3);
+    bool even = tid % 2 == 0;
+    out[tid] = (r != 1) + (more[0] != 0) + (more[1] != (even ? tid : 0)) + (more[2] != 0);
+  }
+};
+
+TEST_P(HostcallTest, ResultWordsAHandlerLeavesUnsetReadAsZero) {
+  Start();
+  ASSERT_TRUE(rt_->register_handler(kOpSparse, "sparse", [](hc::Call& c) {
+                    c.set_all(1);
+                    c.for_each_lane([&](uint32_t l) {
+                      if (c.arg(l, 0) % 2 == 0) c.set_result(l, 2, c.arg(l, 0));
+                    });
+                  }).ok());
+  auto out = Buffer<int64_t>(64);
+  Run({1}, {64}, SparseResults{}, out.data());
+  for (int64_t v : out.to_host()) EXPECT_EQ(v, 0);
+}
+
 TEST_P(HostcallTest, SeveralCallsInFlightPerWarpCompleteInAnyOrder) {
   Start();
   auto out = Buffer<int64_t>(256);
@@ -351,6 +383,11 @@ TEST_P(HostcallTest, MillionCallsFromThousandsOfWarpsWithRandomDelaysAllAnswered
                     p.cv.notify_one();
                   }).ok());
   std::atomic<uint64_t> completed{0};
+  // Whatever happens below, the runtime stops calling the handler before `p` goes away.
+  struct StopFirst {
+    Runtime* rt;
+    ~StopFirst() { rt->shutdown(); }
+  } stop_first{rt_.get()};
   std::vector<std::thread> completers;
   for (int i = 0; i < 3; ++i) {
     completers.emplace_back([&p, &completed, i] {
@@ -432,6 +469,8 @@ TEST_P(HostcallTest, GarbageWrittenIntoASlotFailsOnlyThatCall) {
       {kOpEcho, 1, 200, 0, 0, 0, -EINVAL},                       // nargs beyond kMaxArgs
       {kOpEcho, 1, 2, 0x40, 0, 0, -EINVAL},                      // reserved flags set
       {0xdeadbeef, 1, 0, 0, 0, 0, -ENOSYS},                      // opcode out of range
+      {kOpEcho, 0, 2, 0, 0, 0, -EINVAL},                         // no lanes at all
+      {hc::op::kWrite, 1, 3, 0, 0, 64, -EFAULT},                 // in the arena, not this call's pages
       {hc::op::kWrite, 1, 3, 0, staging - 4, 64, -EFAULT},       // payload past the arena
       {hc::op::kWrite, 1, 3, 0, ~0ull - 8, 64, -EFAULT},         // offset + length overflows
       {hc::op::kWrite, 1, 2, 0, 0, 0, -EINVAL},                  // descriptor missing

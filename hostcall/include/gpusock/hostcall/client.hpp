@@ -46,7 +46,9 @@ GPUSOCK_HD inline int32_t& errno_ref() {
   asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
   asm volatile("mov.u32 %0, %%warpid;" : "=r"(warpid));
   const DeviceContext* c = context();
-  return c->state.errno_slots[smid * c->threads_per_sm + warpid * kWarpSize + warp::lane_id()];
+  // %smid is below %nsmid, which the runtime measured; the modulo only guards against a
+  // GPU that numbers SMs past what it reported.
+  return c->state.errno_slots[(smid % c->errno_sms) * c->threads_per_sm + warpid * kWarpSize + warp::lane_id()];
 #else
   static thread_local int32_t value = 0;
   return value;
@@ -118,7 +120,7 @@ GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, ui
 
 // One attempt at the calling warp's home slot: a single atomic, no scan. Leader only.
 GPUSOCK_HD inline bool try_home_slot(const DeviceContext* c, uint64_t warp, uint32_t* slot) {
-  const uint32_t home = static_cast<uint32_t>((warp * 2) % c->nslots);
+  const uint32_t home = static_cast<uint32_t>((warp * c->slots_per_warp) % c->nslots);
   // Acquire, device scope: as in acquire_slot().
   AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[home / 32]);
   uint32_t bit = 1u << (home % 32);
@@ -210,8 +212,8 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   const DeviceContext* c = context();
   Ticket t;
   const uint32_t me = warp::lane_id();
-  uint32_t mask = warp::active_mask();
-  mask = warp::match_any(mask, opcode);
+  // Lanes that arrive together and ask for the same opcode share one slot.
+  const uint32_t mask = warp::converge_match(opcode);
   const uint32_t lead = warp::leader(mask);
   t.mask = mask;
 
@@ -275,14 +277,17 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   }
   // Every lane's argument and payload stores happen before the leader's release below:
   // the warp barrier orders them before the leader's next instruction, and the release
-  // is cumulative, so the host that acquires `state` sees all of them.
-  warp::sync(mask);
+  // is cumulative, so the host that acquires `state` sees all of them. A call without
+  // arguments has nothing to order but the leader's own stores.
+  if (total_args != 0) warp::sync(mask);
   if (me == lead) {
     s->hdr.opcode = opcode;
     s->hdr.lane_mask = mask;
     s->hdr.nargs = static_cast<uint16_t>(total_args);
     s->hdr.flags = 0;
     s->hdr.origin = global_warp_id();
+    s->hdr.staging_first = t.staging_page;
+    s->hdr.staging_count = t.staging_pages;
     // System scope release: publishes header, arguments and payload to host threads.
     AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
     ring_doorbell(c, pos, t.slot, t.seq);
@@ -327,8 +332,11 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
     // gets one acquire fence below, once, instead of one per poll.
     AtomicRef<uint64_t, Scope::kSystem> state(s->hdr.state);
     const uint64_t start = globaltimer_ns();
+    // The cpu device polls with acquire loads instead: they cost nothing extra on x86, and
+    // ThreadSanitizer does not model a relaxed load followed by a fence.
+    constexpr Order kPoll = is_gpu() ? Order::kRelaxed : Order::kAcquire;
     for (uint32_t i = 0;; ++i) {
-      st = state.load(Order::kRelaxed);
+      st = state.load(kPoll);
       if (state_seq(st) == (t.seq & kSeqMask) && state_phase(st) >= kReply) break;
       // Each poll is a read across the bus (about a microsecond on a GPU), so checking
       // the shutdown flag every 64 polls bounds the exit delay without slowing replies.
@@ -344,18 +352,19 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
     }
     // Pairs with the host's release store of kReply: the result words it wrote before
     // are visible to the loads below. An inline reply needs no such fence.
-    if (state_phase(st) == kReply) fence<Scope::kSystem>(Order::kAcquire);
+    if (is_gpu() && state_phase(st) == kReply) fence<Scope::kSystem>(Order::kAcquire);
   }
-  // The barrier keeps the group convergent and orders the leader's fence before every
-  // lane's result loads; the shuffle hands every lane the reply word.
-  warp::sync(t.mask);
+  // The shuffle hands every lane the reply word. For a reply with data in the slot, the
+  // barrier then orders the leader's acquire fence before every lane's result loads.
   st = warp::shfl(t.mask, st, lead);
   if (st == 0) return -ESHUTDOWN;  // the host may still write this slot: never reuse it
 
   int64_t ret;
-  if (state_phase(st) == kReplyInline) {
+  const bool in_slot = state_phase(st) == kReply;
+  if (!in_slot) {
     ret = state_inline(st);
   } else {
+    warp::sync(t.mask);
     // System-scope loads: the lanes wrote arguments to these very words, and a plain
     // load could be served from a stale L1 line.
     using Sys64 = AtomicRef<uint64_t, Scope::kSystem>;
@@ -366,9 +375,10 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
         out[k - 1] = Sys64(s->data[k][me]).load(Order::kRelaxed);
       }
     }
+    // Every lane has read its results before the slot goes back to the pool. (An inline
+    // reply was read by the leader alone, before the shuffle.)
+    warp::sync(t.mask);
   }
-  // All lanes have read their results before the slot goes back to the pool.
-  warp::sync(t.mask);
   if (me == lead) {
     internal::release_staging(c, t.staging_page, t.staging_pages);
     internal::release_slot(c, t.slot);

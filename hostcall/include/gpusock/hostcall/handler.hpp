@@ -11,9 +11,12 @@
 //     });
 //   });
 //
-// Everything a handler reads through Call was copied out of the slot once, after the
-// host claimed it, so a kernel that keeps scribbling on its slot cannot change what the
-// handler validated. A handler that throws answers EIO to every lane.
+// Header and arguments a handler reads through Call were copied out of the slot once,
+// after the host claimed it, so a kernel that keeps scribbling on its slot cannot change
+// what the handler validated. Payloads are the exception: payload() is a view into the
+// staging pages the call holds, checked to lie inside them; a kernel that rewrites its
+// own payload mid-call can only change what its own call sends. A handler that throws
+// answers EIO to every lane.
 #pragma once
 
 #include <cstdint>
@@ -46,18 +49,23 @@ class Call {
 
   // The bytes `lane` passed through staging, described by argument words k (offset) and
   // k + 1 (length). Returns 0 and sets *out, or -EFAULT if the descriptor does not lie
-  // inside the staging arena (a kernel wrote garbage), or -EINVAL if k + 1 >= nargs.
+  // inside the staging pages this call holds (a kernel wrote garbage), or -EINVAL if
+  // k + 1 >= nargs.
   int payload(uint32_t lane, uint32_t k, std::span<const uint8_t>* out) const;
 
   // Result word 0 of `lane` (a value or -errno by convention), and further words.
   void set_result(uint32_t lane, int64_t value) { set_result(lane, 0, static_cast<uint64_t>(value)); }
+  // Words a lane was not given are 0.
   void set_result(uint32_t lane, uint32_t k, uint64_t value) {
     if (lane >= kWarpSize || k >= kMaxArgs) return;
+    for (; nresults_ <= k; ++nresults_) {
+      for (uint32_t l = 0; l < kWarpSize; ++l) results_[nresults_][l] = 0;
+    }
     results_[k][lane] = value;
-    if (k + 1 > nresults_) nresults_ = k + 1;
   }
-  // Result word 0 of every lane in the mask.
+  // Result word 0 of every lane in the mask (and the answer to a call with no lanes).
   void set_all(int64_t value) {
+    all_ = value;
     for_each_lane([&](uint32_t lane) { results_[0][lane] = static_cast<uint64_t>(value); });
   }
   int64_t result(uint32_t lane) const { return static_cast<int64_t>(results_[0][lane]); }
@@ -69,7 +77,8 @@ class Call {
 
   // Keeps the call open after the handler returns. The returned handle answers it with
   // complete(), from any thread, at any later time; a handle destroyed without
-  // complete() answers -ECANCELED, so no call is ever left hanging.
+  // complete() answers -ECANCELED, so no call is ever left hanging. The handle holds a
+  // copy: set results through DeferredCall::call(), not on this Call, from now on.
   DeferredCall defer();
 
  private:
@@ -84,6 +93,9 @@ class Call {
   uint32_t nargs_ = 0;
   uint32_t nresults_ = 1;
   uint64_t origin_ = 0;
+  uint32_t staging_first_ = 0;
+  uint32_t staging_count_ = 0;
+  int64_t all_ = 0;
   bool deferred_ = false;
   uint64_t args_[kMaxArgs][kWarpSize];
   uint64_t results_[kMaxArgs][kWarpSize];

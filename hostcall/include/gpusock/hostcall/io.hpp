@@ -45,7 +45,8 @@ GPUSOCK_HD inline int64_t write(int fd, const void* buf, uint64_t n) {
 }
 
 // clock_gettime for CLOCK_MONOTONIC and CLOCK_REALTIME, from the device clock plus the
-// offsets the runtime measured at start. Issues no hostcall. Returns 0 or -EINVAL.
+// offsets the runtime measured at start. Issues no hostcall. Returns 0, -EINVAL for any
+// other clock, or -EFAULT for a null ts.
 GPUSOCK_HD inline int clock_gettime(clockid_t clock, timespec* ts) {
   if (ts == nullptr) return -EFAULT;
   const hostcall::DeviceContext* c = hostcall::context();

@@ -6,9 +6,9 @@
 //
 //   mapped pinned host memory          device memory (host memory on the cpu device)
 //   ---------------------------        ---------------------------------------------
-//   ControlBlock   (host -> device)    DeviceState: slot bitmap, per-slot sequence and
-//   Slot[nslots]   (both, see state)                reader masks, ring position,
-//   ring[cap]      (device -> host)                 staging page bitmap
+//   ControlBlock   (host -> device)    DeviceContext (pointers and facts below)
+//   Slot[nslots]   (both, see state)   DeviceState: slot bitmap, ring position,
+//   ring[cap]      (device -> host)                 staging page bitmap, errno slots
 //   staging arena  (both, payloads)
 //
 // The host only ever reads mapped memory; it never reads device memory on the hot path.
@@ -79,7 +79,10 @@ struct alignas(64) SlotHeader {
   uint16_t flags;           // device: reserved, must be 0
   uint32_t nresults;        // host: with kReply, result words per lane in data[][]
   uint64_t origin;          // device: global warp id of the caller (diagnostics)
-  uint8_t reserved[32];
+  uint32_t staging_first;   // device: first staging page this call holds (if count > 0)
+  uint32_t staging_count;   // device: staging pages held; payload descriptors must lie
+                            // inside them
+  uint8_t reserved[24];
 };
 static_assert(sizeof(SlotHeader) == 64, "SlotHeader is one cache line");
 static_assert(offsetof(SlotHeader, state) == 0, "state word first");
@@ -165,6 +168,8 @@ struct DeviceContext {
   uint32_t ring_mask;               // capacity - 1
   uint32_t staging_pages;
   uint32_t threads_per_sm;          // GPU: errno slot = smid * threads_per_sm + hw thread
+  uint32_t errno_sms;               // GPU: SM ids (%nsmid) the errno array covers
+  uint32_t slots_per_warp;          // home slot of warp w = w * slots_per_warp % nslots
   int64_t monotonic_offset_ns;      // CLOCK_MONOTONIC = globaltimer + this
   int64_t realtime_offset_ns;       // CLOCK_REALTIME  = globaltimer + this
 };

@@ -125,6 +125,28 @@ GPUSOCK_HD inline uint32_t active_mask(const char* fn = __builtin_FUNCTION(),
 #endif
 }
 
+// Every lane this warp has (all 32 unless the block size is not a multiple of 32),
+// whether or not they are converged right now. Warp-wide reductions over all lanes use
+// this with shfl/sync, which wait for every lane in the mask.
+GPUSOCK_HD inline uint32_t existing_mask() {
+  uint32_t first = block_thread_id() / kWarpSize * kWarpSize;
+  uint32_t n = block_threads() - first;
+  return n >= kWarpSize ? kFullMask : ((1u << n) - 1);
+}
+
+// active_mask() narrowed to the lanes whose `key` equals this lane's: the lanes that
+// arrive here together and agree on key. One step on the cpu device instead of two.
+GPUSOCK_HD inline uint32_t converge_match(uint64_t key, const char* fn = __builtin_FUNCTION(),
+                                          unsigned line = __builtin_LINE()) {
+#if GPUSOCK_IS_GPU
+  (void)fn;
+  (void)line;
+  return __match_any_sync(__activemask(), static_cast<unsigned long long>(key));
+#else
+  return internal::cpu_converge_match(reinterpret_cast<uintptr_t>(fn) ^ (uint64_t{line} << 48), key);
+#endif
+}
+
 // Lowest lane of a non-empty mask: the group's leader by convention everywhere.
 GPUSOCK_HD inline uint32_t leader(uint32_t mask) { return lowest_bit(mask); }
 

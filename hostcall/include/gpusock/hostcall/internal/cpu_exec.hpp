@@ -34,6 +34,7 @@ LaneContext* current_lane();  // nullptr on a thread that is not a cpu-device la
 
 // Warp operations, with CUDA's contracts; each is called by every lane in `mask`.
 uint32_t cpu_active_mask(uint64_t site);
+uint32_t cpu_converge_match(uint64_t site, uint64_t key);
 void cpu_sync_warp(uint32_t mask);
 uint64_t cpu_shfl(uint32_t mask, uint64_t value, uint32_t src_lane);
 uint32_t cpu_ballot(uint32_t mask, bool pred);

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages gpusock builds with, if any are missing.
+# CUDA is not installed here: with nvcc on PATH (or in /usr/local/cuda/bin) the build
+# includes the cuda device, without it the cpu device only.
+set -euo pipefail
+pkgs=(cmake ninja-build g++ make pkg-config git libgtest-dev libgmock-dev googletest)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "gpusock: installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
