@@ -76,6 +76,43 @@ struct NullLatency {
   }
 };
 
+// The null call's steps, timed one by one on the device clock: the two allocation atomics,
+// the header stores plus the system-scope release of the state, and the wait from the
+// doorbell to the reply. Uses the client's internals exactly as submit/wait do.
+struct NullBreakdown {
+  GPUSOCK_HD void operator()(int64_t* t, int iters) const {
+    if (gpusock::global_thread_id() != 0) return;
+    const hc::DeviceContext* c = hc::context();
+    for (int i = 0; i < iters; ++i) {
+      uint64_t t0 = gpusock::globaltimer_ns();
+      uint32_t pos = hc::internal::take_ring_position(c);
+      uint32_t slot = 0;
+      if (!hc::internal::try_home_slot(c, 0, &slot) && hc::internal::acquire_slot(c, 0, &slot) != 0) return;
+      uint64_t t1 = gpusock::globaltimer_ns();
+      hc::Slot* s = c->slots + slot;
+      uint32_t seq = pos & hc::kSeqMask;
+      s->hdr.opcode = hc::op::kNull;
+      s->hdr.lane_mask = 1;
+      s->hdr.nargs = 0;
+      s->hdr.flags = 0;
+      s->hdr.staging_count = 0;
+      AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(hc::make_state(seq, hc::kRequest), Order::kRelease);
+      uint64_t t2 = gpusock::globaltimer_ns();
+      hc::internal::ring_doorbell(c, pos, slot, seq);
+      AtomicRef<uint64_t, Scope::kSystem> st(s->hdr.state);
+      while (hc::state_phase(st.load(Order::kRelaxed)) < hc::kReply) {
+      }
+      uint64_t t3 = gpusock::globaltimer_ns();
+      hc::internal::release_slot(c, slot);
+      uint64_t t4 = gpusock::globaltimer_ns();
+      t[i * 4 + 0] = static_cast<int64_t>(t1 - t0);
+      t[i * 4 + 1] = static_cast<int64_t>(t2 - t1);
+      t[i * 4 + 2] = static_cast<int64_t>(t3 - t2);
+      t[i * 4 + 3] = static_cast<int64_t>(t4 - t3);
+    }
+  }
+};
+
 struct NullThroughput {
   GPUSOCK_HD void operator()(int64_t* bad, int iters, int depth) const {
     int64_t wrong = 0;
@@ -224,6 +261,28 @@ int main(int argc, char** argv) {
   json += "  \"latency\": {\"floor_release_acquire\": " + pj(floor_p) + ", \"floor_relaxed\": " + pj(floor_relaxed_p) +
           ", \"null_call\": " + pj(null_p) + ", \"ratio_p50\": " + std::to_string(null_p.p50 / floor_p.p50) +
           ", \"ratio_p50_relaxed_floor\": " + std::to_string(null_p.p50 / floor_relaxed_p.p50) + "},\n";
+
+  // ---- where the null call's time goes ----
+  {
+    const int n = quick ? 500 : 5000;
+    auto t = gpusock::DeviceBuffer<int64_t>::create(*rt, size_t(n) * 4);
+    if (!t.ok()) return 1;
+    run_timed(*rt, {1}, {1}, NullBreakdown{}, t->data(), n);
+    auto h = t->to_host();
+    const char* names[4] = {"ring position + home slot atomics", "header + system release of state",
+                            "doorbell to reply seen", "slot release"};
+    std::printf("\nnull call, step by step (p50 us):");
+    json += "  \"breakdown_p50_us\": {";
+    for (int k = 0; k < 4; ++k) {
+      std::vector<int64_t> v;
+      for (int i = 0; i < n; ++i) v.push_back(h[i * 4 + k]);
+      Percentiles p = percentiles(v);
+      std::printf("\n  %-36s %7.2f", names[k], p.p50);
+      json += std::string(k ? ", " : "") + "\"" + names[k] + "\": " + std::to_string(p.p50);
+    }
+    std::printf("\n");
+    json += "},\n";
+  }
 
   // ---- wake-up after park ----
   {
