@@ -68,6 +68,28 @@ function(gpusock_test)
   endif()
   gpusock_binary(NAME ${A_NAME} SRCS ${A_SRCS} DEPS ${A_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
   include(GoogleTest)
-  gtest_discover_tests(${A_NAME} DISCOVERY_MODE PRE_TEST DISCOVERY_TIMEOUT 60
+  gtest_discover_tests(${A_NAME} DISCOVERY_MODE PRE_TEST DISCOVERY_TIMEOUT 60 NO_PRETTY_VALUES
                        PROPERTIES TIMEOUT ${A_TIMEOUT} LABELS "${A_LABELS}")
+endfunction()
+
+# checkheaders: every public header of `module` compiles on its own, as C++ (g++) and,
+# with CUDA on, as CUDA (nvcc). Part of the default build.
+function(gpusock_check_headers module)
+  file(GLOB_RECURSE headers RELATIVE ${CMAKE_CURRENT_SOURCE_DIR}/include
+       ${CMAKE_CURRENT_SOURCE_DIR}/include/*.hpp)
+  set(srcs "")
+  foreach(h IN LISTS headers)
+    string(MAKE_C_IDENTIFIER ${h} id)
+    set(cpp ${CMAKE_CURRENT_BINARY_DIR}/checkheaders/${id}.cpp)
+    file(CONFIGURE OUTPUT ${cpp} CONTENT "#include \"${h}\"\n")
+    list(APPEND srcs ${cpp})
+    if(GPUSOCK_ENABLE_CUDA)
+      set(cu ${CMAKE_CURRENT_BINARY_DIR}/checkheaders/${id}.cu)
+      file(CONFIGURE OUTPUT ${cu} CONTENT "#include \"${h}\"\n")
+      list(APPEND srcs ${cu})
+    endif()
+  endforeach()
+  add_library(gpusock_${module}_checkheaders OBJECT ${srcs})
+  target_link_libraries(gpusock_${module}_checkheaders PRIVATE gpusock::${module})
+  _gpusock_sources(gpusock_${module}_checkheaders)
 endfunction()

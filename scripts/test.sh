@@ -26,10 +26,18 @@ for p in $presets; do
   rm -f "$junit"
   ctest --preset "$p" -j "$jobs" --output-junit "$junit" || status=1
   if [ -f "$junit" ]; then
-    read -r t f s < <(sed -n 's/.*<testsuite[^>]* tests="\([0-9]*\)"[^>]* failures="\([0-9]*\)"[^>]* skipped="\([0-9]*\)".*/\1 \2 \3/p' "$junit" | head -1)
-    if [ -n "${t:-}" ]; then
+    # The <testsuite> element comes first; its attributes may span several lines.
+    attr() { grep -o -m1 "[[:space:]]$1=\"[0-9]*\"" "$junit" | grep -o '[0-9]*'; }
+    t=$(attr tests) f=$(attr failures) s=$(attr skipped)
+    if [ -n "$t" ] && [ -n "$f" ] && [ -n "$s" ]; then
       pass=$((pass + t - f - s)); fail=$((fail + f)); skip=$((skip + s))
+    else
+      echo "cannot read test counts from $junit"
+      status=1
     fi
+  else
+    echo "no test report from ctest ($p)"
+    status=1
   fi
 done
 echo "total: $pass passed, $fail failed, $skip skipped"

@@ -4,6 +4,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -104,6 +105,10 @@ class CpuWarp {
   void exit_lane(uint32_t lane) {
     std::lock_guard<std::mutex> lock(mu_);
     live_ &= ~(1u << lane);
+    // A lane that exits without ever starting (no thread for it) may complete the set.
+    if ((started_ & live_) == live_ && all_started_ == std::chrono::steady_clock::time_point{}) {
+      all_started_ = std::chrono::steady_clock::now();
+    }
     // Exited lanes count as arrived at every barrier, as if they were not in its mask.
     for (size_t i = 0; i < barriers_.size();) {
       if (barrier_complete(barriers_[i])) {
@@ -323,10 +328,15 @@ class LanePool {
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_t tid;
     int rc = EAGAIN;
-    // At the thread limit, wait a little for other lanes to finish, then give up.
-    for (int tries = 0; tries < 1000 && (rc = pthread_create(&tid, &attr, &LanePool::main, w)) == EAGAIN; ++tries) {
+    // At the thread limit, wait a little for other lanes to finish. After one failure
+    // every later spawn gives up at once, so a launch too large for the process fails
+    // in bounded time instead of retrying lane by lane.
+    const int tries_allowed = spawn_failed_.load(std::memory_order_relaxed) ? 1 : 100;
+    for (int tries = 0; tries < tries_allowed && (rc = pthread_create(&tid, &attr, &LanePool::main, w)) == EAGAIN;
+         ++tries) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
+    spawn_failed_.store(rc != 0, std::memory_order_relaxed);
     pthread_attr_destroy(&attr);
     if (rc != 0) {
       std::fprintf(stderr, "gpusock: cannot start a cpu-device lane thread: %s\n", std::strerror(rc));
@@ -357,6 +367,7 @@ class LanePool {
 
   std::mutex mu_;
   std::vector<Worker*> idle_;
+  std::atomic<bool> spawn_failed_{false};
 };
 
 // ---- scheduler and launches ---------------------------------------------------------

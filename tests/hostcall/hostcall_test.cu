@@ -23,6 +23,7 @@
 
 #include "gpusock/hostcall/client.hpp"
 #include "gpusock/hostcall/device_buffer.hpp"
+#include "gpusock/hostcall/format.hpp"
 #include "gpusock/hostcall/io.hpp"
 #include "gpusock/hostcall/launch.hpp"
 #include "gpusock/hostcall/opcodes.hpp"
@@ -160,27 +161,15 @@ struct WriteLines {
   GPUSOCK_HD void operator()(int64_t* ret, int64_t* err, int bad_lane, int repeat) const {
     uint64_t tid = gpusock::global_thread_id();
     uint32_t lane = gpusock::warp::lane_id();
-    char line[256];
-    int n = 0;
-    auto put_num = [&](uint64_t v) {
-      char tmp[24];
-      int k = 0;
-      do {
-        tmp[k++] = static_cast<char>('0' + v % 10);
-        v /= 10;
-      } while (v != 0);
-      while (k > 0) line[n++] = tmp[--k];
-    };
-    line[n++] = 't';
-    put_num(tid);
-    line[n++] = ' ';
+    gpusock::Line<256> line;
+    line.add('t').add(tid).add(' ');
     // A lane-dependent run of payload so lines differ in length and content.
-    for (uint32_t i = 0; i < 16 + lane * 5; ++i) line[n++] = static_cast<char>('a' + (tid + i) % 26);
-    line[n++] = '\n';
+    for (uint32_t i = 0; i < 16 + lane * 5; ++i) line.add(static_cast<char>('a' + (tid + i) % 26));
+    line.add('\n');
     int fd = static_cast<int>(lane) == bad_lane ? 7 : 1;
     int64_t total = 0;
     for (int r = 0; r < repeat; ++r) {
-      int64_t w = gpusock::write(fd, line, static_cast<uint64_t>(n));
+      int64_t w = gpusock::write(fd, line.data(), line.size());
       if (w < 0) {
         total = -1;
         break;

@@ -91,9 +91,9 @@ GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
 // Returns 0 and sets *slot, or -ESHUTDOWN if the runtime shuts down while waiting.
 GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, uint32_t* slot) {
   const uint32_t nwords = (c->nslots + 31) / 32;
-  // Two slots per warp by default: let 16 consecutive warps share a bitmap word, so
-  // most acquisitions find a free bit at the first word they look at.
-  const uint32_t start = static_cast<uint32_t>((hint / 16) % nwords);
+  // Start at the word holding this warp's home slot: with slots_per_warp slots per
+  // warp, most acquisitions find a free bit in the first word they look at.
+  const uint32_t start = static_cast<uint32_t>((hint * c->slots_per_warp % c->nslots) / 32);
   for (uint32_t iter = 0;; ++iter) {
     for (uint32_t i = 0; i < nwords; ++i) {
       uint32_t w = start + i;
@@ -143,12 +143,15 @@ GPUSOCK_HD inline void ring_doorbell(const DeviceContext* c, uint32_t pos, uint3
 }
 
 // Order of the releases below. What they protect is only write-after-read: the next
-// owner's writes must not reach a slot (or staging page) before our reads of it are done.
-// Every such read has completed by the time we release (its value was consumed before
-// the warp barrier that precedes the release), so on a GPU the release can be a relaxed,
-// fire-and-forget reduction; a release-ordered one costs a MEMBAR.GPU that waits for
-// the warp's posted host-memory stores, about half a microsecond on every call. The cpu
-// device keeps release order so ThreadSanitizer sees the hand-over.
+// owner's writes must not reach a slot (or staging page) before our reads of it are
+// done. Every such read has returned its value before the release is issued: the
+// leader's read of the state word is used to decide to release, and the other lanes'
+// result reads come before the warp barrier that precedes a kReply release. On a GPU
+// the release is therefore a relaxed, fire-and-forget reduction; a release-ordered one
+// costs a MEMBAR.GPU that waits for the warp's posted host-memory stores, about half a
+// microsecond on every call (bench/RESULTS.md). This leans on a load being complete once
+// its value is consumed, which the hardware provides but the PTX memory model does not
+// spell out. The cpu device keeps release order so ThreadSanitizer sees the hand-over.
 GPUSOCK_HD constexpr Order free_order() { return is_gpu() ? Order::kRelaxed : Order::kRelease; }
 
 GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {

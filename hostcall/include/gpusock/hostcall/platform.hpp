@@ -2,9 +2,10 @@
 //
 // Every portable function in gpusock is marked GPUSOCK_HD and compiles twice: as CUDA
 // device code (nvcc's device pass, where GPUSOCK_IS_GPU is 1) and as ordinary host C++
-// (nvcc's host pass, or g++/clang for the cpu-only build). Nothing outside this header
-// and warp.hpp tests __CUDA_ARCH__; everything else asks `gpusock::is_gpu()` or uses the
-// primitives below.
+// (nvcc's host pass, or g++/clang for the cpu-only build). Only this header tests
+// __CUDA_ARCH__; the rest of the code branches on GPUSOCK_IS_GPU (warp.hpp for the
+// execution model, client.hpp for the runtime context, errno and sleeping) or asks
+// `gpusock::is_gpu()`.
 //
 //   GPUSOCK_HD void spin_until_set(const uint32_t& flag) {
 //     gpusock::AtomicRef<const uint32_t, gpusock::Scope::kSystem> f(flag);
