@@ -91,11 +91,7 @@ struct NullBreakdown {
       uint64_t t1 = gpusock::globaltimer_ns();
       hc::Slot* s = c->slots + slot;
       uint32_t seq = pos & hc::kSeqMask;
-      s->hdr.opcode = hc::op::kNull;
-      s->hdr.lane_mask = 1;
-      s->hdr.nargs = 0;
-      s->hdr.flags = 0;
-      s->hdr.staging_count = 0;
+      hc::internal::write_request(s->hdr, hc::op::kNull, 1, 0, 0, 0, 0);
       AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(hc::make_state(seq, hc::kRequest), Order::kRelease);
       uint64_t t2 = gpusock::globaltimer_ns();
       hc::internal::ring_doorbell(c, pos, slot, seq);

@@ -214,6 +214,15 @@ GPUSOCK_HD inline void copy_bytes(uint8_t* dst, const uint8_t* src, uint32_t n) 
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// Writes a request's header fields (not the state) as two 16-byte stores; the layout is
+// SlotHeader's, little-endian; flags are 0.
+GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t mask, uint32_t nargs,
+                                     uint32_t staging_first, uint32_t staging_count, uint64_t origin) {
+  store16(&h.opcode, (static_cast<uint64_t>(mask) << 32) | opcode,
+          (static_cast<uint64_t>(staging_first) << 32) | (nargs & 0xffffu));
+  store16(&h.staging_count, staging_count, origin);
+}
+
 // The core of every submission. Lanes that arrive together and ask for the same opcode
 // form one group and share one slot. Each lane contributes `nargs` words and, if
 // `payload_len` > 0, that many bytes copied into staging; the payload's (offset, length)
@@ -292,13 +301,7 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   // arguments has nothing to order but the leader's own stores.
   if (total_args != 0) warp::sync(mask);
   if (me == lead) {
-    s->hdr.opcode = opcode;
-    s->hdr.lane_mask = mask;
-    s->hdr.nargs = static_cast<uint16_t>(total_args);
-    s->hdr.flags = 0;
-    s->hdr.origin = global_warp_id();
-    s->hdr.staging_first = t.staging_page;
-    s->hdr.staging_count = t.staging_pages;
+    write_request(s->hdr, opcode, mask, total_args, t.staging_page, t.staging_pages, global_warp_id());
     // System scope release: publishes header, arguments and payload to host threads.
     AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
     ring_doorbell(c, pos, t.slot, t.seq);

@@ -164,6 +164,18 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t popcount(uint32_t x) {
 #endif
 }
 
+// Stores 16 bytes (lo at the lower address) to a 16-byte aligned address as one
+// access: a vector store on the GPU (a byte-wise memcpy would become 16 stores there);
+// memcpy on the CPU, which stays within C++'s aliasing rules.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void store16(void* dst, uint64_t lo, uint64_t hi) {
+#if GPUSOCK_IS_GPU
+  *static_cast<ulonglong2*>(dst) = make_ulonglong2(lo, hi);
+#else
+  const uint64_t v[2] = {lo, hi};
+  __builtin_memcpy(dst, v, sizeof v);
+#endif
+}
+
 // A nanosecond clock. On the GPU it is %globaltimer (a device-wide clock that advances
 // in 32 ns steps on Hopper); on the cpu device it is CLOCK_MONOTONIC. The two differ in
 // epoch: gpusock::clock_gettime() adds the offsets the runtime measured at start.

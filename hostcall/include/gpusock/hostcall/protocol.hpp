@@ -71,21 +71,28 @@ GPUSOCK_HD constexpr uint32_t state_tag(uint64_t s) { return static_cast<uint32_
 
 // One cache line. The device writes the request fields, then `state`; the host writes
 // the reply fields, then `state`. The two never write at the same time (see Phase).
+// The device's request fields sit in two aligned 16-byte chunks (offsets 16 and 32) so
+// the leader writes them with two vector stores instead of seven scalar ones: fewer
+// posted writes for the system-scope release that follows to wait for.
 struct alignas(64) SlotHeader {
-  uint64_t state;           // both: see above; written last by whoever publishes
-  uint32_t opcode;          // device: which handler
-  uint32_t lane_mask;       // device: lanes that take part; bit i = lane i
-  uint16_t nargs;           // device: argument words per lane, 0..kMaxArgs
-  uint16_t flags;           // device: reserved, must be 0
-  uint32_t nresults;        // host: with kReply, result words per lane in data[][]
-  uint64_t origin;          // device: global warp id of the caller (diagnostics)
-  uint32_t staging_first;   // device: first staging page this call holds (if count > 0)
-  uint32_t staging_count;   // device: staging pages held; payload descriptors must lie
-                            // inside them
-  uint8_t reserved[24];
+  uint64_t state;           //  0 both: see above; written last by whoever publishes
+  uint32_t nresults;        //  8 host: with kReply, result words per lane in data[][]
+  uint32_t reserved0;       // 12
+  uint32_t opcode;          // 16 device: which handler
+  uint32_t lane_mask;       // 20 device: lanes that take part; bit i = lane i
+  uint16_t nargs;           // 24 device: argument words per lane, 0..kMaxArgs
+  uint16_t flags;           // 26 device: reserved, must be 0
+  uint32_t staging_first;   // 28 device: first staging page this call holds (if count > 0)
+  uint32_t staging_count;   // 32 device: staging pages held; payload descriptors must lie
+                            //    inside them
+  uint32_t reserved1;       // 36
+  uint64_t origin;          // 40 device: global warp id of the caller (diagnostics)
+  uint8_t reserved[16];     // 48
 };
 static_assert(sizeof(SlotHeader) == 64, "SlotHeader is one cache line");
 static_assert(offsetof(SlotHeader, state) == 0, "state word first");
+static_assert(offsetof(SlotHeader, opcode) == 16 && offsetof(SlotHeader, staging_count) == 32,
+              "request fields are two aligned 16-byte chunks");
 
 // A slot: header plus the per-lane argument/result words, transposed ([word][lane]) so a
 // warp writing word k of all its lanes writes 256 contiguous bytes, one coalesced burst
