@@ -119,7 +119,7 @@ Status Core::init() {
     if (!s.ok()) return s;
   }
 
-  hostcall::DeviceContext& c = ctx_host_;
+  hostcall::DeviceContext c{};
   c.slots = reinterpret_cast<Slot*>(db + off_slots);
   c.ring = reinterpret_cast<uint64_t*>(db + off_ring);
   c.control = reinterpret_cast<hostcall::ControlBlock*>(db);

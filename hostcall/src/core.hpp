@@ -77,8 +77,6 @@ class Core : public std::enable_shared_from_this<Core> {
   const DeviceBackend& device() const { return *device_; }
   const RuntimeOptions& options() const { return options_; }
   const hostcall::DeviceContext* device_context() const { return ctx_dev_; }
-  // Host-side copy of the context (host pointers replaced by nothing: read-only facts).
-  const hostcall::DeviceContext& context_facts() const { return ctx_host_; }
   uint8_t* staging_host() const { return staging_h_; }
   uint64_t staging_size() const { return staging_bytes_; }
   uint32_t slot_count() const { return nslots_; }
@@ -110,7 +108,7 @@ class Core : public std::enable_shared_from_this<Core> {
   RuntimeOptions options_;
   std::unique_ptr<DeviceBackend> device_;
 
-  // Mapped memory (host addresses; the device's are in ctx_host_).
+  // Mapped memory (host addresses; the device's are in the DeviceContext).
   hostcall::Slot* slots_h_ = nullptr;
   uint64_t* ring_h_ = nullptr;
   hostcall::ControlBlock* control_h_ = nullptr;
@@ -122,7 +120,6 @@ class Core : public std::enable_shared_from_this<Core> {
   // Device memory.
   void* device_block_ = nullptr;
   hostcall::DeviceContext* ctx_dev_ = nullptr;
-  hostcall::DeviceContext ctx_host_{};
 
   // Handlers, readable without a lock from service threads; written under handlers_mu_.
   std::array<std::atomic<HandlerEntry*>, hostcall::kOpcodeLimit> handlers_{};

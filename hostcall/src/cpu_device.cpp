@@ -392,6 +392,11 @@ struct CpuLaunch : LaunchState, std::enable_shared_from_this<CpuLaunch> {
     std::lock_guard<std::mutex> lock(mu);
     return result;
   }
+  // Records the launch's first failure; later ones are dropped.
+  void fail(Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (result.ok()) result = std::move(s);
+  }
 };
 
 class CpuBackend : public DeviceBackend {
@@ -499,13 +504,17 @@ class CpuBackend : public DeviceBackend {
     try {
       (*st->body)();
     } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(st->launch->mu);
-      if (st->launch->result.ok()) st->launch->result = Status(EIO, std::string("kernel lane threw: ") + e.what());
+      st->launch->fail(Status(EIO, std::string("kernel lane threw: ") + e.what()));
     } catch (...) {
-      std::lock_guard<std::mutex> lock(st->launch->mu);
-      if (st->launch->result.ok()) st->launch->result = Status(EIO, "kernel lane threw");
+      st->launch->fail(Status(EIO, "kernel lane threw"));
     }
     tls_lane = nullptr;
+    retire_lane(std::move(st));
+  }
+
+  // A lane is done (or never ran): it leaves its warp and block, and the block's last
+  // lane reports the block finished.
+  static void retire_lane(std::unique_ptr<LaneStart> st) {
     st->ctx.warp->exit_lane(st->ctx.lane);
     // Drop the block before reporting it finished, but keep the runtime (which owns the
     // backend) alive until finish_block() has returned.
@@ -536,15 +545,8 @@ class CpuBackend : public DeviceBackend {
       if (!LanePool::instance().run(&CpuBackend::lane_main, st)) {
         // No thread for this lane: it counts as exited at once, and the launch reports
         // the failure. Its warp-mates see it as absent rather than waiting for it.
-        {
-          std::lock_guard<std::mutex> lock(l->mu);
-          if (l->result.ok()) l->result = Status(EAGAIN, "cpu device: cannot create a lane thread");
-        }
-        st->ctx.warp->exit_lane(st->ctx.lane);
-        std::shared_ptr<Core> keep = st->core;
-        bool last = b->exit_lane();
-        delete st;
-        if (last) finish_block(*l, warps);
+        l->fail(Status(EAGAIN, "cpu device: cannot create a lane thread"));
+        retire_lane(std::unique_ptr<LaneStart>(st));
       }
     }
   }

@@ -5,7 +5,6 @@
 #include <chrono>
 #include <memory>
 
-#include "core.hpp"
 #include "gpusock/hostcall/status.hpp"
 
 namespace gpusock::internal {
