@@ -156,6 +156,7 @@ Core::~Core() {
   if (leak_memory_) return;
   if (device_block_ != nullptr) device_->free_device(device_block_);
   if (mapped_block_ != nullptr) device_->free_mapped(mapped_block_);
+  for (void* p : adopted_mapped_) device_->free_mapped(p);
 }
 
 Status Core::register_handler(uint32_t opcode, std::string name, hostcall::Handler fn, bool core_range_ok) {
@@ -179,7 +180,23 @@ Status Core::register_handler(uint32_t opcode, std::string name, hostcall::Handl
   return {};
 }
 
+namespace {
+thread_local int tls_service_thread = -1;
+}
+
+Status Core::set_service_hook(std::shared_ptr<hostcall::ServiceHook> hook) {
+  if (hook == nullptr) return Status(EINVAL, "set_service_hook: null hook");
+  std::lock_guard<std::mutex> lock(hook_mu_);
+  if (stopping_.load(std::memory_order_acquire)) return Status(ESHUTDOWN, "runtime is shut down");
+  if (hook_store_ != nullptr) return Status(EEXIST, "a service hook is already installed");
+  hook_store_ = std::move(hook);
+  // Release: a thread that loads the pointer sees a fully built hook.
+  hook_.store(hook_store_.get(), std::memory_order_release);
+  return {};
+}
+
 void Core::service_loop(uint32_t index) {
+  tls_service_thread = static_cast<int>(index);
   // Parking relies on short sleeps; the default 50 us timer slack would double them.
   prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
   if (options_.pin_service_threads) {
@@ -197,6 +214,8 @@ void Core::service_loop(uint32_t index) {
   while (!stopping_.load(std::memory_order_acquire)) {
     uint32_t n = drain_ring(64, early);
     if (!early.empty()) n += retry_early(early);
+    hostcall::ServiceHook* hook = hook_.load(std::memory_order_acquire);
+    if (hook != nullptr) n += hook->poll(index);
     int64_t now = now_ns();
     if (now >= next_sweep_ns_.load(std::memory_order_relaxed)) n += sweep();
     if (n > 0) {
@@ -212,10 +231,18 @@ void Core::service_loop(uint32_t index) {
     // Park: nothing arrived for spin_time. The device cannot wake a host thread, so the
     // park is a bounded sleep; park_interval is the worst added delay for the next call.
     parks_.fetch_add(1, std::memory_order_relaxed);
-    std::unique_lock<std::mutex> lock(park_mu_);
-    park_cv_.wait_for(lock, options_.park_interval,
-                      [this] { return stopping_.load(std::memory_order_acquire); });
+    if (hook != nullptr) {
+      // The hook blocks in its own wait (io_uring_enter), which its completions end early.
+      hook->park(index, options_.park_interval);
+    } else {
+      std::unique_lock<std::mutex> lock(park_mu_);
+      park_cv_.wait_for(lock, options_.park_interval,
+                        [this] { return stopping_.load(std::memory_order_acquire); });
+    }
   }
+  // Every pending call was failed before stopping_ was seen here; the hook now cancels
+  // and frees what this thread owns.
+  if (hostcall::ServiceHook* hook = hook_.load(std::memory_order_acquire)) hook->thread_stop(index);
   thread_done_[index]->store(true, std::memory_order_release);
   threads_running_.fetch_sub(1, std::memory_order_release);
 }
@@ -506,6 +533,14 @@ void Core::shutdown() {
     }
   });
 }
+
+}  // namespace gpusock::internal
+
+namespace gpusock::hostcall {
+int service_thread_index() { return internal::tls_service_thread; }
+}  // namespace gpusock::hostcall
+
+namespace gpusock::internal {
 
 RuntimeStats Core::stats() const {
   RuntimeStats r;

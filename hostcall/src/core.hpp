@@ -17,6 +17,7 @@
 #include "gpusock/hostcall/opcodes.hpp"
 #include "gpusock/hostcall/protocol.hpp"
 #include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/service_hook.hpp"
 #include "gpusock/hostcall/status.hpp"
 
 namespace gpusock::internal {
@@ -83,6 +84,17 @@ class Core : public std::enable_shared_from_this<Core> {
   // Keeps kernels' launch bookkeeping alive; see LaunchState.
   std::shared_ptr<Core> self() { return shared_from_this(); }
 
+  // Installs the module event loop that service threads run between calls (one per
+  // runtime). Returns ok, or EEXIST if one is installed, ESHUTDOWN after shutdown.
+  Status set_service_hook(std::shared_ptr<hostcall::ServiceHook> hook);
+
+  // Takes ownership of a mapped allocation: freed when this Core is destroyed, after every
+  // service thread and kernel has stopped (unless kernels outlived shutdown).
+  void adopt_mapped(void* host) {
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    adopted_mapped_.push_back(host);
+  }
+
  private:
   explicit Core(const RuntimeOptions& options) : options_(options) {}
   Status init();
@@ -131,6 +143,11 @@ class Core : public std::enable_shared_from_this<Core> {
   std::vector<std::unique_ptr<std::atomic<bool>>> thread_done_;  // one per service thread
   std::atomic<uint32_t> threads_running_{0};
   std::atomic<bool> stopping_{false};
+  // The module event loop; written once under hook_mu_, read lock-free by the threads.
+  std::shared_ptr<hostcall::ServiceHook> hook_store_;
+  std::atomic<hostcall::ServiceHook*> hook_{nullptr};
+  std::mutex hook_mu_;
+  std::vector<void*> adopted_mapped_;  // guarded by hook_mu_
   std::mutex park_mu_;
   std::condition_variable park_cv_;
   std::atomic<uint32_t> ring_head_{0};

@@ -45,6 +45,12 @@ Status Runtime::register_handler(uint32_t opcode, std::string name, hostcall::Ha
   return core_->register_handler(opcode, std::move(name), std::move(handler), false);
 }
 RuntimeStats Runtime::stats() const { return core_->stats(); }
+Status Runtime::register_descriptor_write(hostcall::Handler handler) {
+  return core_->register_handler(hostcall::op::kDescriptorWrite, "descriptor-write", std::move(handler), true);
+}
+Status Runtime::set_service_hook(std::shared_ptr<hostcall::ServiceHook> hook) {
+  return core_->set_service_hook(std::move(hook));
+}
 void Runtime::shutdown() { core_->shutdown(); }
 bool Runtime::is_shut_down() const { return core_->is_shut_down(); }
 uint8_t* Runtime::staging_host() const { return core_->staging_host(); }
@@ -69,6 +75,10 @@ Result<Runtime::Mapped> Runtime::mapped_alloc(size_t bytes) {
 void Runtime::mapped_free(void* host) {
   if (host != nullptr) core_->device().free_mapped(host);
 }
+void Runtime::mapped_free_at_exit(void* host) {
+  if (host != nullptr) core_->adopt_mapped(host);
+}
+uint32_t Runtime::service_threads() const { return core_->options().service_threads; }
 Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   return core_->device().copy_to_device(dst, src, bytes);
 }

@@ -65,6 +65,7 @@ struct Ticket {
   int32_t error = 0;         // -errno when slot == kNoSlot
   uint32_t staging_page = 0; // first staging page held by the call
   uint32_t staging_pages = 0;
+  uint32_t payload_offset = 0; // this lane's payload: byte offset in the staging arena
 };
 
 namespace internal {
@@ -214,6 +215,65 @@ GPUSOCK_HD inline void copy_bytes(uint8_t* dst, const uint8_t* src, uint32_t n) 
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// A 16-byte load that bypasses this SM's L1 (ld.global.cv): the bytes may have been
+// written by the host (or by a NIC) since this SM last cached the line.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE Chunk16 load_fresh16(const Chunk16* p) {
+#if GPUSOCK_IS_GPU
+  uint4 v = __ldcv(reinterpret_cast<const uint4*>(p));
+  return Chunk16{(static_cast<uint64_t>(v.y) << 32) | v.x, (static_cast<uint64_t>(v.w) << 32) | v.z};
+#else
+  return *p;
+#endif
+}
+
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint8_t load_fresh8(const uint8_t* p) {
+#if GPUSOCK_IS_GPU
+  return static_cast<uint8_t>(__ldcv(reinterpret_cast<const unsigned char*>(p)));
+#else
+  return *p;
+#endif
+}
+
+// Copies each lane's n bytes from src to dst. On a GPU, where both of a lane's buffers are
+// in global memory the lanes of `mask` copy that lane's bytes together, 16 bytes per lane
+// per step, so stores to mapped memory go out as full, coalesced lines; a buffer in a
+// lane's local memory (its stack) is private to that lane, so the lane copies it alone. On
+// the cpu device each lane copies its own (its lanes are threads: a warp step there is a
+// barrier, not a cycle). `fresh` loads bypass this SM's L1 (ld.global.cv): for bytes the
+// host wrote, such as a receive buffer the host lent. All lanes of mask must call.
+GPUSOCK_HD inline void group_copy(uint32_t mask, uint8_t* dst, const uint8_t* src, uint32_t n, bool fresh = false) {
+  if constexpr (!is_gpu()) {
+    copy_bytes(dst, src, n);
+  } else {
+#if GPUSOCK_IS_GPU
+    const uint32_t me = warp::lane_id();
+    const uint32_t rank = popcount(mask & ((1u << me) - 1));
+    const uint32_t width = popcount(mask);
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const uint32_t owner = lowest_bit(m);
+      uint8_t* d = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(dst), owner));
+      const uint8_t* s = reinterpret_cast<const uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(src), owner));
+      const uint32_t len = warp::shfl(mask, n, owner);
+      if (len == 0) continue;
+      // Every lane sees the same pointers, so every lane makes the same choice.
+      const bool together = __isGlobal(d) && __isGlobal(s);
+      if (!together && me != owner) continue;
+      const uint32_t first = together ? rank : 0, step = together ? width : 1;
+      uint32_t head = 0;
+      if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) == 0) {
+        head = len & ~15u;
+        for (uint32_t i = first * 16; i < head; i += step * 16) {
+          const Chunk16* from = reinterpret_cast<const Chunk16*>(s + i);
+          *reinterpret_cast<Chunk16*>(d + i) = fresh ? load_fresh16(from) : *from;
+        }
+      }
+      for (uint32_t i = head + first; i < len; i += step) d[i] = fresh ? load_fresh8(s + i) : s[i];
+    }
+    warp::sync(mask);
+#endif
+  }
+}
+
 // Writes a request's header fields (not the state) as two 16-byte stores; the layout is
 // SlotHeader's, little-endian; flags are 0.
 GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t mask, uint32_t nargs,
@@ -233,13 +293,33 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   Ticket t;
   const uint32_t me = warp::lane_id();
   // Lanes that arrive together and ask for the same opcode share one slot.
-  const uint32_t mask = warp::converge_match(opcode);
+  uint32_t mask = warp::converge_match(opcode);
+
+  // Lay the group's payloads out back to back, each 16-byte aligned. A group whose payloads
+  // do not fit one staging run splits: the lanes whose payloads fit, in lane order, go
+  // together, and the rest split again, each part a call of its own. A lane whose payload
+  // alone is larger than a run gets -EMSGSIZE.
+  uint32_t payload_off = 0, payload_total = 0;
+  if (has_payload) {
+    constexpr uint32_t kRunBytes = kStagingMaxRun * kStagingPageBytes;
+    const uint64_t padded = (static_cast<uint64_t>(payload_len) + 15u) & ~15ull;
+    const uint32_t too_big = warp::ballot(mask, padded > kRunBytes);
+    if (too_big != 0) {
+      if ((too_big >> me) & 1u) {
+        t.error = -EMSGSIZE;
+        return t;
+      }
+      mask &= ~too_big;
+    }
+    for (;;) {
+      payload_off = warp::exclusive_sum(mask, static_cast<uint32_t>(padded), payload_total);
+      if (payload_total <= kRunBytes) break;
+      const uint32_t fits = warp::ballot(mask, payload_off + padded <= kRunBytes);
+      mask = ((fits >> me) & 1u) ? fits : (mask & ~fits);
+    }
+  }
   const uint32_t lead = warp::leader(mask);
   t.mask = mask;
-
-  // Lay the group's payloads out back to back, each 16-byte aligned.
-  uint32_t payload_off = 0, payload_total = 0;
-  if (has_payload) payload_off = warp::exclusive_sum(mask, (payload_len + 15u) & ~15u, payload_total);
   const uint32_t npages = (payload_total + kStagingPageBytes - 1) / kStagingPageBytes;
 
   uint64_t a = 0, b = 0;
@@ -290,7 +370,8 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
   uint32_t total_args = nargs;
   if (has_payload) {
     uint64_t off = static_cast<uint64_t>(t.staging_page) * kStagingPageBytes + payload_off;
-    copy_bytes(c->staging + off, static_cast<const uint8_t*>(payload), payload_len);
+    t.payload_offset = static_cast<uint32_t>(off);
+    group_copy(mask, c->staging + off, static_cast<const uint8_t*>(payload), payload_len);
     s->data[nargs][me] = off;
     s->data[nargs + 1][me] = payload_len;
     total_args += 2;
@@ -329,10 +410,11 @@ GPUSOCK_HD inline Ticket submit_with_payload(uint32_t opcode, const void* data, 
   return internal::submit_raw(opcode, words, sizeof...(A), data, len, true);
 }
 
-// Waits for the reply to `t`. Returns this lane's result word 0 (by convention a value
-// or -errno); copies result words 1..nout into out[0..nout-1] (zero where the host
-// wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first.
-GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
+namespace internal {
+// The body of wait() and wait_keep_staging(). With keep == false it gives the slot and
+// staging back; with keep == true it leaves them to release(). On -ESHUTDOWN the host may
+// still write the slot, so neither is ever given back: *abandoned is set.
+GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nout, bool keep, bool* abandoned) {
   for (uint32_t k = 0; k < nout; ++k) out[k] = 0;
   if (t.slot == kNoSlot) return t.error;
   const DeviceContext* c = context();
@@ -371,7 +453,10 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
   // The shuffle hands every lane the reply word. For a reply with data in the slot, the
   // barrier then orders the leader's acquire fence before every lane's result loads.
   st = warp::shfl(t.mask, st, lead);
-  if (st == 0) return -ESHUTDOWN;  // the host may still write this slot: never reuse it
+  if (st == 0) {
+    *abandoned = true;
+    return -ESHUTDOWN;  // the host may still write this slot: never reuse it
+  }
 
   int64_t ret;
   const bool in_slot = state_phase(st) == kReply;
@@ -391,13 +476,50 @@ GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_
     }
     // Every lane has read its results before the slot goes back to the pool. (An inline
     // reply was read by the leader alone, before the shuffle.)
-    warp::sync(t.mask);
+    if (!keep) warp::sync(t.mask);
   }
-  if (me == lead) {
+  if (!keep && me == lead) {
     internal::release_staging(c, t.staging_page, t.staging_pages);
     internal::release_slot(c, t.slot);
   }
   return ret;
+}
+}  // namespace internal
+
+// Waits for the reply to `t`. Returns this lane's result word 0 (by convention a value
+// or -errno); copies result words 1..nout into out[0..nout-1] (zero where the host
+// wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first.
+GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
+  bool abandoned = false;
+  return internal::wait_impl(t, out, nout, false, &abandoned);
+}
+
+// As wait(), but the call keeps its slot and staging pages until release(t), so the lanes
+// can read what the host wrote back into their payloads (poll's revents; see
+// payload_view()). Every lane of the call must call release(t) after it, together. On
+// -ESHUTDOWN the ticket is emptied, so release() then gives nothing back.
+GPUSOCK_HD inline int64_t wait_keep_staging(Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
+  bool abandoned = false;
+  int64_t r = internal::wait_impl(t, out, nout, true, &abandoned);
+  if (abandoned) t.slot = kNoSlot;
+  return r;
+}
+
+// This lane's payload bytes of a call waited with wait_keep_staging(), as the host left
+// them (device address; read them with fresh loads, as internal::group_copy() does).
+GPUSOCK_HD inline uint8_t* payload_view(const Ticket& t) { return context()->staging + t.payload_offset; }
+
+// Gives the slot and staging of a call waited with wait_keep_staging() back. Every lane of
+// the call calls it together.
+GPUSOCK_HD inline void release(const Ticket& t) {
+  if (t.slot == kNoSlot) return;
+  const DeviceContext* c = context();
+  // Every lane has read its results and payload before they go back to the pools.
+  warp::sync(t.mask);
+  if (warp::lane_id() == warp::leader(t.mask)) {
+    internal::release_staging(c, t.staging_page, t.staging_pages);
+    internal::release_slot(c, t.slot);
+  }
 }
 
 // submit() then wait(): the synchronous call.

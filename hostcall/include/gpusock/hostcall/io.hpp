@@ -25,18 +25,21 @@ inline constexpr uint32_t kAtomicWriteBytes = 4096;
 GPUSOCK_HD inline int errno_value() { return hostcall::errno_ref(); }
 
 namespace raw {
-// write(2) for fds 1 and 2 of the host process. Returns bytes written, or -errno:
-// -EBADF for any other fd, -EFAULT for a null buffer with n > 0, -ESHUTDOWN.
+// write(2): fds 1 and 2 are the host process's stdout and stderr (runtime options);
+// other descriptors go to the module that owns them (net/ sockets: a blocking write sends
+// every byte). Returns bytes written, or -errno: -EBADF for a descriptor nobody owns,
+// -EFAULT for a null buffer with n > 0, -ESHUTDOWN.
 GPUSOCK_HD inline int64_t write(int fd, const void* buf, uint64_t n) {
   if (n > 0 && buf == nullptr) return -EFAULT;
+  const uint32_t opcode = (fd == 1 || fd == 2) ? hostcall::op::kWrite : hostcall::op::kDescriptorWrite;
   const uint8_t* p = static_cast<const uint8_t*>(buf);
   uint64_t done = 0;
   // Every lane makes at least one call, so lanes with n == 0 still converge with the
   // rest and get the host's answer for their fd (EBADF is reported even for n == 0).
   do {
     uint32_t piece = static_cast<uint32_t>((n - done) < kAtomicWriteBytes ? (n - done) : kAtomicWriteBytes);
-    int64_t r = hostcall::wait(hostcall::submit_with_payload(hostcall::op::kWrite, p + done, piece,
-                                                             static_cast<int64_t>(fd)));
+    int64_t r = hostcall::wait(hostcall::submit_with_payload(opcode, p + done, piece, static_cast<int64_t>(fd)));
+    if (r == -ENOSYS) r = -EBADF;  // no module owns descriptors in this runtime
     if (r < 0) return done > 0 ? static_cast<int64_t>(done) : r;
     done += static_cast<uint64_t>(r);
     if (static_cast<uint32_t>(r) < piece) break;  // short write: report what went out

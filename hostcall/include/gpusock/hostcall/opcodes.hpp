@@ -22,6 +22,10 @@ namespace op {
 inline constexpr uint32_t kNull = 0x0000;
 // write(fd, payload): args = {fd, staging offset, length}; answers bytes written or -errno.
 inline constexpr uint32_t kWrite = 0x0001;
+// write(fd, payload) on a descriptor a module owns (a socket): same arguments as kWrite.
+// Served by the module that registers it (net/ does); -ENOSYS (reported as -EBADF on the
+// device) when none is.
+inline constexpr uint32_t kDescriptorWrite = 0x0002;
 }  // namespace op
 
 }  // namespace gpusock::hostcall

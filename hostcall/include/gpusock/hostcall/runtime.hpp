@@ -17,6 +17,7 @@
 
 #include "gpusock/hostcall/handler.hpp"
 #include "gpusock/hostcall/protocol.hpp"
+#include "gpusock/hostcall/service_hook.hpp"
 #include "gpusock/hostcall/status.hpp"
 
 namespace gpusock {
@@ -102,7 +103,15 @@ class Runtime {
   // Handlers may be registered while kernels run.
   Status register_handler(uint32_t opcode, std::string name, hostcall::Handler handler);
 
+  // Registers the handler for op::kDescriptorWrite (write() on descriptors other than 1
+  // and 2), for the module that owns descriptors (net/). Returns ok, or EEXIST.
+  Status register_descriptor_write(hostcall::Handler handler);
+
   RuntimeStats stats() const;
+
+  // Installs the event loop a module runs on the service threads (service_hook.hpp); one
+  // per runtime. Returns ok, or EEXIST (one is installed), ESHUTDOWN, EINVAL (null).
+  Status set_service_hook(std::shared_ptr<hostcall::ServiceHook> hook);
 
   // Fails every pending call with ESHUTDOWN, tells running kernels to give up waiting,
   // and stops the service threads. Idempotent; the destructor calls it.
@@ -124,6 +133,11 @@ class Runtime {
   };
   Result<Mapped> mapped_alloc(size_t bytes);
   void mapped_free(void* host);
+  // Hands a mapped allocation to the runtime: it is freed when the runtime's core goes
+  // away, after every service thread and kernel has stopped. For modules whose buffers
+  // kernels may still read after the module object is gone.
+  void mapped_free_at_exit(void* host);
+  uint32_t service_threads() const;
 
   // Region facts, for modules built on hostcall (net/ registers the staging arena with
   // io_uring and RDMA).

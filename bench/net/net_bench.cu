@@ -1,0 +1,329 @@
+// bench/net — sockets from kernels, each figure beside its CPU io_uring baseline measured in
+// the same run with the same client and the same number of host threads.
+//
+//   rr:      request/response (64 B and 4 KiB), a kernel TCP echo server (one lane per
+//            connection, one hostcall service thread) vs CpuEchoServer (one io_uring
+//            thread: multishot accept, provided-buffer multishot recv), both driven by
+//            the same LoadClient. req/s and p50/p99; ratio = kernel / CPU.
+//   bulk:    1 GiB GPU -> peer (a warp sends from device memory with warp_send) vs a CPU
+//            io_uring sender working from pinned memory, into the same sink; and peer ->
+//            GPU (warp_recv into device memory, every byte checked) vs cpu_recv into pinned
+//            memory (every byte checked). GB/s; ratio = kernel / CPU.
+//   send_zc: io_uring send vs send_zc by chunk size on loopback (the SEND_ZC threshold).
+//
+// Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick]
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "baseline.hpp"
+#include "gpusock/hostcall/device_buffer.hpp"
+#include "gpusock/hostcall/launch.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/iouring/backend.hpp"
+#include "gpusock/net/socket.hpp"
+
+namespace {
+
+namespace raw = gpusock::raw;
+namespace bn = gpusock::bench;
+
+GPUSOCK_HD inline uint8_t pattern(uint64_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); }
+
+GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
+  gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).store(v, gpusock::Order::kRelease);
+}
+GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
+  return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
+}
+
+// One lane per connection: accept, then echo fixed-size requests until the peer closes.
+struct EchoServer {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t req_bytes) const {
+    const uint64_t tid = gpusock::global_thread_id();
+    if (tid == 0) {
+      int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      int one = 1;
+      raw::setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+      socklen_t len = sizeof a;
+      int r = raw::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+      if (r == 0) r = raw::listen(lfd, 4096);
+      if (r == 0) r = raw::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
+      publish(box, 1, static_cast<uint32_t>(lfd) + 1);
+      publish(box, 0, r == 0 ? gpusock::ntohs(a.sin_port) : 0xffffffffu);
+    }
+    uint32_t l1;
+    while ((l1 = read_box(box, 1)) == 0) {
+    }
+    const int lfd = static_cast<int>(l1) - 1;
+    int c = raw::accept(lfd, nullptr, nullptr);
+    if (c >= 0) {
+      int one = 1;
+      raw::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      uint8_t buf[4096];
+      for (;;) {
+        int64_t n = raw::recv(c, buf, req_bytes, MSG_WAITALL);
+        if (n <= 0) break;
+        if (raw::send(c, buf, static_cast<uint64_t>(n), 0) != n) break;
+      }
+      raw::close(c);
+    }
+    if (gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[2]).fetch_add(1, gpusock::Order::kAcqRel) + 1 ==
+        gpusock::grid_dim().x * gpusock::block_dim().x) {
+      raw::close(lfd);
+    }
+  }
+};
+
+struct WarpSender {
+  GPUSOCK_HD void operator()(uint16_t port, uint64_t total, const uint8_t* src, uint32_t chunk, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = gpusock::htons(port);
+      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+      if (raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) fd = -1;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) return;
+    uint64_t off = 0;
+    const int64_t t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    while (off < total) {
+      const uint32_t n = static_cast<uint32_t>(total - off < chunk ? total - off : chunk);
+      if (raw::warp_send(fd, src, n, 0) != n) break;
+      off += n;
+    }
+    const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = t1 - t0;
+    }
+  }
+};
+
+struct WarpReceiver {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = gpusock::htons(port);
+      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+      if (raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) fd = -1;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) return;
+    uint64_t off = 0, bad = 0;
+    int64_t t0 = 0;
+    for (;;) {
+      int64_t n = raw::warp_recv(fd, dst, chunk, 0);
+      if (n <= 0) break;
+      if (off == 0) t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
+      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) bad += dst[i] != pattern(off + i);
+      off += static_cast<uint64_t>(n);
+      gpusock::warp::sync(0xffffffffu);
+    }
+    const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    for (uint32_t d = 16; d > 0; d /= 2) bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = t1 - t0;
+      out[2] = static_cast<int64_t>(bad);
+    }
+  }
+};
+
+struct Json {
+  std::string s = "{\n";
+  bool first = true;
+  void add(const std::string& key, const std::string& raw_value) {
+    s += (first ? "" : ",\n") + std::string("  \"") + key + "\": " + raw_value;
+    first = false;
+  }
+};
+
+std::string num(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.4g", v);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gpusock::RuntimeOptions opts;
+  std::string json_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--device" && i + 1 < argc) {
+      std::string d = argv[++i];
+      opts.device = d == "cpu" ? gpusock::DeviceKind::kCpu : gpusock::DeviceKind::kCuda;
+    } else if (a == "--json" && i + 1 < argc) {
+      json_path = argv[++i];
+    } else if (a == "--quick") {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--device cpu|cuda] [--json FILE] [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  rl.rlim_cur = rl.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &rl);
+  opts.service_threads = 1;
+  opts.cpu_resident_warps = 64;
+  auto rtr = gpusock::Runtime::create(opts);
+  if (!rtr.ok()) {
+    std::fprintf(stderr, "runtime: %s\n", rtr.status().to_string().c_str());
+    return 1;
+  }
+  auto& rt = **rtr;
+  auto be = gpusock::iouring::create_backend(rt);
+  if (!be.ok() || !gpusock::net::attach(rt, *be).ok()) {
+    std::fprintf(stderr, "io_uring backend: %s\n", be.ok() ? "attach failed" : be.status().to_string().c_str());
+    return 1;
+  }
+  std::printf("device: %s\nbackend: %s\n", rt.device_name().c_str(), (*be)->describe().c_str());
+  Json js;
+  js.add("device", "\"" + rt.device_name() + "\"");
+  auto box = rt.mapped_alloc(4096);
+  uint32_t* box_h = static_cast<uint32_t*>(box->host);
+  uint32_t* box_d = static_cast<uint32_t*>(box->device);
+  const auto duration = quick ? std::chrono::milliseconds(500) : std::chrono::milliseconds(3000);
+
+  // ---- request/response ----
+  std::printf("\nrequest/response (1 host thread each side of the comparison, same client)\n");
+  std::printf("%-8s %6s | %12s %9s %9s | %12s %9s %9s | %6s\n", "size", "conns", "kernel req/s", "p50 us", "p99 us",
+              "cpu req/s", "p50 us", "p99 us", "ratio");
+  std::string rr = "[";
+  for (uint32_t size : {64u, 4096u}) {
+    for (int conns : {64, 256}) {
+      if (quick && conns > 64) continue;
+      bn::LoadOptions lo;
+      lo.connections = conns;
+      lo.threads = 4;
+      lo.request_bytes = size;
+      lo.duration = duration;
+      // The kernel server.
+      std::memset(box_h, 0, 64);
+      auto k = gpusock::launch(rt, {static_cast<uint32_t>(conns / 32)}, {32}, EchoServer{}, box_d, size);
+      uint32_t port = 0;
+      for (int i = 0; i < 100000 && (port = std::atomic_ref<uint32_t>(box_h[0]).load()) == 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      lo.port = static_cast<uint16_t>(port);
+      bn::LoadResult g = bn::LoadClient::run(lo);
+      k->wait_for(std::chrono::seconds(30));
+      // The CPU io_uring server, same shape.
+      bn::EchoServerOptions so;
+      so.threads = 1;
+      so.request_bytes = size;
+      std::string err;
+      auto cpu = bn::CpuEchoServer::start(so, &err);
+      lo.port = cpu ? cpu->port() : 0;
+      bn::LoadResult c = bn::LoadClient::run(lo);
+      cpu.reset();
+      const double ratio = c.req_per_s > 0 ? g.req_per_s / c.req_per_s : 0;
+      std::printf("%-8u %6d | %12.0f %9.1f %9.1f | %12.0f %9.1f %9.1f | %6.2f%s%s\n", size, conns, g.req_per_s, g.p50_us,
+                  g.p99_us, c.req_per_s, c.p50_us, c.p99_us, ratio, g.error.empty() ? "" : ("  kernel: " + g.error).c_str(),
+                  c.error.empty() ? "" : ("  cpu: " + c.error).c_str());
+      rr += std::string(rr.size() > 1 ? "," : "") + "{\"bytes\":" + std::to_string(size) + ",\"connections\":" +
+            std::to_string(conns) + ",\"kernel_rps\":" + num(g.req_per_s) + ",\"kernel_p50_us\":" + num(g.p50_us) +
+            ",\"kernel_p99_us\":" + num(g.p99_us) + ",\"kernel_errors\":" + std::to_string(g.errors + g.mismatches) +
+            ",\"cpu_rps\":" + num(c.req_per_s) + ",\"cpu_p50_us\":" + num(c.p50_us) + ",\"cpu_p99_us\":" + num(c.p99_us) +
+            ",\"ratio\":" + num(ratio) + "}";
+    }
+  }
+  js.add("request_response", rr + "]");
+
+  // ---- bulk ----
+  const uint64_t total = quick ? (256ull << 20) : (1ull << 30);
+  constexpr uint32_t kChunk = 256 * 1024;
+  std::printf("\nbulk, %llu MiB over one connection\n", static_cast<unsigned long long>(total >> 20));
+  auto src = gpusock::DeviceBuffer<uint8_t>::create(rt, kChunk);
+  {
+    std::vector<uint8_t> h(kChunk);
+    for (uint32_t i = 0; i < kChunk; ++i) h[i] = pattern(i);
+    rt.copy_to_device(src->data(), h.data(), kChunk);
+  }
+  auto out = gpusock::DeviceBuffer<int64_t>::create(rt, 4);
+  // GPU -> peer.
+  bn::BulkSinkOptions sk;
+  sk.checksum = false;
+  std::string err;
+  auto sink = bn::BulkSink::start(sk, &err);
+  auto k = gpusock::launch(rt, {1}, {32}, WarpSender{}, sink->port(), total, src->data(), kChunk, out->data());
+  k->wait();
+  sink->wait(60000);
+  bn::BulkResult gs = sink->result();
+  sink.reset();
+  auto pinned = rt.mapped_alloc(4 << 20);
+  uint8_t* pin = static_cast<uint8_t*>(pinned->host);
+  bn::fill_pattern(pin, 0, 4 << 20);
+  auto sink2 = bn::BulkSink::start(sk, &err);
+  bn::BulkResult cs = bn::cpu_send("127.0.0.1", sink2->port(), total, kChunk, pin, 4 << 20, false);
+  sink2->wait(60000);
+  bn::BulkResult cs_sink = sink2->result();
+  sink2.reset();
+  const double send_ratio = cs_sink.gbps > 0 ? gs.gbps / cs_sink.gbps : 0;
+  std::printf("GPU -> peer: kernel %.2f GB/s   cpu (pinned) %.2f GB/s   ratio %.2f   (as the sink measured both)\n",
+              gs.gbps, cs_sink.gbps, send_ratio);
+  // peer -> GPU.
+  auto dst = gpusock::DeviceBuffer<uint8_t>::create(rt, 1 << 20);
+  bn::BulkSourceOptions so;
+  so.total_bytes = total;
+  auto source = bn::BulkSource::start(so, &err);
+  auto k2 = gpusock::launch(rt, {1}, {32}, WarpReceiver{}, source->port(), dst->data(), 1u << 20, out->data());
+  k2->wait();
+  source->wait(60000);
+  auto o = out->to_host();
+  const double grecv = o[1] > 0 ? static_cast<double>(o[0]) / static_cast<double>(o[1]) : 0;  // bytes/ns = GB/s
+  auto source2 = bn::BulkSource::start(so, &err);
+  bn::BulkResult cr = bn::cpu_recv("127.0.0.1", source2->port(), total, pin, 4 << 20);
+  source2->wait(60000);
+  source2.reset();
+  const double recv_ratio = cr.gbps > 0 ? grecv / cr.gbps : 0;
+  std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n", grecv,
+              static_cast<long long>(o[0]), static_cast<long long>(o[2]), cr.gbps,
+              cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
+  js.add("bulk", "{\"bytes\":" + std::to_string(total) + ",\"gpu_to_peer_gbps\":" + num(gs.gbps) +
+                     ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) +
+                     ",\"peer_to_gpu_gbps\":" + num(grecv) + ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(o[2]) +
+                     ",\"cpu_recv_gbps\":" + num(cr.gbps) + ",\"recv_ratio\":" + num(recv_ratio) + "}");
+
+  // ---- SEND_ZC threshold ----
+  std::printf("\nio_uring send vs send_zc on loopback, GB/s\n%-10s %8s %8s\n", "chunk", "send", "send_zc");
+  auto pts = bn::sweep_send_zc({4096, 16384, 65536, 262144, 1 << 20}, quick ? (64ull << 20) : (512ull << 20));
+  std::string zc = "[";
+  for (auto& p : pts) {
+    std::printf("%-10zu %8.2f %8.2f%s\n", p.chunk_bytes, p.send_gbps, p.send_zc_gbps, p.error.empty() ? "" : (" " + p.error).c_str());
+    zc += std::string(zc.size() > 1 ? "," : "") + "{\"chunk\":" + std::to_string(p.chunk_bytes) + ",\"send_gbps\":" +
+          num(p.send_gbps) + ",\"send_zc_gbps\":" + num(p.send_zc_gbps) + "}";
+  }
+  js.add("send_zc_sweep", zc + "]");
+  js.s += "\n}\n";
+  if (!json_path.empty()) std::ofstream(json_path) << js.s;
+  rt.mapped_free(pinned->host);
+  rt.mapped_free(box->host);
+  return 0;
+}

@@ -1,0 +1,87 @@
+// gpusock/iouring/backend.hpp — sockets for kernels served by io_uring (liburing).
+//
+//   auto rt = gpusock::Runtime::create();
+//   if (auto s = gpusock::iouring::enable(**rt); !s.ok()) {   // probes the kernel first
+//     std::fprintf(stderr, "%s\n", s.to_string().c_str());    // says what is missing, and what to do
+//     return 1;
+//   }
+//   gpusock::launch(**rt, {1}, {32}, MyServer{});               // kernels call gpusock::socket() ...
+//
+// Each hostcall service thread owns one ring (IORING_SETUP_SINGLE_ISSUER +
+// DEFER_TASKRUN, COOP_TASKRUN where that is missing), reaps it between calls, and parks
+// inside io_uring_enter, so a completion wakes it at once. A socket belongs to the ring of
+// the thread that created (or accepted) it; its operations run there, with the socket in
+// that ring's fixed-file table. Receives land in a provided buffer ring whose buffers are
+// pinned memory the device reads directly; listeners keep one multishot accept armed;
+// sends go out with MSG_NOSIGNAL, as SEND_ZC from the registered staging region above
+// send_zc_threshold (never to loopback peers, where the kernel copies anyway).
+// docs/architecture.md ("Sockets") has the whole picture.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/status.hpp"
+#include "gpusock/net/backend.hpp"
+
+namespace gpusock::iouring {
+
+struct Options {
+  // Submission queue entries per ring (completion queue: twice that).
+  uint32_t ring_entries = 1024;
+  // Provided receive buffers per service thread (a power of two) and their size. A recv()
+  // returns at most one buffer's worth; buffers are lent to the device until it has
+  // copied the bytes out.
+  uint32_t recv_buffers = 256;
+  uint32_t recv_buffer_bytes = 64 * 1024;
+  // Most sockets (listeners, connections, datagram sockets) open at once: socket() and
+  // accept() beyond it fail with EMFILE.
+  uint32_t max_sockets = 65536;
+  // Sends of at least this many bytes to a non-loopback peer use IORING_OP_SEND_ZC from
+  // the registered staging region; 0 turns zero-copy off. bench/net measures the
+  // crossover (bench/RESULTS.md).
+  uint32_t send_zc_threshold = 64 * 1024;
+  // Accepted connections a listener keeps queued before it pauses its multishot accept
+  // (at least the listen() backlog).
+  uint32_t accept_queue = 1024;
+};
+
+// What the kernel offers, as the start-up probe found it.
+struct KernelFeatures {
+  int io_uring_disabled = 0;     // /proc/sys/kernel/io_uring_disabled (0 when absent)
+  int setup_error = 0;           // errno of io_uring_setup, 0 when a ring was made
+  bool single_issuer = false;    // IORING_SETUP_SINGLE_ISSUER (6.0)
+  bool defer_taskrun = false;    // IORING_SETUP_DEFER_TASKRUN (6.1)
+  bool coop_taskrun = false;     // IORING_SETUP_COOP_TASKRUN (5.19)
+  bool ext_arg = false;          // IORING_FEAT_EXT_ARG (5.11): waits with a timeout
+  bool fast_poll = false;        // IORING_FEAT_FAST_POLL (5.7)
+  std::vector<std::string> missing_ops;  // required opcodes the probe did not list
+  bool send_zc = false;          // IORING_OP_SEND_ZC (6.0), optional
+  bool buf_ring = false;         // IORING_REGISTER_PBUF_RING (5.19)
+  bool multishot_accept = false; // IORING_ACCEPT_MULTISHOT (5.19)
+  bool sparse_files = false;     // IORING_REGISTER_FILES2 sparse tables (5.19)
+  bool cancel_fd_all = false;    // IORING_ASYNC_CANCEL_FD | ALL (5.19)
+  bool registered_buffers = false; // the staging region registered as fixed buffers
+  std::string registered_buffers_error;
+};
+
+// Probes the running kernel (makes a ring with the flags the backend uses, lists its
+// opcodes, registers a buffer ring, arms and cancels a multishot accept on a loopback
+// listener). Never fails; what it could not do is in the result.
+KernelFeatures probe_kernel();
+
+// Ok when `f` has everything the backend needs; otherwise an error whose message names
+// each missing piece, the Linux version that has it, and what to do.
+Status check_features(const KernelFeatures& f);
+
+// Makes the backend for `rt` (probing the kernel first; fails with check_features()'s
+// message). It still has to be attached: net::attach(rt, backend), or use enable().
+Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options& options = {});
+
+// create_backend() + net::attach().
+Status enable(Runtime& rt, const Options& options = {});
+
+}  // namespace gpusock::iouring

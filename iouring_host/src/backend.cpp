@@ -1,0 +1,1320 @@
+// The io_uring backend: socket hostcalls fulfilled through liburing on the service threads.
+//
+// Threading: every service thread owns one Ring (made on first use by that thread, so
+// IORING_SETUP_SINGLE_ISSUER holds). A socket's `home` is the ring of the thread that made
+// or accepted it; every operation that touches a ring (accept, connect, send, recv,
+// close) runs on the home ring, and a request that arrives on another service thread is
+// posted to the home ring's inbox. Plain syscalls on the descriptor (bind, setsockopt,
+// getsockname, ...) run on whichever thread got the call: the kernel serializes them.
+//
+// Every io_uring operation carries an Op (its user_data); the Op owns the lane's Reply and
+// is freed after its last completion. Op lifetimes are tracked per ring so thread_stop()
+// can free what the kernel never completed.
+#include "gpusock/iouring/backend.hpp"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "gpusock/hostcall/service_hook.hpp"
+
+namespace gpusock::iouring {
+namespace {
+
+constexpr uint64_t kIgnore = 0;  // user_data of SQEs whose completions need nothing
+constexpr uint16_t kBufGroup = 0;
+
+struct Sock;
+struct Ring;
+struct PollWait;
+
+enum class Kind : uint8_t { kAccept, kConnect, kSend, kRecv, kPollArm, kPollTimer };
+
+struct Op {
+  Kind kind;
+  Ring* ring = nullptr;
+  std::shared_ptr<Sock> sock;
+  net::Reply reply;
+  // send
+  const uint8_t* data = nullptr;
+  uint32_t len = 0, done = 0;
+  int flags = 0;
+  bool zc = false, zc_notif_pending = false;
+  int64_t zc_result = 0;
+  // send with a destination / datagram receive / connect
+  msghdr msg{};
+  iovec iov{};
+  sockaddr_storage addr{};
+  socklen_t addr_len = 0;
+  // poll
+  PollWait* wait = nullptr;
+  uint32_t index = 0;
+};
+
+struct PollWait {
+  net::Reply reply;
+  std::span<uint8_t> fds;       // the device's pollfd array in staging
+  std::vector<pollfd> host;     // what poll(2) looks at (-1 for entries to skip)
+  std::vector<short> nval;      // POLLNVAL for entries that are not our sockets
+  uint32_t outstanding = 0;     // ops whose final completion has not arrived
+  bool done = false;
+  __kernel_timespec ts{};
+};
+
+struct Sock {
+  int fd = -1;
+  uint32_t home = 0;
+  int fixed = -1;  // index in the home ring's fixed-file table, -1: use fd
+  int domain = 0, type = 0;
+  bool stream = false;
+  std::atomic<bool> nonblock{false};
+  bool closed = false;        // home thread only
+  bool loopback_peer = false;  // home thread only; decides SEND_ZC
+  uint32_t inflight = 0;      // home thread only: ops on this socket not yet completed
+  // Listener state, home thread only.
+  bool listening = false, accept_armed = false;
+  uint32_t accept_cap = 0;
+  std::deque<int> accepted;
+  struct Waiter {
+    net::Reply reply;
+    int flags;
+  };
+  std::deque<Waiter> waiters;
+};
+
+int sock_err(int r) { return r < 0 ? -errno : r; }
+
+bool is_loopback(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) {
+    auto* in = reinterpret_cast<const sockaddr_in*>(&a);
+    return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (a.ss_family == AF_INET6) {
+    auto* in6 = reinterpret_cast<const sockaddr_in6*>(&a);
+    if (IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr)) return true;
+    if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) return in6->sin6_addr.s6_addr[12] == 127;
+  }
+  return false;
+}
+
+// The options a kernel may read or set: values only (no pointers the host kernel would
+// follow, no filters), on the socket itself.
+bool option_allowed(int level, int name, bool set) {
+  switch (level) {
+    case SOL_SOCKET:
+      switch (name) {
+        case SO_REUSEADDR: case SO_REUSEPORT: case SO_KEEPALIVE: case SO_RCVBUF: case SO_SNDBUF:
+        case SO_LINGER: case SO_BROADCAST: case SO_RCVLOWAT: case SO_PRIORITY: case SO_OOBINLINE:
+          return true;
+        case SO_ERROR: case SO_TYPE: case SO_ACCEPTCONN: case SO_DOMAIN: case SO_PROTOCOL:
+          return !set;
+        default:
+          return false;
+      }
+    case IPPROTO_TCP:
+      switch (name) {
+        case TCP_NODELAY: case TCP_CORK: case TCP_QUICKACK: case TCP_KEEPIDLE: case TCP_KEEPINTVL:
+        case TCP_KEEPCNT: case TCP_USER_TIMEOUT: case TCP_MAXSEG:
+          return true;
+        default:
+          return false;
+      }
+    case IPPROTO_IP:
+      return name == IP_TOS || name == IP_TTL;
+    case IPPROTO_IPV6:
+      return name == IPV6_V6ONLY || name == IPV6_UNICAST_HOPS;
+    default:
+      return false;
+  }
+}
+
+class IouringBackend;
+
+struct Ring {
+  IouringBackend* be = nullptr;
+  uint32_t index = 0;
+  io_uring ring{};
+  bool ok = false;
+  // Provided receive buffers: this ring's slice of the pool.
+  io_uring_buf_ring* br = nullptr;
+  size_t br_bytes = 0;
+  uint32_t nbufs = 0, buf_bytes = 0;
+  uint8_t* bufs_host = nullptr;
+  uint64_t bufs_dev = 0;
+  uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
+  uint64_t flags_dev = 0;
+  std::vector<uint32_t> lent;      // buffers the device holds
+  std::vector<Op*> starved;        // receives that found no buffer (ENOBUFS)
+  std::vector<int> free_fixed;     // free fixed-file indices
+  std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
+  bool staging_registered = false;
+  // Work posted by other service threads for sockets homed here.
+  std::mutex inbox_mu;
+  std::vector<std::function<void()>> inbox;
+  std::atomic<bool> inbox_nonempty{false};
+
+  io_uring_sqe* sqe() {
+    io_uring_sqe* s = io_uring_get_sqe(&ring);
+    if (s == nullptr) {
+      io_uring_submit(&ring);
+      s = io_uring_get_sqe(&ring);
+    }
+    return s;  // null only if the kernel took none of a full queue: callers answer -EBUSY
+  }
+  void post(std::function<void()> fn) {
+    std::lock_guard<std::mutex> lock(inbox_mu);
+    inbox.push_back(std::move(fn));
+    inbox_nonempty.store(true, std::memory_order_release);
+  }
+};
+
+class IouringBackend final : public net::Backend {
+ public:
+  IouringBackend(Runtime& rt, const Options& o, const KernelFeatures& f, unsigned setup_flags)
+      : opt_(o), feat_(f), setup_flags_(setup_flags),
+        deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0), staging_(rt.staging_host()), staging_bytes_(rt.staging_size()) {
+    rings_.resize(rt.service_threads());
+  }
+  ~IouringBackend() override {
+    for (auto& r : rings_) {
+      if (r && r->ok) teardown(*r);
+    }
+  }
+
+  Status init(Runtime& rt) {
+    const size_t per_ring = static_cast<size_t>(opt_.recv_buffers) * opt_.recv_buffer_bytes;
+    const size_t flags_bytes = static_cast<size_t>(opt_.recv_buffers) * sizeof(uint32_t);
+    const size_t slice = per_ring + ((flags_bytes + 4095) & ~size_t{4095});
+    auto m = rt.mapped_alloc(slice * rings_.size());
+    if (!m.ok()) return m.status();
+    rt.mapped_free_at_exit(m->host);
+    pool_host_ = static_cast<uint8_t*>(m->host);
+    pool_dev_ = reinterpret_cast<uint64_t>(m->device);
+    slice_bytes_ = slice;
+    return {};
+  }
+
+  const char* name() const override { return "io_uring"; }
+
+  std::string describe() const override {
+    std::string s = "io_uring: setup ";
+    s += feat_.defer_taskrun ? "SINGLE_ISSUER|DEFER_TASKRUN" : feat_.coop_taskrun ? "COOP_TASKRUN" : "plain";
+    s += ", multishot accept, provided buffer ring (" + std::to_string(opt_.recv_buffers) + " x " +
+         std::to_string(opt_.recv_buffer_bytes / 1024) + " KiB per thread), fixed files";
+    s += feat_.send_zc && opt_.send_zc_threshold != 0
+             ? ", SEND_ZC >= " + std::to_string(opt_.send_zc_threshold) + " B (not to loopback)"
+             : ", SEND_ZC off";
+    s += feat_.registered_buffers ? ", staging registered as fixed buffers"
+                                  : ", staging not registered (" + feat_.registered_buffers_error + ")";
+    return s;
+  }
+
+  // ---- ServiceHook ----
+  uint32_t poll(uint32_t thread) override {
+    Ring* r = ring_for(thread);
+    if (r == nullptr) return 0;
+    uint32_t work = 0;
+    if (r->inbox_nonempty.load(std::memory_order_acquire)) work += drain_inbox(*r);
+    if (!r->lent.empty()) work += recycle(*r);
+    // One enter per pass, and only when there is something to submit or completions the
+    // kernel holds back for us (DEFER_TASKRUN runs them inside io_uring_enter).
+    // With DEFER_TASKRUN (or COOP_TASKRUN) completions are only posted when this thread
+    // enters the kernel, so it enters every pass while operations are in flight.
+    if (io_uring_sq_ready(&r->ring) > 0 || (deferred_taskrun_ && !r->live.empty())) {
+      io_uring_submit_and_get_events(&r->ring);
+    }
+    work += reap(*r);
+    return work;
+  }
+
+  void park(uint32_t thread, std::chrono::nanoseconds max) override {
+    Ring* r = ring_for(thread);
+    if (r == nullptr) {
+      std::this_thread::sleep_for(max);
+      return;
+    }
+    __kernel_timespec ts{};
+    ts.tv_sec = max.count() / 1000000000;
+    ts.tv_nsec = max.count() % 1000000000;
+    io_uring_cqe* cqe = nullptr;
+    // Waits for one completion or the timeout, submitting anything queued on the way.
+    io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, nullptr);
+  }
+
+  void thread_stop(uint32_t thread) override {
+    if (thread >= rings_.size() || !rings_[thread] || !rings_[thread]->ok) return;
+    teardown(*rings_[thread]);
+  }
+
+  // ---- requests ----
+  void serve(net::Request& req, net::Reply reply) override {
+    const int t = hostcall::service_thread_index();
+    Ring* here = t >= 0 ? ring_for(static_cast<uint32_t>(t)) : nullptr;
+    if (here == nullptr) {
+      reply.finish(-EIO);
+      return;
+    }
+    switch (req.op) {
+      case net::Op::kSocket: return do_socket(*here, req, std::move(reply));
+      case net::Op::kPoll: return do_poll(*here, req, std::move(reply));
+      default: break;
+    }
+    std::shared_ptr<Sock> s = lookup(req.fd);
+    if (s == nullptr) {
+      reply.finish(-EBADF);
+      return;
+    }
+    switch (req.op) {
+      case net::Op::kBind:
+        reply.finish(sock_err(::bind(s->fd, reinterpret_cast<const sockaddr*>(req.data.data()),
+                                     static_cast<socklen_t>(req.data.size()))));
+        return;
+      case net::Op::kShutdown:
+        reply.finish(sock_err(::shutdown(s->fd, static_cast<int>(req.a[0]))));
+        return;
+      case net::Op::kSetsockopt: {
+        const int level = static_cast<int>(req.a[0]), name = static_cast<int>(req.a[1]);
+        if (!option_allowed(level, name, true)) {
+          reply.finish(-ENOPROTOOPT);
+          return;
+        }
+        reply.finish(sock_err(::setsockopt(s->fd, level, name, req.data.data(), static_cast<socklen_t>(req.data.size()))));
+        return;
+      }
+      case net::Op::kGetsockopt: {
+        const int level = static_cast<int>(req.a[0]), name = static_cast<int>(req.a[1]);
+        if (!option_allowed(level, name, false)) {
+          reply.finish(-ENOPROTOOPT);
+          return;
+        }
+        uint8_t value[net::kMaxOptBytes] = {};
+        socklen_t len = static_cast<socklen_t>(std::min<int64_t>(req.a[2], net::kMaxOptBytes));
+        int r = sock_err(::getsockopt(s->fd, level, name, value, &len));
+        if (r == 0) reply.set_addr(1, value, len);
+        reply.finish(r);
+        return;
+      }
+      case net::Op::kGetsockname:
+      case net::Op::kGetpeername: {
+        sockaddr_storage a{};
+        socklen_t len = sizeof a;
+        int r = req.op == net::Op::kGetsockname ? ::getsockname(s->fd, reinterpret_cast<sockaddr*>(&a), &len)
+                                                : ::getpeername(s->fd, reinterpret_cast<sockaddr*>(&a), &len);
+        r = sock_err(r);
+        if (r == 0) reply.set_addr(1, &a, std::min<socklen_t>(len, net::kMaxAddrBytes));
+        reply.finish(r);
+        return;
+      }
+      case net::Op::kFcntl: {
+        const int cmd = static_cast<int>(req.a[0]);
+        if (cmd == F_GETFL) {
+          reply.finish(O_RDWR | (s->nonblock.load(std::memory_order_relaxed) ? O_NONBLOCK : 0));
+        } else if (cmd == F_SETFL) {
+          // The host descriptor stays blocking; non-blocking is this socket's flag, which
+          // every operation reads (io_uring waits for readiness itself).
+          s->nonblock.store((req.a[1] & O_NONBLOCK) != 0, std::memory_order_relaxed);
+          reply.finish(0);
+        } else {
+          reply.finish(-EINVAL);
+        }
+        return;
+      }
+      case net::Op::kConnect:
+        if (s->nonblock.load(std::memory_order_relaxed)) {
+          // A non-blocking connect returns at once (EINPROGRESS); the caller polls for
+          // POLLOUT. The descriptor is made non-blocking just for this call.
+          int fl = ::fcntl(s->fd, F_GETFL);
+          ::fcntl(s->fd, F_SETFL, fl | O_NONBLOCK);
+          int r = sock_err(::connect(s->fd, reinterpret_cast<const sockaddr*>(req.data.data()),
+                                     static_cast<socklen_t>(req.data.size())));
+          ::fcntl(s->fd, F_SETFL, fl);
+          reply.finish(r);
+          return;
+        }
+        break;
+      default:
+        break;
+    }
+    // The rest runs on the socket's home ring.
+    Ring* home = rings_[s->home].get();
+    if (home == here) {
+      on_home(*home, s, req, std::move(reply));
+    } else {
+      // The request's views into staging stay valid until the reply: the lane waits.
+      home->post([this, home, s, req, r = std::make_shared<net::Reply>(std::move(reply))]() mutable {
+        on_home(*home, s, req, std::move(*r));
+      });
+    }
+  }
+
+ private:
+  friend struct Ring;
+
+  Ring* ring_for(uint32_t thread) {
+    if (thread >= rings_.size()) return nullptr;
+    if (!rings_[thread]) rings_[thread] = make_ring(thread);
+    Ring* r = rings_[thread].get();
+    return r->ok ? r : nullptr;
+  }
+
+  std::unique_ptr<Ring> make_ring(uint32_t index) {
+    auto r = std::make_unique<Ring>();
+    r->be = this;
+    r->index = index;
+    io_uring_params p{};
+    p.flags = setup_flags_;
+    p.flags |= IORING_SETUP_CQSIZE;
+    p.cq_entries = opt_.ring_entries * 4;
+    int rc = io_uring_queue_init_params(opt_.ring_entries, &r->ring, &p);
+    if (rc < 0) {
+      std::fprintf(stderr, "gpusock: io_uring ring for service thread %u: %s\n", index, std::strerror(-rc));
+      return r;
+    }
+    // Provided buffers: this ring's slice of the mapped pool.
+    r->nbufs = opt_.recv_buffers;
+    r->buf_bytes = opt_.recv_buffer_bytes;
+    r->bufs_host = pool_host_ + slice_bytes_ * index;
+    r->bufs_dev = pool_dev_ + slice_bytes_ * index;
+    r->flags_host = reinterpret_cast<uint32_t*>(r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes);
+    r->flags_dev = r->bufs_dev + static_cast<uint64_t>(r->nbufs) * r->buf_bytes;
+    r->br_bytes = (sizeof(io_uring_buf) * r->nbufs + 4095) & ~size_t{4095};
+    void* mem = mmap(nullptr, r->br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (mem == MAP_FAILED) {
+      io_uring_queue_exit(&r->ring);
+      return r;
+    }
+    r->br = static_cast<io_uring_buf_ring*>(mem);
+    io_uring_buf_ring_init(r->br);
+    io_uring_buf_reg reg{};
+    reg.ring_addr = reinterpret_cast<uint64_t>(r->br);
+    reg.ring_entries = r->nbufs;
+    reg.bgid = kBufGroup;
+    rc = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (rc < 0) {
+      std::fprintf(stderr, "gpusock: io_uring buffer ring for service thread %u: %s\n", index, std::strerror(-rc));
+      munmap(r->br, r->br_bytes);
+      io_uring_queue_exit(&r->ring);
+      return r;
+    }
+    const int mask = io_uring_buf_ring_mask(r->nbufs);
+    for (uint32_t b = 0; b < r->nbufs; ++b) {
+      io_uring_buf_ring_add(r->br, r->bufs_host + static_cast<size_t>(b) * r->buf_bytes, r->buf_bytes,
+                            static_cast<unsigned short>(b), mask, static_cast<int>(b));
+    }
+    io_uring_buf_ring_advance(r->br, static_cast<int>(r->nbufs));
+    // Fixed files: a sparse table; sockets take a slot while they live.
+    const uint32_t nfixed = std::min<uint32_t>(opt_.max_sockets, 65536);
+    if (io_uring_register_files_sparse(&r->ring, nfixed) == 0) {
+      r->free_fixed.reserve(nfixed);
+      for (uint32_t i = nfixed; i > 0; --i) r->free_fixed.push_back(static_cast<int>(i - 1));
+    }
+    // The staging region as fixed buffer 0, for SEND_ZC straight from it.
+    if (feat_.registered_buffers) {
+      iovec iov{staging_, staging_bytes_};
+      r->staging_registered = io_uring_register_buffers(&r->ring, &iov, 1) == 0;
+    }
+    r->ok = true;
+    return r;
+  }
+
+  void teardown(Ring& r) {
+    if (!r.ok) return;
+    r.ok = false;
+    // Fail what is queued for this ring, then let the kernel cancel everything in flight.
+    {
+      std::lock_guard<std::mutex> lock(r.inbox_mu);
+      r.inbox.clear();
+    }
+    io_uring_queue_exit(&r.ring);
+    std::unordered_set<PollWait*> waits;
+    for (Op* op : r.live) {
+      if (op->wait != nullptr) waits.insert(op->wait);
+      delete_op(op);
+    }
+    r.live.clear();
+    for (PollWait* w : waits) delete w;  // an unanswered one answers -ECANCELED
+    r.starved.clear();
+    std::vector<std::shared_ptr<Sock>> mine;
+    {
+      std::lock_guard<std::mutex> lock(table_mu_);
+      for (auto it = table_.begin(); it != table_.end();) {
+        if (it->second->home == r.index) {
+          mine.push_back(it->second);
+          it = table_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& s : mine) {
+      for (int fd : s->accepted) ::close(fd);
+      s->accepted.clear();
+      s->waiters.clear();  // their Replies answer -ECANCELED (the runtime already failed them)
+      ::close(s->fd);
+      nsockets_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    if (r.br != nullptr) munmap(r.br, r.br_bytes);
+    r.br = nullptr;
+  }
+
+  std::shared_ptr<Sock> lookup(int fd) {
+    std::lock_guard<std::mutex> lock(table_mu_);
+    auto it = table_.find(fd);
+    return it == table_.end() ? nullptr : it->second;
+  }
+
+  // Makes the Sock for a new descriptor on ring `r`. Returns null (and closes fd) at the
+  // socket limit.
+  std::shared_ptr<Sock> adopt(Ring& r, int fd, int domain, int type) {
+    if (nsockets_.fetch_add(1, std::memory_order_relaxed) >= opt_.max_sockets) {
+      nsockets_.fetch_sub(1, std::memory_order_relaxed);
+      ::close(fd);
+      return nullptr;
+    }
+    auto s = std::make_shared<Sock>();
+    s->fd = fd;
+    s->home = r.index;
+    s->domain = domain;
+    s->type = type;
+    s->stream = type == SOCK_STREAM;
+    if (!r.free_fixed.empty()) {
+      int idx = r.free_fixed.back();
+      if (io_uring_register_files_update(&r.ring, static_cast<unsigned>(idx), &fd, 1) == 1) {
+        s->fixed = idx;
+        r.free_fixed.pop_back();
+      }
+    }
+    std::lock_guard<std::mutex> lock(table_mu_);
+    table_[fd] = s;
+    return s;
+  }
+
+  // Points `sqe` at the socket: its fixed-file slot when it has one.
+  static void target(io_uring_sqe* sqe, const Sock& s) {
+    if (s.fixed >= 0) {
+      sqe->fd = s.fixed;
+      sqe->flags |= IOSQE_FIXED_FILE;
+    }
+  }
+
+  Op* new_op(Ring& r, Kind k, std::shared_ptr<Sock> s) {
+    Op* op = new Op;
+    op->kind = k;
+    op->ring = &r;
+    op->sock = std::move(s);
+    if (op->sock) op->sock->inflight++;
+    r.live.insert(op);
+    return op;
+  }
+  void delete_op(Op* op) {
+    if (op->sock) op->sock->inflight--;
+    delete op;
+  }
+  void retire(Ring& r, Op* op) {
+    r.live.erase(op);
+    delete_op(op);
+  }
+
+  uint32_t drain_inbox(Ring& r) {
+    std::vector<std::function<void()>> work;
+    {
+      std::lock_guard<std::mutex> lock(r.inbox_mu);
+      work.swap(r.inbox);
+      r.inbox_nonempty.store(false, std::memory_order_relaxed);
+    }
+    for (auto& fn : work) fn();
+    return static_cast<uint32_t>(work.size());
+  }
+
+  // Gives buffers the device has finished with back to the kernel.
+  uint32_t recycle(Ring& r) {
+    const int mask = io_uring_buf_ring_mask(r.nbufs);
+    int added = 0;
+    for (size_t i = 0; i < r.lent.size();) {
+      const uint32_t b = r.lent[i];
+      // Acquire: pairs with the device's release store of 0 after its last read of the
+      // buffer, so the kernel cannot overwrite bytes the device is still copying.
+      if (std::atomic_ref<uint32_t>(r.flags_host[b]).load(std::memory_order_acquire) == 0) {
+        io_uring_buf_ring_add(r.br, r.bufs_host + static_cast<size_t>(b) * r.buf_bytes, r.buf_bytes,
+                              static_cast<unsigned short>(b), mask, added++);
+        r.lent[i] = r.lent.back();
+        r.lent.pop_back();
+      } else {
+        ++i;
+      }
+    }
+    if (added > 0) {
+      io_uring_buf_ring_advance(r.br, added);
+      std::vector<Op*> again;
+      again.swap(r.starved);
+      for (Op* op : again) submit_recv(r, op);
+    }
+    return static_cast<uint32_t>(added);
+  }
+
+  void return_buffer_now(Ring& r, uint32_t b) {
+    io_uring_buf_ring_add(r.br, r.bufs_host + static_cast<size_t>(b) * r.buf_bytes, r.buf_bytes,
+                          static_cast<unsigned short>(b), io_uring_buf_ring_mask(r.nbufs), 0);
+    io_uring_buf_ring_advance(r.br, 1);
+  }
+
+  uint32_t reap(Ring& r) {
+    uint32_t n = 0;
+    io_uring_cqe* cqe;
+    // Completions may queue new SQEs (re-arms, resends); they go out on the next pass.
+    while (io_uring_peek_cqe(&r.ring, &cqe) == 0) {
+      const uint64_t ud = cqe->user_data;
+      const int res = cqe->res;
+      const uint32_t flags = cqe->flags;
+      io_uring_cqe_seen(&r.ring, cqe);
+      ++n;
+      if (ud != kIgnore) complete(r, reinterpret_cast<Op*>(ud), res, flags);
+    }
+    return n;
+  }
+
+  void complete(Ring& r, Op* op, int res, uint32_t flags) {
+    switch (op->kind) {
+      case Kind::kAccept: return on_accept(r, op, res, flags);
+      case Kind::kConnect:
+        if (res == -ECANCELED && op->sock->closed) res = -EBADF;
+        op->reply.finish(res);
+        return retire(r, op);
+      case Kind::kSend: return on_send(r, op, res, flags);
+      case Kind::kRecv: return on_recv(r, op, res, flags);
+      case Kind::kPollArm:
+      case Kind::kPollTimer: return on_poll_event(r, op, res);
+    }
+  }
+
+  // ---- socket / listen / accept ----
+  void do_socket(Ring& r, net::Request& req, net::Reply reply) {
+    const int domain = static_cast<int>(req.a[0]);
+    const int type_flags = static_cast<int>(req.a[1]);
+    const int protocol = static_cast<int>(req.a[2]);
+    if (domain != AF_INET && domain != AF_INET6) {
+      reply.finish(-EAFNOSUPPORT);
+      return;
+    }
+    const int type = type_flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (type != SOCK_STREAM && type != SOCK_DGRAM) {
+      reply.finish(-EINVAL);
+      return;
+    }
+    if (nsockets_.load(std::memory_order_relaxed) >= opt_.max_sockets) {
+      reply.finish(-EMFILE);
+      return;
+    }
+    int fd = ::socket(domain, type | SOCK_CLOEXEC, protocol);
+    if (fd < 0) {
+      reply.finish(-errno);
+      return;
+    }
+    auto s = adopt(r, fd, domain, type);
+    if (s == nullptr) {
+      reply.finish(-EMFILE);
+      return;
+    }
+    s->nonblock.store((type_flags & SOCK_NONBLOCK) != 0, std::memory_order_relaxed);
+    reply.finish(fd);
+  }
+
+  void on_home(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    if (s->closed) {
+      reply.finish(-EBADF);
+      return;
+    }
+    switch (req.op) {
+      case net::Op::kListen: return do_listen(r, s, req, std::move(reply));
+      case net::Op::kAccept: return do_accept(r, s, req, std::move(reply));
+      case net::Op::kConnect: return do_connect(r, s, req, std::move(reply));
+      case net::Op::kSend: return do_send(r, s, req, std::move(reply));
+      case net::Op::kRecv: return do_recv(r, s, req, std::move(reply));
+      case net::Op::kClose: return do_close(r, s, std::move(reply));
+      default: reply.finish(-ENOSYS); return;
+    }
+  }
+
+  void do_listen(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    if (!s->stream) {
+      reply.finish(-EOPNOTSUPP);
+      return;
+    }
+    const int backlog = static_cast<int>(req.a[0]);
+    int rc = sock_err(::listen(s->fd, backlog));
+    if (rc == 0) {
+      s->listening = true;
+      s->accept_cap = std::max<uint32_t>(opt_.accept_queue, backlog > 0 ? static_cast<uint32_t>(backlog) : 1);
+      arm_accept(r, s);
+    }
+    reply.finish(rc);
+  }
+
+  void arm_accept(Ring& r, const std::shared_ptr<Sock>& s) {
+    if (s->accept_armed || s->closed) return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;  // re-armed by the next accept() call
+    Op* op = new_op(r, Kind::kAccept, s);
+    io_uring_prep_multishot_accept(sqe, s->fd, nullptr, nullptr, SOCK_CLOEXEC);
+    target(sqe, *s);
+    io_uring_sqe_set_data(sqe, op);
+    s->accept_armed = true;
+  }
+
+  void on_accept(Ring& r, Op* op, int res, uint32_t flags) {
+    std::shared_ptr<Sock> l = op->sock;
+    const bool more = (flags & IORING_CQE_F_MORE) != 0;
+    if (!more) {
+      l->accept_armed = false;
+      retire(r, op);
+    }
+    if (l->closed) {
+      if (res >= 0) ::close(res);
+      return;
+    }
+    if (res >= 0) {
+      if (!l->waiters.empty()) {
+        Sock::Waiter w = std::move(l->waiters.front());
+        l->waiters.pop_front();
+        hand_over(r, *l, res, std::move(w.reply), w.flags);
+      } else {
+        l->accepted.push_back(res);
+        if (l->accepted.size() >= l->accept_cap && l->accept_armed) {
+          // The queue is full: stop accepting until accept() drains it, so the kernel's
+          // backlog, not this queue, is what a flood of clients meets.
+          if (io_uring_sqe* sqe = r.sqe()) {
+            io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(op), 0);
+            io_uring_sqe_set_data64(sqe, kIgnore);
+          }
+        }
+      }
+    } else if (res != -ECANCELED) {
+      // EMFILE/ENFILE/ENOMEM...: the first waiter sees it, as accept(2) would report it.
+      if (!l->waiters.empty()) {
+        l->waiters.front().reply.finish(res);
+        l->waiters.pop_front();
+      }
+    }
+    if (!more && !l->accept_armed && l->accepted.size() < l->accept_cap && res != -EMFILE && res != -ENFILE) {
+      arm_accept(r, l);
+    }
+  }
+
+  // Gives accepted descriptor `fd` to a waiting lane.
+  void hand_over(Ring& r, Sock& listener, int fd, net::Reply reply, int flags) {
+    auto s = adopt(r, fd, listener.domain, SOCK_STREAM);
+    if (s == nullptr) {
+      reply.finish(-EMFILE);
+      return;
+    }
+    s->nonblock.store((flags & SOCK_NONBLOCK) != 0, std::memory_order_relaxed);
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+      s->loopback_peer = is_loopback(a);
+      reply.set_addr(1, &a, std::min<socklen_t>(len, net::kMaxAddrBytes));
+    }
+    reply.finish(fd);
+  }
+
+  void do_accept(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    if (!s->listening) {
+      reply.finish(-EINVAL);
+      return;
+    }
+    const int flags = static_cast<int>(req.a[0]);
+    if ((flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) != 0) {
+      reply.finish(-EINVAL);
+      return;
+    }
+    if (!s->accepted.empty()) {
+      int fd = s->accepted.front();
+      s->accepted.pop_front();
+      hand_over(r, *s, fd, std::move(reply), flags);
+      if (!s->accept_armed) arm_accept(r, s);
+      return;
+    }
+    if (s->nonblock.load(std::memory_order_relaxed)) {
+      reply.finish(-EAGAIN);
+      return;
+    }
+    s->waiters.push_back({std::move(reply), flags});
+    if (!s->accept_armed) arm_accept(r, s);
+  }
+
+  // ---- connect ----
+  void do_connect(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      reply.finish(-EBUSY);
+      return;
+    }
+    Op* op = new_op(r, Kind::kConnect, s);
+    op->reply = std::move(reply);
+    std::memcpy(&op->addr, req.data.data(), req.data.size());
+    op->addr_len = static_cast<socklen_t>(req.data.size());
+    s->loopback_peer = is_loopback(op->addr);
+    io_uring_prep_connect(sqe, s->fd, reinterpret_cast<sockaddr*>(&op->addr), op->addr_len);
+    target(sqe, *s);
+    io_uring_sqe_set_data(sqe, op);
+  }
+
+  // ---- send ----
+  void do_send(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    const int user = static_cast<int>(req.a[0]);
+    if ((user & ~(MSG_DONTWAIT | MSG_MORE | MSG_OOB | MSG_NOSIGNAL | MSG_EOR)) != 0) {
+      reply.finish(-EOPNOTSUPP);
+      return;
+    }
+    Op* op = new_op(r, Kind::kSend, s);
+    op->reply = std::move(reply);
+    op->data = req.data.data();
+    op->len = static_cast<uint32_t>(req.data.size());
+    op->flags = user | MSG_NOSIGNAL;
+    if (s->nonblock.load(std::memory_order_relaxed)) op->flags |= MSG_DONTWAIT;
+    if (req.addr_len > 0) {
+      std::memcpy(&op->addr, req.addr, req.addr_len);
+      op->addr_len = req.addr_len;
+    }
+    op->zc = feat_.send_zc && r.staging_registered && opt_.send_zc_threshold != 0 &&
+             op->len >= opt_.send_zc_threshold && op->addr_len == 0 && s->stream && !s->loopback_peer &&
+             op->data >= staging_ && op->data + op->len <= staging_ + staging_bytes_;
+    if (op->len == 0 && s->stream) {
+      // Nothing to send; the descriptor was checked. (A zero-length datagram is real.)
+      op->reply.finish(0);
+      retire(r, op);
+      return;
+    }
+    submit_send(r, op);
+  }
+
+  void submit_send(Ring& r, Op* op) {
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      op->reply.finish(op->done > 0 ? op->done : -EBUSY);
+      retire(r, op);
+      return;
+    }
+    const uint8_t* p = op->data + op->done;
+    const uint32_t n = op->len - op->done;
+    if (op->addr_len > 0) {
+      op->iov = {const_cast<uint8_t*>(p), n};
+      op->msg = {};
+      op->msg.msg_name = &op->addr;
+      op->msg.msg_namelen = op->addr_len;
+      op->msg.msg_iov = &op->iov;
+      op->msg.msg_iovlen = 1;
+      io_uring_prep_sendmsg(sqe, op->sock->fd, &op->msg, static_cast<unsigned>(op->flags));
+    } else if (op->zc) {
+      io_uring_prep_send_zc_fixed(sqe, op->sock->fd, p, n, op->flags, 0, 0);
+      op->zc_notif_pending = true;
+    } else {
+      io_uring_prep_send(sqe, op->sock->fd, p, n, op->flags);
+    }
+    target(sqe, *op->sock);
+    io_uring_sqe_set_data(sqe, op);
+  }
+
+  void on_send(Ring& r, Op* op, int res, uint32_t flags) {
+    if (flags & IORING_CQE_F_NOTIF) {
+      // The kernel no longer reads the staging bytes: now the lane may have them back.
+      op->zc_notif_pending = false;
+      finish_send(r, op, static_cast<int>(op->zc_result));
+      return;
+    }
+    const bool notif_follows = op->zc && (flags & IORING_CQE_F_MORE) != 0;
+    if (!notif_follows) op->zc_notif_pending = false;
+    if (res > 0) {
+      op->done += static_cast<uint32_t>(res);
+      // A blocking stream send hands every byte over, as send(2) blocks until it has.
+      if (op->done < op->len && op->sock->stream && (op->flags & MSG_DONTWAIT) == 0 && !op->sock->closed) {
+        if (notif_follows) {
+          // Resend after the notification: the buffer must not be reused before it.
+          op->zc_result = kResendAfterNotif;
+          return;
+        }
+        submit_send(r, op);
+        return;
+      }
+    }
+    int result = op->done > 0 ? static_cast<int>(op->done) : res;
+    if (result == -ECANCELED && op->sock->closed) result = -EBADF;
+    if (notif_follows) {
+      op->zc_result = result;
+      return;
+    }
+    finish_send(r, op, result);
+  }
+
+  static constexpr int64_t kResendAfterNotif = INT64_MIN;
+
+  void finish_send(Ring& r, Op* op, int result) {
+    if (op->zc_result == kResendAfterNotif) {
+      op->zc_result = 0;
+      submit_send(r, op);
+      return;
+    }
+    op->reply.finish(result);
+    retire(r, op);
+  }
+
+  // ---- recv ----
+  void do_recv(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    int user = static_cast<int>(req.a[0]);
+    if ((user & ~(MSG_DONTWAIT | MSG_PEEK | MSG_WAITALL | MSG_TRUNC)) != 0) {
+      reply.finish(-EOPNOTSUPP);
+      return;
+    }
+    const uint32_t want = static_cast<uint32_t>(std::min<int64_t>(req.a[1], r.buf_bytes));
+    if (want == 0) {
+      reply.finish(0);
+      return;
+    }
+    Op* op = new_op(r, Kind::kRecv, s);
+    op->reply = std::move(reply);
+    op->len = want;
+    // MSG_WAITALL is the device's loop (one buffer per call); the kernel sees the rest.
+    op->flags = user & ~MSG_WAITALL;
+    if (s->nonblock.load(std::memory_order_relaxed)) op->flags |= MSG_DONTWAIT;
+    submit_recv(r, op);
+  }
+
+  void submit_recv(Ring& r, Op* op) {
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      op->reply.finish(-EBUSY);
+      retire(r, op);
+      return;
+    }
+    if (op->sock->stream) {
+      io_uring_prep_recv(sqe, op->sock->fd, nullptr, op->len, op->flags);
+    } else {
+      // Datagrams: recvmsg, for the source address.
+      op->iov = {nullptr, op->len};
+      op->msg = {};
+      op->msg.msg_name = &op->addr;
+      op->msg.msg_namelen = sizeof op->addr;
+      op->msg.msg_iov = &op->iov;
+      op->msg.msg_iovlen = 1;
+      io_uring_prep_recvmsg(sqe, op->sock->fd, &op->msg, static_cast<unsigned>(op->flags));
+    }
+    target(sqe, *op->sock);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = kBufGroup;
+    io_uring_sqe_set_data(sqe, op);
+  }
+
+  void on_recv(Ring& r, Op* op, int res, uint32_t flags) {
+    const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
+    const uint32_t b = has_buf ? (flags >> IORING_CQE_BUFFER_SHIFT) : 0;
+    if (res == -ENOBUFS && !op->sock->closed) {
+      // Every buffer is lent out: wait for the device to give one back (recycle()). The
+      // bytes stay in the kernel's socket buffer meanwhile; nothing is lost.
+      r.starved.push_back(op);
+      return;
+    }
+    if (res <= 0) {
+      if (has_buf) return_buffer_now(r, b);
+      if (res == -ECANCELED && op->sock->closed) res = -EBADF;
+      // An empty datagram still has a source.
+      const uint32_t alen = (res == 0 && !op->sock->stream) ? std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes) : 0;
+      op->reply.set_addr(3, &op->addr, alen, op->sock->stream ? (1ull << 32) : 0);
+      op->reply.finish(res);
+      return retire(r, op);
+    }
+    if (!has_buf || b >= r.nbufs) {
+      op->reply.finish(-EIO);
+      return retire(r, op);
+    }
+    // Lend the buffer: flag first (plain store; the reply's release store publishes it).
+    std::atomic_ref<uint32_t>(r.flags_host[b]).store(1, std::memory_order_relaxed);
+    r.lent.push_back(b);
+    op->reply.set_word(1, r.bufs_dev + static_cast<uint64_t>(b) * r.buf_bytes);
+    op->reply.set_word(2, r.flags_dev + static_cast<uint64_t>(b) * sizeof(uint32_t));
+    const uint32_t alen = op->sock->stream ? 0 : std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes);
+    op->reply.set_addr(3, &op->addr, alen, op->sock->stream ? (1ull << 32) : 0);
+    // A datagram longer than the buffer is cut, as recv(2) cuts it; MSG_TRUNC reports the
+    // real length, as on Linux — the device copies at most what it asked for.
+    op->reply.finish(std::min<int>(res, static_cast<int>((op->flags & MSG_TRUNC) ? res : op->len)));
+    retire(r, op);
+  }
+
+  // ---- close ----
+  void do_close(Ring& r, const std::shared_ptr<Sock>& s, net::Reply reply) {
+    {
+      std::lock_guard<std::mutex> lock(table_mu_);
+      auto it = table_.find(s->fd);
+      if (it != table_.end() && it->second == s) table_.erase(it);
+    }
+    s->closed = true;
+    for (int fd : s->accepted) ::close(fd);
+    s->accepted.clear();
+    while (!s->waiters.empty()) {
+      s->waiters.front().reply.finish(-EBADF);
+      s->waiters.pop_front();
+    }
+    for (auto it = r.starved.begin(); it != r.starved.end();) {
+      if ((*it)->sock == s) {
+        (*it)->reply.finish(-EBADF);
+        Op* op = *it;
+        it = r.starved.erase(it);
+        retire(r, op);
+      } else {
+        ++it;
+      }
+    }
+    if (s->inflight > 0) {
+      // Cancel every operation on the socket; they complete with -ECANCELED (answered
+      // -EBADF). The cancel must run while the fixed slot still names the socket.
+      if (io_uring_sqe* sqe = r.sqe()) {
+        if (s->fixed >= 0) {
+          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
+        } else {
+          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
+        }
+        io_uring_sqe_set_data64(sqe, kIgnore);
+        io_uring_submit(&r.ring);
+      }
+    }
+    if (s->fixed >= 0) {
+      int minus_one = -1;
+      io_uring_register_files_update(&r.ring, static_cast<unsigned>(s->fixed), &minus_one, 1);
+      r.free_fixed.push_back(s->fixed);
+      s->fixed = -1;
+    }
+    // Ops still in flight hold their own reference to the file; the descriptor number is
+    // free for reuse now, as after close(2).
+    ::close(s->fd);
+    nsockets_.fetch_sub(1, std::memory_order_relaxed);
+    reply.finish(0);
+  }
+
+  // ---- poll ----
+  void do_poll(Ring& r, net::Request& req, net::Reply reply) {
+    const uint32_t n = static_cast<uint32_t>(req.a[0]);
+    const int timeout = static_cast<int>(req.a[1]);
+    auto* w = new PollWait;
+    w->reply = std::move(reply);
+    w->fds = req.data;
+    w->host.resize(n);
+    w->nval.assign(n, 0);
+    for (uint32_t i = 0; i < n; ++i) {
+      pollfd p;
+      std::memcpy(&p, req.data.data() + i * sizeof(pollfd), sizeof p);
+      w->host[i] = {-1, p.events, 0};
+      if (p.fd < 0) continue;
+      if (lookup(p.fd) == nullptr) {
+        w->nval[i] = POLLNVAL;
+      } else {
+        w->host[i].fd = p.fd;
+      }
+    }
+    if (poll_now(*w) > 0 || timeout == 0) {
+      finish_poll(r, w);
+      delete w;
+      return;
+    }
+    // Nothing ready: arm a one-shot poll per descriptor, and a timer.
+    for (uint32_t i = 0; i < n; ++i) {
+      if (w->host[i].fd >= 0) arm_poll(r, w, i);
+    }
+    if (timeout > 0) {
+      if (io_uring_sqe* sqe = r.sqe()) {
+        Op* t = new_op(r, Kind::kPollTimer, nullptr);
+        t->wait = w;
+        w->ts.tv_sec = timeout / 1000;
+        w->ts.tv_nsec = (timeout % 1000) * 1000000LL;
+        io_uring_prep_timeout(sqe, &w->ts, 0, 0);
+        io_uring_sqe_set_data(sqe, t);
+        w->outstanding++;
+      }
+    }
+    if (w->outstanding == 0) {  // nothing could be armed (or no descriptors and no timer)
+      finish_poll(r, w);
+      delete w;
+    }
+  }
+
+  void arm_poll(Ring& r, PollWait* w, uint32_t i) {
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;
+    Op* a = new_op(r, Kind::kPollArm, nullptr);
+    a->wait = w;
+    a->index = i;
+    io_uring_prep_poll_add(sqe, w->host[i].fd, static_cast<unsigned>(w->host[i].events | POLLERR | POLLHUP));
+    io_uring_sqe_set_data(sqe, a);
+    w->outstanding++;
+  }
+
+  // poll(2) with no wait over the entries; fills revents. Returns the ready count.
+  static int poll_now(PollWait& w) {
+    int ready = ::poll(w.host.data(), w.host.size(), 0);
+    if (ready < 0) ready = 0;
+    for (size_t i = 0; i < w.host.size(); ++i) {
+      if (w.nval[i] != 0) {
+        w.host[i].revents = w.nval[i];
+        ++ready;
+      }
+    }
+    return ready;
+  }
+
+  void finish_poll(Ring& r, PollWait* w) {
+    int ready = 0;
+    for (size_t i = 0; i < w->host.size(); ++i) {
+      short rev = w->nval[i] != 0 ? w->nval[i] : (w->host[i].fd >= 0 ? w->host[i].revents : 0);
+      if (rev != 0) ++ready;
+      std::memcpy(w->fds.data() + i * sizeof(pollfd) + offsetof(pollfd, revents), &rev, sizeof rev);
+    }
+    w->done = true;
+    w->reply.finish(ready);
+  }
+
+  void on_poll_event(Ring& r, Op* op, int res) {
+    PollWait* w = op->wait;
+    const bool timer = op->kind == Kind::kPollTimer;
+    const uint32_t index = op->index;
+    retire(r, op);
+    w->outstanding--;
+    if (!w->done) {
+      if (timer ? res == -ETIME : res >= 0) {
+        if (poll_now(*w) > 0 || timer) {
+          finish_poll(r, w);
+          cancel_poll_ops(r, w);
+        } else if (!timer) {
+          arm_poll(r, w, index);  // woke, but someone else took the event: wait again
+        }
+      } else if (!timer && res < 0 && res != -ECANCELED) {
+        // The descriptor went bad under the poll: report what poll(2) sees now.
+        poll_now(*w);
+        finish_poll(r, w);
+        cancel_poll_ops(r, w);
+      }
+    }
+    if (w->done && w->outstanding == 0) delete w;
+  }
+
+  void cancel_poll_ops(Ring& r, PollWait* w) {
+    for (Op* op : r.live) {
+      if (op->wait != w) continue;
+      io_uring_sqe* sqe = r.sqe();
+      if (sqe == nullptr) break;
+      if (op->kind == Kind::kPollTimer) {
+        io_uring_prep_timeout_remove(sqe, reinterpret_cast<uint64_t>(op), 0);
+      } else {
+        io_uring_prep_poll_remove(sqe, reinterpret_cast<uint64_t>(op));
+      }
+      io_uring_sqe_set_data64(sqe, kIgnore);
+    }
+  }
+
+  Options opt_;
+  KernelFeatures feat_;
+  unsigned setup_flags_;
+  bool deferred_taskrun_;
+  uint8_t* staging_;
+  uint64_t staging_bytes_;
+  std::vector<std::unique_ptr<Ring>> rings_;
+  uint8_t* pool_host_ = nullptr;
+  uint64_t pool_dev_ = 0;
+  size_t slice_bytes_ = 0;
+  std::mutex table_mu_;
+  std::unordered_map<int, std::shared_ptr<Sock>> table_;
+  std::atomic<uint32_t> nsockets_{0};
+};
+
+const char* op_name(int op) {
+  switch (op) {
+    case IORING_OP_ACCEPT: return "IORING_OP_ACCEPT (Linux 5.5)";
+    case IORING_OP_CONNECT: return "IORING_OP_CONNECT (Linux 5.5)";
+    case IORING_OP_SEND: return "IORING_OP_SEND (Linux 5.6)";
+    case IORING_OP_RECV: return "IORING_OP_RECV (Linux 5.6)";
+    case IORING_OP_SENDMSG: return "IORING_OP_SENDMSG (Linux 5.3)";
+    case IORING_OP_RECVMSG: return "IORING_OP_RECVMSG (Linux 5.3)";
+    case IORING_OP_POLL_ADD: return "IORING_OP_POLL_ADD (Linux 5.1)";
+    case IORING_OP_POLL_REMOVE: return "IORING_OP_POLL_REMOVE (Linux 5.1)";
+    case IORING_OP_TIMEOUT: return "IORING_OP_TIMEOUT (Linux 5.4)";
+    case IORING_OP_TIMEOUT_REMOVE: return "IORING_OP_TIMEOUT_REMOVE (Linux 5.5)";
+    case IORING_OP_ASYNC_CANCEL: return "IORING_OP_ASYNC_CANCEL (Linux 5.5)";
+    default: return "an io_uring opcode";
+  }
+}
+
+}  // namespace
+
+KernelFeatures probe_kernel() {
+  KernelFeatures f;
+  if (FILE* fp = std::fopen("/proc/sys/kernel/io_uring_disabled", "r")) {
+    if (std::fscanf(fp, "%d", &f.io_uring_disabled) != 1) f.io_uring_disabled = 0;
+    std::fclose(fp);
+  }
+  io_uring ring{};
+  io_uring_params p{};
+  const unsigned attempts[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+  int rc = -EINVAL;
+  for (unsigned flags : attempts) {
+    p = {};
+    p.flags = flags;
+    rc = io_uring_queue_init_params(8, &ring, &p);
+    if (rc == 0) {
+      f.single_issuer = (flags & IORING_SETUP_SINGLE_ISSUER) != 0;
+      f.defer_taskrun = (flags & IORING_SETUP_DEFER_TASKRUN) != 0;
+      f.coop_taskrun = (flags & IORING_SETUP_COOP_TASKRUN) != 0;
+      break;
+    }
+    if (rc != -EINVAL) break;  // EPERM, ENOSYS, ENOMEM: no flag helps
+  }
+  if (rc != 0) {
+    f.setup_error = -rc;
+    return f;
+  }
+  f.ext_arg = (p.features & IORING_FEAT_EXT_ARG) != 0;
+  f.fast_poll = (p.features & IORING_FEAT_FAST_POLL) != 0;
+  if (io_uring_probe* probe = io_uring_get_probe_ring(&ring)) {
+    const int required[] = {IORING_OP_ACCEPT,   IORING_OP_CONNECT,  IORING_OP_SEND,        IORING_OP_RECV,
+                            IORING_OP_SENDMSG,  IORING_OP_RECVMSG,  IORING_OP_POLL_ADD,    IORING_OP_POLL_REMOVE,
+                            IORING_OP_TIMEOUT,  IORING_OP_TIMEOUT_REMOVE, IORING_OP_ASYNC_CANCEL};
+    for (int op : required) {
+      if (!io_uring_opcode_supported(probe, op)) f.missing_ops.push_back(op_name(op));
+    }
+    f.send_zc = io_uring_opcode_supported(probe, IORING_OP_SEND_ZC) != 0;
+    io_uring_free_probe(probe);
+  } else {
+    f.missing_ops.push_back("IORING_REGISTER_PROBE (Linux 5.6)");
+  }
+  // A provided buffer ring of 8 entries.
+  const size_t br_bytes = 4096;
+  void* mem = mmap(nullptr, br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+  if (mem != MAP_FAILED) {
+    io_uring_buf_reg reg{};
+    reg.ring_addr = reinterpret_cast<uint64_t>(mem);
+    reg.ring_entries = 8;
+    reg.bgid = 7;
+    f.buf_ring = io_uring_register_buf_ring(&ring, &reg, 0) == 0;
+    if (f.buf_ring) io_uring_unregister_buf_ring(&ring, 7);
+    munmap(mem, br_bytes);
+  }
+  f.sparse_files = io_uring_register_files_sparse(&ring, 8) == 0;
+  if (f.sparse_files) io_uring_unregister_files(&ring);
+  // Multishot accept and cancel-all-by-descriptor: arm one on a loopback listener, then
+  // cancel it by descriptor, and read what the kernel answered.
+  int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (lfd >= 0 && ::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::listen(lfd, 1) == 0) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_multishot_accept(sqe, lfd, nullptr, nullptr, 0);
+    io_uring_sqe_set_data64(sqe, 1);
+    io_uring_submit(&ring);
+    sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_cancel_fd(sqe, lfd, IORING_ASYNC_CANCEL_ALL);
+    io_uring_sqe_set_data64(sqe, 2);
+    io_uring_submit(&ring);
+    int accept_res = 1, cancel_res = 1;
+    for (int i = 0; i < 2; ++i) {
+      io_uring_cqe* cqe = nullptr;
+      __kernel_timespec ts{0, 200000000};
+      if (io_uring_wait_cqe_timeout(&ring, &cqe, &ts) != 0) break;
+      if (cqe->user_data == 1) accept_res = cqe->res;
+      if (cqe->user_data == 2) cancel_res = cqe->res;
+      io_uring_cqe_seen(&ring, cqe);
+    }
+    f.multishot_accept = accept_res == -ECANCELED;
+    f.cancel_fd_all = cancel_res >= 1;
+  }
+  if (lfd >= 0) ::close(lfd);
+  io_uring_queue_exit(&ring);
+  return f;
+}
+
+Status check_features(const KernelFeatures& f) {
+  if (f.setup_error != 0) {
+    std::string m = "io_uring is not available: io_uring_setup failed with " + std::string(std::strerror(f.setup_error)) + ". ";
+    if (f.setup_error == EPERM || f.io_uring_disabled != 0) {
+      m += "The kernel setting kernel.io_uring_disabled is " + std::to_string(f.io_uring_disabled) +
+           " (2: disabled for everyone; 1: only for members of kernel.io_uring_group). What to do: run "
+           "`sysctl -w kernel.io_uring_disabled=0` as root (or add this user to the group named by "
+           "kernel.io_uring_group), or, in a container, allow the io_uring_setup/io_uring_enter/"
+           "io_uring_register system calls in its seccomp profile.";
+    } else if (f.setup_error == ENOSYS) {
+      m += "This kernel was built without io_uring (CONFIG_IO_URING) or a seccomp filter hides it. What to do: "
+           "run on Linux 6.1 or newer with io_uring enabled.";
+    } else if (f.setup_error == ENOMEM) {
+      m += "What to do: raise the locked-memory limit (ulimit -l) or free memory.";
+    } else {
+      m += "What to do: run on Linux 6.1 or newer with io_uring enabled.";
+    }
+    return Status(f.setup_error, m);
+  }
+  std::vector<std::string> missing = f.missing_ops;
+  if (!f.buf_ring) missing.push_back("provided buffer rings (IORING_REGISTER_PBUF_RING, Linux 5.19)");
+  if (!f.multishot_accept) missing.push_back("multishot accept (IORING_ACCEPT_MULTISHOT, Linux 5.19)");
+  if (!f.sparse_files) missing.push_back("sparse fixed-file tables (IORING_RSRC_REGISTER_SPARSE, Linux 5.19)");
+  if (!f.cancel_fd_all) missing.push_back("cancel by descriptor (IORING_ASYNC_CANCEL_FD|ALL, Linux 5.19)");
+  if (!f.ext_arg) missing.push_back("timed waits (IORING_FEAT_EXT_ARG, Linux 5.11)");
+  if (!f.fast_poll) missing.push_back("internal poll for sockets (IORING_FEAT_FAST_POLL, Linux 5.7)");
+  if (missing.empty()) return {};
+  std::string m = "the io_uring backend needs kernel features this kernel lacks:";
+  for (const auto& x : missing) m += "\n  - " + x;
+  m += "\nWhat to do: run on Linux 6.1 or newer (the first kernel with all of them and DEFER_TASKRUN).";
+  return Status(ENOTSUP, m);
+}
+
+Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options& options) {
+  const Options& o = options;
+  if (o.recv_buffers == 0 || o.recv_buffers > 32768 || (o.recv_buffers & (o.recv_buffers - 1)) != 0) {
+    return Status(EINVAL, "iouring::Options::recv_buffers must be a power of two in 1..32768");
+  }
+  if (o.recv_buffer_bytes < 4096 || o.recv_buffer_bytes > (16u << 20)) {
+    return Status(EINVAL, "iouring::Options::recv_buffer_bytes must be 4 KiB..16 MiB");
+  }
+  if (o.ring_entries < 8 || o.ring_entries > 32768) return Status(EINVAL, "iouring::Options::ring_entries must be 8..32768");
+  if (o.max_sockets == 0) return Status(EINVAL, "iouring::Options::max_sockets must be at least 1");
+  KernelFeatures f = probe_kernel();
+  if (Status s = check_features(f); !s.ok()) return s;
+  // Can the staging region be registered as fixed buffers? (Needs the pages pinnable; a
+  // failure only turns SEND_ZC off.)
+  {
+    io_uring ring{};
+    if (io_uring_queue_init(8, &ring, 0) == 0) {
+      iovec iov{rt.staging_host(), rt.staging_size()};
+      int rc = io_uring_register_buffers(&ring, &iov, 1);
+      f.registered_buffers = rc == 0;
+      if (rc != 0) f.registered_buffers_error = std::strerror(-rc);
+      io_uring_queue_exit(&ring);
+    }
+  }
+  unsigned flags = f.defer_taskrun ? (IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
+                   : f.coop_taskrun ? IORING_SETUP_COOP_TASKRUN
+                                    : 0u;
+  auto be = std::make_shared<IouringBackend>(rt, options, f, flags);
+  if (Status s = be->init(rt); !s.ok()) return s;
+  return std::shared_ptr<net::Backend>(be);
+}
+
+Status enable(Runtime& rt, const Options& options) {
+  auto be = create_backend(rt, options);
+  if (!be.ok()) return be.status();
+  return net::attach(rt, *be);
+}
+
+}  // namespace gpusock::iouring

@@ -1,0 +1,105 @@
+// gpusock/net/backend.hpp — the host side of sockets: the interface a transport
+// implements (io_uring in iouring_host/, RDMA verbs in rdma/) and attach(), which wires
+// one into a runtime. Host-only.
+//
+//   auto rt = gpusock::Runtime::create(opts);
+//   auto be = gpusock::iouring::create_backend(**rt);   // or your own net::Backend
+//   gpusock::net::attach(**rt, *be);                     // kernels can now use sockets
+//
+// net/ decodes each lane's socket hostcall into a Request (sizes of addresses, option
+// values and poll arrays already checked against the protocol's limits; descriptors not:
+// they are the backend's) and hands it to Backend::serve() with a Reply that answers that
+// lane. The lanes of one warp call are answered together once every lane's Reply has
+// finished, in whatever order and on whatever threads they finish.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "gpusock/hostcall/handler.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/service_hook.hpp"
+#include "gpusock/hostcall/status.hpp"
+#include "gpusock/net/protocol.hpp"
+
+namespace gpusock::net {
+
+enum class Op : uint8_t {
+  kSocket,       // a[0] domain, a[1] type (with SOCK_NONBLOCK/SOCK_CLOEXEC), a[2] protocol
+  kBind,         // data: the address
+  kListen,       // a[0] backlog
+  kAccept,       // a[0] flags
+  kConnect,      // data: the address
+  kSend,         // a[0] flags; data: the bytes; addr/addr_len: destination (addr_len 0: none)
+  kRecv,         // a[0] flags, a[1] most bytes
+  kShutdown,     // a[0] how
+  kClose,        //
+  kSetsockopt,   // a[0] level, a[1] name; data: the value
+  kGetsockopt,   // a[0] level, a[1] name, a[2] room for the value
+  kGetsockname,  //
+  kGetpeername,  //
+  kPoll,         // a[0] nfds, a[1] timeout ms; data: pollfd[nfds], revents written in place
+  kFcntl,        // a[0] cmd, a[1] arg
+};
+const char* to_string(Op op);
+
+struct Request {
+  Op op = Op::kClose;
+  int fd = -1;
+  int64_t a[3] = {};
+  // A view into the lane's staging pages, valid until its Reply finishes. Writable: poll
+  // answers revents in place.
+  std::span<uint8_t> data;
+  uint8_t addr[kMaxAddrBytes] = {};
+  uint32_t addr_len = 0;
+};
+
+namespace internal {
+struct CallGroup;
+}
+
+// Answers one lane. Move-only; finish() exactly once. A Reply destroyed unfinished answers
+// -ECANCELED, so no lane is ever left waiting.
+class Reply {
+ public:
+  Reply() = default;
+  Reply(internal::CallGroup* group, uint32_t lane) : group_(group), lane_(lane) {}
+  Reply(Reply&& other) noexcept : group_(other.group_), lane_(other.lane_) { other.group_ = nullptr; }
+  Reply& operator=(Reply&& other) noexcept;
+  Reply(const Reply&) = delete;
+  Reply& operator=(const Reply&) = delete;
+  ~Reply();
+
+  explicit operator bool() const { return group_ != nullptr; }
+  // Result word k (1..kMaxArgs-1) of this lane; word 0 is finish()'s.
+  void set_word(uint32_t k, uint64_t value);
+  // An address in result words: word `len_word` = len | extra, the bytes from len_word+1.
+  void set_addr(uint32_t len_word, const void* addr, uint32_t len, uint64_t extra = 0);
+  // Result word 0 (a value or -errno) and done. The call is answered when its last lane is.
+  void finish(int64_t result);
+
+ private:
+  internal::CallGroup* group_ = nullptr;
+  uint32_t lane_ = 0;
+};
+
+// A transport. serve() runs on hostcall service threads (several at once when the runtime
+// has several); the ServiceHook methods let the backend run its event loop on them.
+class Backend : public hostcall::ServiceHook {
+ public:
+  ~Backend() override = default;
+  virtual const char* name() const = 0;
+  // One line: what the backend found at start (kernel features, fallbacks taken).
+  virtual std::string describe() const = 0;
+  // Serves one lane's request: calls reply.finish() now or later, from any thread.
+  virtual void serve(Request& req, Reply reply) = 0;
+};
+
+// Registers the socket hostcalls on `rt` and installs `backend` as its service hook.
+// Returns ok, or EEXIST when the runtime already has a backend (or another service hook).
+Status attach(Runtime& rt, std::shared_ptr<Backend> backend);
+
+}  // namespace gpusock::net

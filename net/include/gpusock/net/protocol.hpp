@@ -1,0 +1,72 @@
+// gpusock/net/protocol.hpp — the socket hostcalls on the wire: opcodes, the argument
+// words a lane sends and the result words the host answers. Shared by the device API
+// (socket.hpp) and the host dispatcher (net/src/dispatch.cpp); a backend never sees it.
+//
+// Every call is per lane: a[k] is argument word k of the lane, r[k] result word k. r[0] is
+// the POSIX return value or -errno. "payload" is a byte range the lane copied into the
+// staging arena (hostcall::submit_with_payload), described by the two argument words
+// that follow the listed ones. Addresses travel as their sockaddr bytes, at most
+// kMaxAddrBytes (sockaddr_in6 is 28); where they come back in result words, word k holds
+// bytes 8(k-first)..8(k-first)+7, little-endian.
+//
+// op           a[...]                               payload          r[...]
+// kSocket      domain, type|flags, protocol         -                fd
+// kBind        fd                                   sockaddr         0
+// kListen      fd, backlog                          -                0
+// kAccept      fd, flags (SOCK_NONBLOCK|CLOEXEC)    -                fd, addrlen, addr[4]
+// kConnect     fd                                   sockaddr         0
+// kSend        fd, flags, addrlen                   [addr] data      bytes sent
+//                (addrlen > 0: the first kAddrSlot payload bytes hold the destination)
+// kRecv        fd, flags, len                       -                bytes, data, flag, addrlen, addr[4]
+//                data: device address of the bytes (a receive buffer the host lent);
+//                flag: device address of the buffer's 32-bit lent flag: the lane stores 0
+//                there (release) once it has copied the bytes out, which gives the buffer
+//                back. bytes <= 0: no buffer was lent (data = flag = 0).
+// kShutdown    fd, how                              -                0
+// kClose       fd                                   -                0
+// kSetsockopt  fd, level, optname                   optval           0
+// kGetsockopt  fd, level, optname, optlen          -                0, optlen, value[4]
+// kGetsockname fd                                   -                0, addrlen, addr[4]
+// kGetpeername fd                                   -                0, addrlen, addr[4]
+// kPoll        nfds, timeout_ms                     pollfd[nfds]     ready count; the host
+//                writes each entry's revents back into the payload before it answers
+// kFcntl       fd, cmd, arg                         -                value
+#pragma once
+
+#include <cstdint>
+
+#include "gpusock/hostcall/opcodes.hpp"
+
+namespace gpusock::net {
+
+namespace op {
+inline constexpr uint32_t kFirst = 0x0100;
+inline constexpr uint32_t kSocket = 0x0100;
+inline constexpr uint32_t kBind = 0x0101;
+inline constexpr uint32_t kListen = 0x0102;
+inline constexpr uint32_t kAccept = 0x0103;
+inline constexpr uint32_t kConnect = 0x0104;
+inline constexpr uint32_t kSend = 0x0105;
+inline constexpr uint32_t kRecv = 0x0106;
+inline constexpr uint32_t kShutdown = 0x0107;
+inline constexpr uint32_t kClose = 0x0108;
+inline constexpr uint32_t kSetsockopt = 0x0109;
+inline constexpr uint32_t kGetsockopt = 0x010a;
+inline constexpr uint32_t kGetsockname = 0x010b;
+inline constexpr uint32_t kGetpeername = 0x010c;
+inline constexpr uint32_t kPoll = 0x010d;
+inline constexpr uint32_t kFcntl = 0x010e;
+inline constexpr uint32_t kLast = 0x010e;
+static_assert(kFirst >= hostcall::kModuleFirst && kLast <= hostcall::kModuleLast);
+}  // namespace op
+
+// Largest address that travels in argument or result words (4 words).
+inline constexpr uint32_t kMaxAddrBytes = 32;
+// Bytes reserved at the front of a kSend payload for the destination address.
+inline constexpr uint32_t kAddrSlot = 32;
+// Largest option value getsockopt/setsockopt carry.
+inline constexpr uint32_t kMaxOptBytes = 32;
+// Most pollfd entries one lane's poll() may pass.
+inline constexpr uint32_t kMaxPollFds = 4096;
+
+}  // namespace gpusock::net

@@ -1,0 +1,362 @@
+// gpusock/net/socket.hpp — POSIX sockets for kernels (and for the same code on the cpu
+// device). The host serves them through the backend the runtime was given (io_uring).
+//
+//   int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+//   sockaddr_in a{};
+//   a.sin_family = AF_INET;
+//   a.sin_port = gpusock::htons(8080);
+//   gpusock::inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+//   if (gpusock::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) < 0) {
+//     int e = gpusock::errno_value();            // this lane's errno; lanes never share it
+//   }
+//   gpusock::send(fd, "ping", 4, 0);
+//   char buf[64];
+//   int64_t n = gpusock::recv(fd, buf, sizeof buf, 0);
+//   gpusock::close(fd);
+//
+// Every function is per thread (lane), as in POSIX: divergent lanes each make their own
+// call. Lanes of a warp that make the same call together share one hostcall (one slot,
+// one round trip), each lane on its own descriptor with its own arguments.
+//
+// Three layers: gpusock::raw:: returns -errno (the io_uring convention, no hidden state);
+// gpusock:: returns -1 and sets errno_value(); tcp.hpp has RAII types with
+// expected-style results.
+//
+// Data never streams through the slots: send() copies the bytes into staging pages in
+// pinned host memory (the lanes of a warp copy together, coalesced), and the host sends
+// from there; recv() copies out of a receive buffer the host lent, in the same pinned
+// memory, and gives it back. A full staging arena makes send() wait (backpressure); no
+// byte is dropped.
+#pragma once
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstdint>
+
+#include "gpusock/hostcall/client.hpp"
+#include "gpusock/hostcall/io.hpp"
+#include "gpusock/net/inet.hpp"
+#include "gpusock/net/protocol.hpp"
+
+namespace gpusock {
+
+namespace net::internal {
+
+// Bytes of one send() piece: a whole piece goes in one call, so a datagram up to this size
+// keeps its boundary. Larger stream sends go in pieces of this size.
+inline constexpr uint32_t kMaxSendPiece = hostcall::kStagingMaxRun * hostcall::kStagingPageBytes;
+
+GPUSOCK_HD inline void words_from_bytes(const void* src, uint32_t n, uint64_t* w, uint32_t nwords) {
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  for (uint32_t k = 0; k < nwords; ++k) {
+    uint64_t v = 0;
+    for (uint32_t b = 0; b < 8; ++b) {
+      uint32_t i = k * 8 + b;
+      if (i < n) v |= static_cast<uint64_t>(p[i]) << (8 * b);
+    }
+    w[k] = v;
+  }
+}
+
+// Copies an address the host sent in result words into a caller's (addr, *len), POSIX
+// style: at most *len bytes are written, and *len becomes the address's full length.
+GPUSOCK_HD inline void addr_to_caller(const uint64_t* w, uint32_t actual, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return;
+  if (actual > kMaxAddrBytes) actual = kMaxAddrBytes;
+  uint8_t* p = reinterpret_cast<uint8_t*>(addr);
+  const uint32_t room = *len;
+  for (uint32_t i = 0; i < actual && i < room; ++i) p[i] = static_cast<uint8_t>(w[i / 8] >> (8 * (i % 8)));
+  *len = actual;
+}
+
+GPUSOCK_HD inline int64_t posix(int64_t r) {
+  if (r < 0) {
+    hostcall::errno_ref() = static_cast<int32_t>(-r);
+    return -1;
+  }
+  return r;
+}
+
+}  // namespace net::internal
+
+namespace raw {
+
+// Each returns what its POSIX namesake returns on success, or -errno.
+
+// domain AF_INET or AF_INET6; type SOCK_STREAM or SOCK_DGRAM, optionally | SOCK_NONBLOCK
+// | SOCK_CLOEXEC. Returns a descriptor, or -EAFNOSUPPORT, -EPROTONOSUPPORT, -EINVAL,
+// -EMFILE (the runtime's socket limit or the process's), -ESHUTDOWN.
+GPUSOCK_HD inline int socket(int domain, int type, int protocol) {
+  return static_cast<int>(hostcall::call(net::op::kSocket, domain, type, protocol));
+}
+
+// Returns 0, or -EINVAL (bad length), -EFAULT (null address), -EADDRINUSE, -EBADF, ...
+GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
+  if (addr == nullptr) return -EFAULT;
+  if (len > sizeof(sockaddr_storage)) return -EINVAL;
+  return static_cast<int>(hostcall::wait(hostcall::submit_with_payload(net::op::kBind, addr, len, fd)));
+}
+
+GPUSOCK_HD inline int listen(int fd, int backlog) {
+  return static_cast<int>(hostcall::call(net::op::kListen, fd, backlog));
+}
+
+// Returns the new descriptor; fills (addr, *len) with the peer's address when both are
+// given. -EAGAIN on a non-blocking listener with nothing pending; -EINVAL if fd is not
+// listening; -EBADF if fd is closed while waiting.
+GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
+  uint64_t r[5];
+  int64_t ret = hostcall::wait(hostcall::submit(net::op::kAccept, fd, flags), r, 5);
+  if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
+  return static_cast<int>(ret);
+}
+GPUSOCK_HD inline int accept(int fd, sockaddr* addr, socklen_t* len) { return raw::accept4(fd, addr, len, 0); }
+
+// Blocking: returns 0 once connected, or -ECONNREFUSED, -ETIMEDOUT, ... Non-blocking:
+// -EINPROGRESS, then poll for POLLOUT and read SO_ERROR.
+GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
+  if (addr == nullptr) return -EFAULT;
+  if (len > sizeof(sockaddr_storage)) return -EINVAL;
+  return static_cast<int>(hostcall::wait(hostcall::submit_with_payload(net::op::kConnect, addr, len, fd)));
+}
+
+// Returns bytes sent. A blocking stream send returns only when every byte is handed to
+// the kernel (or an error ends it: then the bytes sent so far, or -errno if none). A
+// non-blocking one (MSG_DONTWAIT or O_NONBLOCK) may send part, or give -EAGAIN. Flags:
+// MSG_DONTWAIT, MSG_MORE, MSG_OOB; MSG_NOSIGNAL is always on (no SIGPIPE ever: -EPIPE).
+GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest,
+                                 socklen_t dest_len) {
+  if (len > 0 && buf == nullptr) return -EFAULT;
+  uint64_t a[net::kMaxAddrBytes / 8] = {};
+  if (dest == nullptr) {
+    dest_len = 0;
+  } else {
+    if (dest_len == 0 || dest_len > net::kMaxAddrBytes) return -EINVAL;
+    net::internal::words_from_bytes(dest, dest_len, a, 4);
+  }
+  const uint64_t fl = static_cast<uint32_t>(flags) | (static_cast<uint64_t>(dest_len) << 32);
+  const uint8_t* p = static_cast<const uint8_t*>(buf);
+  uint64_t done = 0;
+  // Every lane makes at least one call, so a zero-length send still reports EBADF etc.
+  do {
+    const uint64_t left = len - done;
+    const uint32_t piece = left < net::internal::kMaxSendPiece ? static_cast<uint32_t>(left)
+                                                                : net::internal::kMaxSendPiece;
+    int64_t r = hostcall::wait(
+        hostcall::submit_with_payload(net::op::kSend, p + done, piece, fd, fl, a[0], a[1], a[2], a[3]));
+    if (r < 0) return done > 0 ? static_cast<int64_t>(done) : r;
+    done += static_cast<uint64_t>(r);
+    if (static_cast<uint64_t>(r) < piece) break;  // non-blocking: the socket buffer is full
+  } while (done < len);
+  return static_cast<int64_t>(done);
+}
+GPUSOCK_HD inline int64_t send(int fd, const void* buf, uint64_t len, int flags) {
+  return raw::sendto(fd, buf, len, flags, nullptr, 0);
+}
+
+// Returns bytes received, 0 at end of stream, or -errno. One call returns at most one
+// receive buffer's worth (NetOptions::recv_buffer_bytes, 64 KiB by default) unless
+// MSG_WAITALL asks for all `len` on a stream. Flags: MSG_DONTWAIT, MSG_PEEK, MSG_WAITALL,
+// MSG_TRUNC. (src, *src_len) receive a datagram's source address.
+GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
+  if (len > 0 && buf == nullptr) return -EFAULT;
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  uint64_t done = 0;
+  for (;;) {
+    const uint64_t left = len - done;
+    const uint32_t want = left < 0xffffffffull ? static_cast<uint32_t>(left) : 0xffffffffu;
+    uint64_t r[7];
+    hostcall::Ticket t = hostcall::submit(net::op::kRecv, fd, flags, want);
+    int64_t n = hostcall::wait(t, r, 7);
+    uint8_t* data = n > 0 ? reinterpret_cast<uint8_t*>(r[0]) : nullptr;
+    const uint32_t take = n > 0 ? static_cast<uint32_t>(n < static_cast<int64_t>(want) ? n : want) : 0;
+    // The lanes that asked together copy together; each lane's bytes come from its buffer.
+    hostcall::internal::group_copy(t.mask, p + done, data, take, true);
+    if (data != nullptr) {
+      // Give the buffer back. Release, system scope: every lane's loads from it (the
+      // group copied together; the warp barrier in group_copy orders them) happen before
+      // the host can see the flag and hand the buffer to the kernel's network stack again.
+      AtomicRef<uint32_t, Scope::kSystem>(*reinterpret_cast<uint32_t*>(r[1])).store(0, Order::kRelease);
+    }
+    if (n < 0) return done > 0 ? static_cast<int64_t>(done) : n;
+    if (done == 0) net::internal::addr_to_caller(r + 3, static_cast<uint32_t>(r[2]), src, src_len);
+    done += static_cast<uint64_t>(n);
+    // MSG_WAITALL: a stream keeps reading until len bytes, end of stream or an error (the
+    // host says whether the socket is a stream in bit 32 of the address-length word).
+    const bool stream = ((r[2] >> 32) & 1u) != 0;
+    if (n == 0 || done >= len || !stream || (flags & MSG_WAITALL) == 0 || (flags & MSG_PEEK) != 0) break;
+  }
+  return static_cast<int64_t>(done);
+}
+GPUSOCK_HD inline int64_t recv(int fd, void* buf, uint64_t len, int flags) {
+  return raw::recvfrom(fd, buf, len, flags, nullptr, nullptr);
+}
+
+// read()/write() on a socket descriptor: recv()/send() with no flags. (write() on 1 and 2
+// stays the host's stdout/stderr: io.hpp.)
+GPUSOCK_HD inline int64_t read(int fd, void* buf, uint64_t len) { return raw::recv(fd, buf, len, 0); }
+
+GPUSOCK_HD inline int shutdown(int fd, int how) { return static_cast<int>(hostcall::call(net::op::kShutdown, fd, how)); }
+
+// Returns 0 or -EBADF. Calls other lanes are waiting in on fd (accept, recv, send, poll of
+// the io_uring backend) end with -EBADF.
+GPUSOCK_HD inline int close(int fd) { return static_cast<int>(hostcall::call(net::op::kClose, fd)); }
+
+// Options: SOL_SOCKET SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF,
+// SO_LINGER, SO_BROADCAST, SO_RCVLOWAT, SO_PRIORITY, SO_ERROR/SO_TYPE/SO_ACCEPTCONN/
+// SO_DOMAIN/SO_PROTOCOL (get only); IPPROTO_TCP TCP_NODELAY, TCP_CORK, TCP_QUICKACK,
+// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT, TCP_MAXSEG; IPPROTO_IP
+// IP_TOS, IP_TTL; IPPROTO_IPV6 IPV6_V6ONLY. Others: -ENOPROTOOPT. Values up to 32 bytes.
+GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
+  if (len > 0 && value == nullptr) return -EFAULT;
+  if (len > net::kMaxOptBytes) return -EINVAL;
+  return static_cast<int>(
+      hostcall::wait(hostcall::submit_with_payload(net::op::kSetsockopt, value, len, fd, level, name)));
+}
+GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
+  if (value == nullptr || len == nullptr) return -EFAULT;
+  uint64_t r[5];
+  int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetsockopt, fd, level, name, *len), r, 5);
+  if (ret >= 0) {
+    uint8_t* p = static_cast<uint8_t*>(value);
+    const uint32_t n = static_cast<uint32_t>(r[0]) < *len ? static_cast<uint32_t>(r[0]) : *len;
+    for (uint32_t i = 0; i < n && i < net::kMaxOptBytes; ++i) p[i] = static_cast<uint8_t>(r[1 + i / 8] >> (8 * (i % 8)));
+    *len = n;
+  }
+  return static_cast<int>(ret);
+}
+
+GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return -EFAULT;
+  uint64_t r[5];
+  int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetsockname, fd), r, 5);
+  if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
+  return static_cast<int>(ret);
+}
+GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return -EFAULT;
+  uint64_t r[5];
+  int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetpeername, fd), r, 5);
+  if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
+  return static_cast<int>(ret);
+}
+
+// Returns how many entries have revents != 0 (each entry's revents is set), 0 on
+// timeout, or -errno. timeout_ms < 0 waits without limit. Descriptors that are not this
+// runtime's sockets get POLLNVAL; negative ones are ignored. At most kMaxPollFds entries.
+GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
+  if (nfds > net::kMaxPollFds) return -EINVAL;
+  if (nfds > 0 && fds == nullptr) return -EFAULT;
+  hostcall::Ticket t = hostcall::submit_with_payload(net::op::kPoll, fds, nfds * sizeof(pollfd), nfds, timeout_ms);
+  int64_t r = hostcall::wait_keep_staging(t);
+  // The host wrote revents into this lane's copy of the array; bring it back (fd and
+  // events come back unchanged).
+  const uint32_t back = (r >= 0 && t.slot != hostcall::kNoSlot) ? nfds * static_cast<uint32_t>(sizeof(pollfd)) : 0;
+  hostcall::internal::group_copy(t.mask, reinterpret_cast<uint8_t*>(fds), back ? hostcall::payload_view(t) : nullptr, back, true);
+  hostcall::release(t);
+  return static_cast<int>(r);
+}
+
+// F_GETFL (returns O_RDWR | O_NONBLOCK when set) and F_SETFL (O_NONBLOCK is honoured;
+// other flags are ignored, as on Linux for sockets). Others: -EINVAL.
+GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
+  return static_cast<int>(hostcall::call(net::op::kFcntl, fd, cmd, arg));
+}
+
+// Warp-collective send: every lane of the calling group passes the same (fd, buf, len,
+// flags); the bytes go out once, copied into staging by all the lanes together (coalesced
+// 16-byte stores), which is what makes one warp's bulk sends fast. Returns what send()
+// returns, to every lane.
+GPUSOCK_HD inline int64_t warp_send(int fd, const void* buf, uint64_t len, int flags) {
+  const uint32_t mask = warp::converge_match(static_cast<uint64_t>(static_cast<uint32_t>(fd)));
+  const bool lead = warp::lane_id() == warp::leader(mask);
+  const uint8_t* p = static_cast<const uint8_t*>(buf);
+  uint64_t done = 0;
+  int64_t result = 0;
+  for (;;) {
+    const uint64_t left = len - done;
+    const uint32_t piece = left < net::internal::kMaxSendPiece ? static_cast<uint32_t>(left) : net::internal::kMaxSendPiece;
+    // Only the leader carries bytes; the others ride along with empty sends (answered at
+    // once by the host) so that their lanes join the copy.
+    hostcall::Ticket t = hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd,
+                                                       static_cast<uint32_t>(flags), 0, 0, 0, 0);
+    int64_t r = hostcall::wait(t);
+    r = warp::shfl(mask, r, warp::leader(mask));
+    if (r < 0) {
+      result = done > 0 ? static_cast<int64_t>(done) : r;
+      break;
+    }
+    done += static_cast<uint64_t>(r);
+    result = static_cast<int64_t>(done);
+    if (static_cast<uint32_t>(r) < piece || done >= len) break;
+  }
+  return result;
+}
+
+// Warp-collective recv: every lane passes the same (fd, buf, len, flags); one receive, its
+// bytes copied out by all the lanes together. Returns what recv() returns, to every lane.
+GPUSOCK_HD inline int64_t warp_recv(int fd, void* buf, uint64_t len, int flags) {
+  const uint32_t mask = warp::converge_match(static_cast<uint64_t>(static_cast<uint32_t>(fd)));
+  const bool lead = warp::lane_id() == warp::leader(mask);
+  int64_t r = raw::recvfrom(fd, buf, lead ? len : 0, flags & ~MSG_WAITALL, nullptr, nullptr);
+  return warp::shfl(mask, r, warp::leader(mask));
+}
+
+}  // namespace raw
+
+// POSIX shape: -1 and errno_value() on failure.
+GPUSOCK_HD inline int socket(int domain, int type, int protocol) {
+  return static_cast<int>(net::internal::posix(raw::socket(domain, type, protocol)));
+}
+GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
+  return static_cast<int>(net::internal::posix(raw::bind(fd, addr, len)));
+}
+GPUSOCK_HD inline int listen(int fd, int backlog) { return static_cast<int>(net::internal::posix(raw::listen(fd, backlog))); }
+GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
+  return static_cast<int>(net::internal::posix(raw::accept4(fd, addr, len, flags)));
+}
+GPUSOCK_HD inline int accept(int fd, sockaddr* addr, socklen_t* len) { return gpusock::accept4(fd, addr, len, 0); }
+GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
+  return static_cast<int>(net::internal::posix(raw::connect(fd, addr, len)));
+}
+GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest,
+                                 socklen_t dest_len) {
+  return net::internal::posix(raw::sendto(fd, buf, len, flags, dest, dest_len));
+}
+GPUSOCK_HD inline int64_t send(int fd, const void* buf, uint64_t len, int flags) {
+  return net::internal::posix(raw::send(fd, buf, len, flags));
+}
+GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
+  return net::internal::posix(raw::recvfrom(fd, buf, len, flags, src, src_len));
+}
+GPUSOCK_HD inline int64_t recv(int fd, void* buf, uint64_t len, int flags) {
+  return net::internal::posix(raw::recv(fd, buf, len, flags));
+}
+GPUSOCK_HD inline int64_t read(int fd, void* buf, uint64_t len) { return net::internal::posix(raw::read(fd, buf, len)); }
+GPUSOCK_HD inline int shutdown(int fd, int how) { return static_cast<int>(net::internal::posix(raw::shutdown(fd, how))); }
+GPUSOCK_HD inline int close(int fd) { return static_cast<int>(net::internal::posix(raw::close(fd))); }
+GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
+  return static_cast<int>(net::internal::posix(raw::setsockopt(fd, level, name, value, len)));
+}
+GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
+  return static_cast<int>(net::internal::posix(raw::getsockopt(fd, level, name, value, len)));
+}
+GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
+  return static_cast<int>(net::internal::posix(raw::getsockname(fd, addr, len)));
+}
+GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
+  return static_cast<int>(net::internal::posix(raw::getpeername(fd, addr, len)));
+}
+GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
+  return static_cast<int>(net::internal::posix(raw::poll(fds, nfds, timeout_ms)));
+}
+GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
+  return static_cast<int>(net::internal::posix(raw::fcntl(fd, cmd, arg)));
+}
+
+}  // namespace gpusock

@@ -1,0 +1,1402 @@
+// Sockets for kernels over io_uring, against real peers on the real kernel. Every test runs
+// on the cpu device and on a GPU (skipped, with the reason, where there is none).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gpusock/hostcall/device_buffer.hpp"
+#include "gpusock/hostcall/launch.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/iouring/backend.hpp"
+#include "gpusock/net/socket.hpp"
+#include "gpusock/net/tcp.hpp"
+
+namespace {
+
+using gpusock::DeviceBuffer;
+using gpusock::DeviceKind;
+using gpusock::Dim3;
+using gpusock::Runtime;
+namespace hc = gpusock::hostcall;
+namespace raw = gpusock::raw;
+
+constexpr auto kKernelTimeout = std::chrono::seconds(300);
+
+// ---- helpers shared by kernels and host ---------------------------------------------
+
+GPUSOCK_HD inline uint8_t pattern_byte(uint64_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); }
+
+GPUSOCK_HD inline uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+// Order-sensitive stream hash: the sum over bytes of mix(offset, byte). Lost, extra or
+// reordered bytes change it; lanes can add their shares in any order.
+GPUSOCK_HD inline uint64_t byte_hash(uint64_t offset, uint8_t b) { return mix64((offset << 8) | b); }
+
+// Words in mapped memory that kernels publish (ports, progress) and the host reads.
+struct Mailbox {
+  uint32_t* host = nullptr;
+  uint32_t* dev = nullptr;
+};
+GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
+  // Release, system scope: the host that sees the value sees what the kernel did before.
+  gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).store(v, gpusock::Order::kRelease);
+}
+GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
+  return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
+}
+
+GPUSOCK_HD inline sockaddr_in loopback4(uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = gpusock::htons(port);
+  a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+  return a;
+}
+GPUSOCK_HD inline sockaddr* sa(sockaddr_in& a) { return reinterpret_cast<sockaddr*>(&a); }
+
+// Opens a listener on 127.0.0.1:0 (port into *port). Returns fd or -errno.
+GPUSOCK_HD inline int listen_loopback(uint16_t* port, int backlog = 128) {
+  int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return fd;
+  int one = 1;
+  raw::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a = loopback4(0);
+  int r = raw::bind(fd, sa(a), sizeof a);
+  if (r == 0) r = raw::listen(fd, backlog);
+  socklen_t len = sizeof a;
+  if (r == 0) r = raw::getsockname(fd, sa(a), &len);
+  if (r < 0) {
+    raw::close(fd);
+    return r;
+  }
+  *port = gpusock::ntohs(a.sin_port);
+  return fd;
+}
+
+// ---- host-side peers ----------------------------------------------------------------
+
+int host_listen(uint16_t* port, int family = AF_INET, int backlog = 4096) {
+  int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_storage ss{};
+  socklen_t len;
+  if (family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    len = sizeof *a;
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    a->sin6_family = AF_INET6;
+    a->sin6_addr = in6addr_loopback;
+    len = sizeof *a;
+  }
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0 || ::listen(fd, backlog) != 0) return -1;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+  *port = ntohs(family == AF_INET ? reinterpret_cast<sockaddr_in*>(&ss)->sin_port
+                                  : reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+  return fd;
+}
+
+int host_connect(uint16_t port, int family = AF_INET) {
+  int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_storage ss{};
+  socklen_t len;
+  if (family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(port);
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    len = sizeof *a;
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(port);
+    a->sin6_addr = in6addr_loopback;
+    len = sizeof *a;
+  }
+  for (int i = 0; i < 200; ++i) {
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&ss), len) == 0) return fd;
+    if (errno != ECONNREFUSED && errno != EAGAIN) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::close(fd);
+  return -1;
+}
+
+bool send_all(int fd, const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  while (n > 0) {
+    ssize_t r = ::send(fd, c, n, MSG_NOSIGNAL);
+    if (r <= 0) return false;
+    c += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+bool recv_all(int fd, void* p, size_t n) {
+  char* c = static_cast<char*>(p);
+  while (n > 0) {
+    ssize_t r = ::recv(fd, c, n, 0);
+    if (r <= 0) return false;
+    c += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+// ---- fixture ------------------------------------------------------------------------
+
+class NetTest : public ::testing::TestWithParam<DeviceKind> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == DeviceKind::kCuda && !gpusock::cuda_available()) {
+      GTEST_SKIP() << "no usable GPU here (cudaGetDeviceCount found none); the cpu-device run covers this test";
+    }
+    opts_.device = GetParam();
+    opts_.cpu_resident_warps = 64;
+  }
+  void TearDown() override {
+    if (box_.host != nullptr && rt_) rt_->mapped_free(box_.host);
+  }
+  void Start(gpusock::iouring::Options io = {}) {
+    auto rt = Runtime::create(opts_);
+    ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+    rt_ = std::move(rt.value());
+    gpusock::Status s = gpusock::iouring::enable(*rt_, io);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    auto m = rt_->mapped_alloc(4096);
+    ASSERT_TRUE(m.ok());
+    box_.host = static_cast<uint32_t*>(m->host);
+    box_.dev = static_cast<uint32_t*>(m->device);
+  }
+  template <typename K, typename... A>
+  gpusock::Launch Launch(Dim3 grid, Dim3 block, K k, A... a) {
+    auto l = gpusock::launch(*rt_, grid, block, k, a...);
+    EXPECT_TRUE(l.ok()) << l.status().to_string();
+    return std::move(l.value());
+  }
+  void Finish(gpusock::Launch& l, std::chrono::seconds limit = kKernelTimeout) {
+    if (!l.wait_for(limit)) {
+      rt_->shutdown();
+      l.wait_for(std::chrono::seconds(60));
+      FAIL() << "kernel did not finish within " << limit.count() << " s";
+    }
+    gpusock::Status s = l.wait();
+    ASSERT_TRUE(s.ok()) << s.to_string();
+  }
+  // Waits for mailbox word i to become non-zero; returns it (0 on timeout).
+  uint32_t Await(uint32_t i, std::chrono::seconds limit = std::chrono::seconds(60)) {
+    auto end = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < end) {
+      uint32_t v = std::atomic_ref<uint32_t>(box_.host[i]).load(std::memory_order_acquire);
+      if (v != 0) return v;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    return 0;
+  }
+  void Post(uint32_t i, uint32_t v) { std::atomic_ref<uint32_t>(box_.host[i]).store(v, std::memory_order_release); }
+  template <typename T>
+  DeviceBuffer<T> Buffer(size_t n) {
+    auto b = DeviceBuffer<T>::create(*rt_, n);
+    EXPECT_TRUE(b.ok()) << b.status().to_string();
+    return std::move(b.value());
+  }
+  template <typename T>
+  std::vector<T> Read(DeviceBuffer<T>& b) {
+    return b.to_host();
+  }
+  uint64_t Lanes(uint32_t opcode) {
+    for (auto& o : rt_->stats().by_opcode) if (o.opcode == opcode) return o.lanes;
+    return 0;
+  }
+  uint64_t Calls(uint32_t opcode) {
+    for (auto& o : rt_->stats().by_opcode) if (o.opcode == opcode) return o.calls;
+    return 0;
+  }
+
+  gpusock::RuntimeOptions opts_;
+  std::unique_ptr<Runtime> rt_;
+  Mailbox box_;
+};
+
+INSTANTIATE_TEST_SUITE_P(BothDevices, NetTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+
+// ---- kernels ------------------------------------------------------------------------
+
+// Lane 0 serves one connection: echoes until the peer closes. out[0]: bytes echoed or -errno.
+struct EchoServerOnce {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, int family) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int lfd;
+    uint16_t port = 0;
+    if (family == AF_INET) {
+      lfd = listen_loopback(&port);
+    } else {
+      lfd = raw::socket(AF_INET6, SOCK_STREAM, 0);
+      sockaddr_in6 a{};
+      a.sin6_family = AF_INET6;
+      gpusock::inet_pton(AF_INET6, "::1", &a.sin6_addr);
+      int r = lfd < 0 ? lfd : raw::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+      if (r == 0) r = raw::listen(lfd, 16);
+      socklen_t len = sizeof a;
+      if (r == 0) r = raw::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
+      if (r < 0) lfd = r;
+      port = gpusock::ntohs(a.sin6_port);
+    }
+    if (lfd < 0) {
+      out[0] = lfd;
+      publish(box, 0, 0xffffffffu);
+      return;
+    }
+    publish(box, 0, port);
+    sockaddr_storage peer{};
+    socklen_t plen = sizeof peer;
+    int c = raw::accept(lfd, reinterpret_cast<sockaddr*>(&peer), &plen);
+    if (c < 0) {
+      out[0] = c;
+      return;
+    }
+    int one = 1;
+    raw::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    out[1] = peer.ss_family;
+    char buf[3000];
+    int64_t total = 0;
+    for (;;) {
+      int64_t n = raw::recv(c, buf, sizeof buf, 0);
+      if (n <= 0) {
+        if (n < 0) total = n;
+        break;
+      }
+      int64_t w = raw::send(c, buf, static_cast<uint64_t>(n), 0);
+      if (w != n) {
+        total = w < 0 ? w : -EIO;
+        break;
+      }
+      total += n;
+    }
+    raw::close(c);
+    raw::close(lfd);
+    out[0] = total;
+  }
+};
+
+TEST_P(NetTest, KernelTcpServerEchoesWhatAHostClientSends) {
+  Start();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, EchoServerOnce{}, box_.dev, out.data(), AF_INET);
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_GE(fd, 0);
+  std::string sent, got;
+  for (int i = 0; i < 50; ++i) {
+    std::string msg(1 + (i * 977) % 9000, static_cast<char>('a' + i % 26));
+    ASSERT_TRUE(send_all(fd, msg.data(), msg.size()));
+    std::string back(msg.size(), '\0');
+    ASSERT_TRUE(recv_all(fd, back.data(), back.size()));
+    EXPECT_EQ(back, msg);
+    sent += msg;
+  }
+  ::close(fd);
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], static_cast<int64_t>(sent.size()));
+  EXPECT_EQ(o[1], AF_INET);
+}
+
+TEST_P(NetTest, KernelTcpServerOverIpv6) {
+  Start();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, EchoServerOnce{}, box_.dev, out.data(), AF_INET6);
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu) << "kernel could not listen on [::1]";
+  int fd = host_connect(static_cast<uint16_t>(port), AF_INET6);
+  ASSERT_GE(fd, 0);
+  const char msg[] = "hello over ipv6";
+  ASSERT_TRUE(send_all(fd, msg, sizeof msg));
+  char back[sizeof msg];
+  ASSERT_TRUE(recv_all(fd, back, sizeof back));
+  EXPECT_STREQ(back, msg);
+  ::close(fd);
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], static_cast<int64_t>(sizeof msg));
+  EXPECT_EQ(o[1], AF_INET6);
+}
+
+// Every lane connects to the host server, sends its id, reads the answer (id * 7).
+// out[tid] = 0 when right, else an error code.
+struct ClientPerLane {
+  GPUSOCK_HD void operator()(uint16_t port, int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+      out[tid] = 1000 + gpusock::errno_value();
+      return;
+    }
+    sockaddr_in a = loopback4(port);
+    if (gpusock::connect(fd, sa(a), sizeof a) != 0) {
+      out[tid] = 2000 + gpusock::errno_value();
+      gpusock::close(fd);
+      return;
+    }
+    uint64_t id = tid;
+    uint64_t answer = 0;
+    int64_t w = gpusock::send(fd, &id, sizeof id, 0);
+    int64_t r = gpusock::recv(fd, &answer, sizeof answer, MSG_WAITALL);
+    out[tid] = (w == 8 && r == 8 && answer == id * 7) ? 0 : 3000 + (w != 8) * 100 + (r != 8) * 10 + (answer != id * 7);
+    gpusock::close(fd);
+  }
+};
+
+TEST_P(NetTest, KernelTcpClientsTalkToAHostServer) {
+  Start();
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  constexpr int kClients = 64;
+  std::thread server([&] {
+    std::vector<std::thread> conns;
+    for (int i = 0; i < kClients; ++i) {
+      int c = ::accept(lfd, nullptr, nullptr);
+      if (c < 0) break;
+      conns.emplace_back([c] {
+        uint64_t id;
+        if (recv_all(c, &id, sizeof id)) {
+          uint64_t a = id * 7;
+          send_all(c, &a, sizeof a);
+        }
+        char x;
+        ::recv(c, &x, 1, 0);  // until the kernel closes
+        ::close(c);
+      });
+    }
+    for (auto& t : conns) t.join();
+  });
+  auto out = Buffer<int64_t>(kClients);
+  auto k = Launch({2}, {32}, ClientPerLane{}, port, out.data());
+  Finish(k);
+  server.join();
+  ::close(lfd);
+  for (int i = 0; i < kClients; ++i) EXPECT_EQ(Read(out)[i], 0) << "lane " << i;
+}
+
+
+// ---- UDP ----------------------------------------------------------------------------
+
+// Lane 0: a UDP socket on 127.0.0.1:0; first sends "hello" to the host's socket, then
+// echoes `count` datagrams back to their sources, reversed. out[0]: datagrams echoed or -errno.
+struct UdpEcho {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, uint16_t host_port, int count) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    auto u = gpusock::UdpSocket::bind(gpusock::SockAddr::ipv4(127, 0, 0, 1, 0));
+    if (!u) {
+      out[0] = -u.error();
+      publish(box, 0, 0xffffffffu);
+      return;
+    }
+    publish(box, 0, u->local_addr()->port());
+    auto sent = u->send_to("hello", 5, gpusock::SockAddr::ipv4(127, 0, 0, 1, host_port));
+    if (!sent || *sent != 5) {
+      out[0] = -1000;
+      return;
+    }
+    static constexpr int kMax = 65507;
+    uint8_t* buf = new uint8_t[kMax];
+    uint8_t* rev = new uint8_t[kMax];
+    int64_t echoed = 0;
+    for (int i = 0; i < count; ++i) {
+      gpusock::SockAddr from;
+      auto n = u->recv_from(buf, kMax, &from);
+      if (!n) {
+        echoed = -n.error();
+        break;
+      }
+      for (uint64_t j = 0; j < *n; ++j) rev[j] = buf[*n - 1 - j];
+      auto w = u->send_to(rev, *n, from);
+      if (!w || *w != *n) {
+        echoed = -2000;
+        break;
+      }
+      ++echoed;
+    }
+    delete[] buf;
+    delete[] rev;
+    out[0] = echoed;
+  }
+};
+
+TEST_P(NetTest, UdpBothWaysKeepsDatagramBoundaries) {
+  Start();
+  int hs = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(hs, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  socklen_t alen = sizeof a;
+  ::getsockname(hs, reinterpret_cast<sockaddr*>(&a), &alen);
+  timeval tv{30, 0};
+  ::setsockopt(hs, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  const std::vector<size_t> sizes = {1, 100, 1400, 8000, 65507, 0, 3};
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, UdpEcho{}, box_.dev, out.data(), ntohs(a.sin_port), static_cast<int>(sizes.size()));
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  char hello[16];
+  sockaddr_in from{};
+  socklen_t flen = sizeof from;
+  ASSERT_EQ(::recvfrom(hs, hello, sizeof hello, 0, reinterpret_cast<sockaddr*>(&from), &flen), 5) << std::strerror(errno) << " kernel: " << Read(out)[0];
+  EXPECT_EQ(std::string(hello, 5), "hello");
+  EXPECT_EQ(ntohs(from.sin_port), port);
+  std::vector<uint8_t> buf(70000);
+  for (size_t n : sizes) {
+    std::vector<uint8_t> d(n);
+    for (size_t i = 0; i < n; ++i) d[i] = static_cast<uint8_t>(i * 31 + n);
+    ASSERT_EQ(::sendto(hs, d.data(), n, 0, reinterpret_cast<sockaddr*>(&from), flen), static_cast<ssize_t>(n));
+    ssize_t r = ::recv(hs, buf.data(), buf.size(), 0);
+    ASSERT_EQ(r, static_cast<ssize_t>(n)) << "datagram of " << n << ": " << std::strerror(errno);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(buf[i], d[n - 1 - i]) << "byte " << i << " of " << n;
+  }
+  Finish(k);
+  EXPECT_EQ(Read(out)[0], static_cast<int64_t>(sizes.size()));
+  ::close(hs);
+}
+
+// ---- a gigabyte each way, checked by hash ---------------------------------------------
+
+// A gigabyte in the plain build (here and on a GPU). The sanitizer builds move 64 MiB
+// through the same code: under ThreadSanitizer a gigabyte alone would take most of CI's
+// time budget, and size adds no code path.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr uint64_t kGiB = 64ull << 20;
+#else
+constexpr uint64_t kGiB = 1ull << 30;
+#endif
+
+// The whole warp: lane 0 connects and sends `total` pattern bytes from a device buffer
+// the warp fills. out[0]: bytes sent or -errno.
+struct BulkSender {
+  GPUSOCK_HD void operator()(uint16_t port, uint64_t total, uint8_t* chunk, uint32_t chunk_bytes, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = loopback4(port);
+      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+      if (r < 0) fd = r;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) {
+      if (lane == 0) out[0] = fd;
+      return;
+    }
+    uint64_t off = 0;
+    int64_t err = 0;
+    while (off < total && err == 0) {
+      const uint32_t n = static_cast<uint32_t>(total - off < chunk_bytes ? total - off : chunk_bytes);
+      for (uint32_t i = lane; i < n; i += 32) chunk[i] = pattern_byte(off + i);
+      gpusock::warp::sync(0xffffffffu);
+      // All 32 lanes send together: one stream of bytes, copied by the whole warp.
+      int64_t w = raw::warp_send(fd, chunk, n, 0);
+      if (w != static_cast<int64_t>(n)) err = w < 0 ? w : -EIO;
+      off += n;
+    }
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = err != 0 ? err : static_cast<int64_t>(off);
+    }
+  }
+};
+
+// The whole warp: lane 0 receives into a device buffer until EOF; all lanes hash it and
+// check every byte against the pattern. out: {bytes, hash, mismatches, error}.
+struct BulkReceiver {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* chunk, uint32_t chunk_bytes, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = loopback4(port);
+      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+      if (r < 0) fd = r;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) {
+      if (lane == 0) out[3] = fd;
+      return;
+    }
+    uint64_t off = 0, hash = 0, bad = 0;
+    int64_t n = 0;
+    for (;;) {
+      n = raw::warp_recv(fd, chunk, chunk_bytes, 0);
+      if (n <= 0) break;
+      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
+        hash += byte_hash(off + i, chunk[i]);
+        bad += chunk[i] != pattern_byte(off + i);
+      }
+      off += static_cast<uint64_t>(n);
+      gpusock::warp::sync(0xffffffffu);
+    }
+    for (uint32_t d = 16; d > 0; d /= 2) {
+      hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
+      bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+    }
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = static_cast<int64_t>(hash);
+      out[2] = static_cast<int64_t>(bad);
+      out[3] = n;
+    }
+  }
+};
+
+uint64_t host_stream_hash(uint64_t total) {
+  uint64_t h = 0;
+  for (uint64_t i = 0; i < total; ++i) h += byte_hash(i, pattern_byte(i));
+  return h;
+}
+
+TEST_P(NetTest, GigabyteFromKernelToHostArrivesWholeAndInOrder) {
+  Start();
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  uint64_t got = 0, hash = 0, bad = 0;
+  std::thread sink([&] {
+    int c = ::accept(lfd, nullptr, nullptr);
+    std::vector<uint8_t> buf(1 << 20);
+    for (;;) {
+      ssize_t r = ::recv(c, buf.data(), buf.size(), 0);
+      if (r <= 0) break;
+      for (ssize_t i = 0; i < r; ++i) {
+        hash += byte_hash(got + i, buf[i]);
+        bad += buf[i] != pattern_byte(got + i);
+      }
+      got += static_cast<uint64_t>(r);
+    }
+    ::close(c);
+  });
+  constexpr uint32_t kChunk = 256 * 1024;
+  auto chunk = Buffer<uint8_t>(kChunk);
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, BulkSender{}, port, kGiB, chunk.data(), kChunk, out.data());
+  Finish(k);
+  sink.join();
+  ::close(lfd);
+  EXPECT_EQ(Read(out)[0], static_cast<int64_t>(kGiB));
+  EXPECT_EQ(got, kGiB);
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(hash, host_stream_hash(kGiB));
+}
+
+TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {
+  Start();
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  std::thread source([&] {
+    int c = ::accept(lfd, nullptr, nullptr);
+    std::vector<uint8_t> buf(1 << 20);
+    for (uint64_t off = 0; off < kGiB; off += buf.size()) {
+      for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
+      if (!send_all(c, buf.data(), buf.size())) break;
+    }
+    ::close(c);
+  });
+  constexpr uint32_t kChunk = 256 * 1024;
+  auto chunk = Buffer<uint8_t>(kChunk);
+  auto out = Buffer<int64_t>(4);
+  auto k = Launch({1}, {32}, BulkReceiver{}, port, chunk.data(), kChunk, out.data());
+  Finish(k);
+  source.join();
+  ::close(lfd);
+  auto o = Read(out);
+  EXPECT_EQ(o[3], 0) << "recv ended with an error";
+  EXPECT_EQ(o[0], static_cast<int64_t>(kGiB));
+  EXPECT_EQ(o[2], 0) << "bytes differing from what the host sent";
+  EXPECT_EQ(static_cast<uint64_t>(o[1]), host_stream_hash(kGiB));
+}
+
+// ---- many connections ---------------------------------------------------------------
+
+// One listener (lane 0 of block 0 makes it and publishes the port in box[0]); every lane
+// accepts one connection, answers the 8-byte id it reads with id * 3, reads to EOF, closes.
+struct ManyConnectionServer {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    if (tid == 0) {
+      uint16_t port = 0;
+      int lfd = listen_loopback(&port, 4096);
+      publish(box, 1, static_cast<uint32_t>(lfd < 0 ? 0 : lfd) + 1);
+      publish(box, 0, lfd < 0 ? 0xffffffffu : port);
+    }
+    uint32_t lfd1;
+    while ((lfd1 = read_box(box, 1)) == 0) {
+    }
+    int lfd = static_cast<int>(lfd1) - 1;
+    int c = gpusock::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      out[tid] = 1000 + gpusock::errno_value();
+      return;
+    }
+    uint64_t id = 0;
+    int64_t r = gpusock::recv(c, &id, sizeof id, MSG_WAITALL);
+    uint64_t a = id * 3;
+    int64_t w = gpusock::send(c, &a, sizeof a, 0);
+    char x;
+    int64_t eof = gpusock::recv(c, &x, 1, 0);
+    gpusock::close(c);
+    out[tid] = (r == 8 && w == 8 && eof == 0) ? 0 : 2000 + (r != 8) * 100 + (w != 8) * 10 + (eof != 0);
+    // The last lane out closes the listener.
+    if (gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[2]).fetch_add(1, gpusock::Order::kAcqRel) + 1 ==
+        gpusock::grid_dim().x * gpusock::block_dim().x) {
+      gpusock::close(lfd);
+    }
+  }
+};
+
+TEST_P(NetTest, ThousandConcurrentConnectionsToAKernelServer) {
+  constexpr int kConns = 1024;
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  if (rl.rlim_max < 3 * kConns + 256) GTEST_SKIP() << "RLIMIT_NOFILE hard limit " << rl.rlim_max << " < " << 3 * kConns + 256;
+  rl.rlim_cur = rl.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &rl);
+  Start();
+  auto out = Buffer<int64_t>(kConns);
+  auto k = Launch({kConns / 128}, {128}, ManyConnectionServer{}, box_.dev, out.data());
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  // All connections open at once, then every request, then every answer.
+  std::vector<int> fds;
+  for (int i = 0; i < kConns; ++i) {
+    int fd = host_connect(static_cast<uint16_t>(port));
+    ASSERT_GE(fd, 0) << "connection " << i;
+    fds.push_back(fd);
+  }
+  for (int i = 0; i < kConns; ++i) {
+    uint64_t id = 1000 + i;
+    ASSERT_TRUE(send_all(fds[i], &id, sizeof id));
+  }
+  int wrong = 0;
+  for (int i = 0; i < kConns; ++i) {
+    uint64_t a = 0;
+    if (!recv_all(fds[i], &a, sizeof a) || a != (1000ull + i) * 3) ++wrong;
+  }
+  EXPECT_EQ(wrong, 0);
+  for (int fd : fds) ::close(fd);
+  Finish(k);
+  auto o = Read(out);
+  int bad = 0;
+  for (int i = 0; i < kConns; ++i) bad += o[i] != 0;
+  EXPECT_EQ(bad, 0) << "first: " << o[0];
+}
+
+TEST_P(NetTest, ExternalNcClientAgainstAKernelServer) {
+  if (std::system("command -v nc >/dev/null 2>&1") != 0) GTEST_SKIP() << "nc (netcat-openbsd) is not installed";
+  Start();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, EchoServerOnce{}, box_.dev, out.data(), AF_INET);
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  std::string cmd = "printf 'hello from nc\\n' | nc -q 2 -w 10 127.0.0.1 " + std::to_string(port) + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char line[256] = {};
+  std::string got;
+  while (std::fgets(line, sizeof line, p) != nullptr) got += line;
+  ::pclose(p);
+  EXPECT_EQ(got, "hello from nc\n");
+  Finish(k);
+  EXPECT_EQ(Read(out)[0], 14);
+}
+
+// ---- errors, each its own test --------------------------------------------------------
+
+enum Probe : int {
+  kRefused, kAddrInUse, kBadFd, kNotConn, kPipe, kReset, kAgain, kPollTimeout, kBadAddrLen, kUnsupportedOpt,
+};
+
+// Lane 0 runs one error scenario; out[0..3] are what it saw (see each test).
+struct ErrorProbe {
+  GPUSOCK_HD void operator()(int which, uint16_t port, uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    sockaddr_in a = loopback4(port);
+    switch (which) {
+      case kRefused: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = gpusock::connect(fd, sa(a), sizeof a);
+        out[1] = gpusock::errno_value();
+        gpusock::close(fd);
+        break;
+      }
+      case kAddrInUse: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = gpusock::bind(fd, sa(a), sizeof a);
+        out[1] = gpusock::errno_value();
+        gpusock::close(fd);
+        break;
+      }
+      case kBadFd: {
+        char c = 0;
+        out[0] = raw::send(9999, &c, 1, 0);
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        gpusock::close(fd);
+        out[1] = raw::recv(fd, &c, 1, 0);
+        out[2] = raw::close(fd);
+        out[3] = raw::send(1, &c, 1, 0);  // stdout is not one of the runtime's sockets
+        break;
+      }
+      case kNotConn: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        char c;
+        out[0] = raw::recv(fd, &c, 1, 0);
+        sockaddr_in p{};
+        socklen_t len = sizeof p;
+        out[1] = raw::getpeername(fd, sa(p), &len);
+        out[2] = raw::shutdown(fd, SHUT_WR);
+        gpusock::close(fd);
+        break;
+      }
+      case kPipe: {
+        // Connect, wait until the host has closed its end, then send until it fails.
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = raw::connect(fd, sa(a), sizeof a);
+        publish(box, 0, 1);
+        while (read_box(box, 1) == 0) {
+        }
+        char buf[1024] = {};
+        int64_t first_error = 0;
+        for (int i = 0; i < 1000 && first_error == 0; ++i) {
+          int64_t r = raw::send(fd, buf, sizeof buf, 0);
+          if (r < 0) first_error = r;
+        }
+        out[1] = first_error;
+        out[2] = raw::send(fd, buf, sizeof buf, 0);  // after the reset: EPIPE
+        gpusock::close(fd);
+        break;
+      }
+      case kReset: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = raw::connect(fd, sa(a), sizeof a);
+        char buf[4096];
+        int64_t total = 0, r;
+        while ((r = raw::recv(fd, buf, sizeof buf, 0)) > 0) total += r;
+        out[1] = r;
+        out[2] = total;
+        gpusock::close(fd);
+        break;
+      }
+      case kAgain: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = raw::connect(fd, sa(a), sizeof a);
+        char c;
+        out[1] = raw::recv(fd, &c, 1, MSG_DONTWAIT);
+        int fl = gpusock::fcntl(fd, F_GETFL);
+        gpusock::fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+        out[2] = raw::recv(fd, &c, 1, 0);
+        uint16_t lport;
+        int lfd = listen_loopback(&lport);
+        raw::fcntl(lfd, F_SETFL, O_NONBLOCK);
+        out[3] = raw::accept(lfd, nullptr, nullptr);
+        out[4] = (raw::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+        gpusock::close(lfd);
+        gpusock::close(fd);
+        break;
+      }
+      case kPollTimeout: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = raw::connect(fd, sa(a), sizeof a);
+        pollfd p{fd, POLLIN, 0};
+        timespec t0, t1;
+        gpusock::clock_gettime(CLOCK_MONOTONIC, &t0);
+        out[1] = gpusock::poll(&p, 1, 150);
+        gpusock::clock_gettime(CLOCK_MONOTONIC, &t1);
+        out[2] = (t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec);
+        out[3] = p.revents;
+        gpusock::close(fd);
+        break;
+      }
+      case kBadAddrLen: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        out[0] = raw::bind(fd, sa(a), 3);
+        out[1] = raw::connect(fd, sa(a), 3);
+        out[2] = raw::bind(fd, sa(a), 4096);
+        out[3] = raw::sendto(gpusock::socket(AF_INET, SOCK_DGRAM, 0), "x", 1, 0, sa(a), 64);
+        gpusock::close(fd);
+        break;
+      }
+      case kUnsupportedOpt: {
+        int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+        int v = 1;
+        out[0] = raw::setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &v, sizeof v);
+        out[1] = raw::setsockopt(fd, SOL_SOCKET, SO_ERROR, &v, sizeof v);
+        out[2] = raw::socket(AF_UNIX, SOCK_STREAM, 0);
+        out[3] = raw::socket(AF_INET, SOCK_RAW, 0);
+        gpusock::close(fd);
+        break;
+      }
+    }
+  }
+};
+
+class NetErrorTest : public NetTest {
+ protected:
+  std::vector<int64_t> RunProbe(Probe p, uint16_t port) {
+    auto out = Buffer<int64_t>(8);
+    auto k = Launch({1}, {32}, ErrorProbe{}, static_cast<int>(p), port, box_.dev, out.data());
+    Finish(k);
+    return Read(out);
+  }
+};
+INSTANTIATE_TEST_SUITE_P(BothDevices, NetErrorTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+
+TEST_P(NetErrorTest, ConnectToAClosedPortIsRefused) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  ::close(l);
+  auto o = RunProbe(kRefused, port);
+  EXPECT_EQ(o[0], -1);
+  EXPECT_EQ(o[1], ECONNREFUSED);
+}
+
+TEST_P(NetErrorTest, BindToAPortInUseFails) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  auto o = RunProbe(kAddrInUse, port);
+  ::close(l);
+  EXPECT_EQ(o[0], -1);
+  EXPECT_EQ(o[1], EADDRINUSE);
+}
+
+TEST_P(NetErrorTest, UnknownOrClosedDescriptorsAreEbadf) {
+  Start();
+  auto o = RunProbe(kBadFd, 0);
+  EXPECT_EQ(o[0], -EBADF);
+  EXPECT_EQ(o[1], -EBADF);
+  EXPECT_EQ(o[2], -EBADF);
+  EXPECT_EQ(o[3], -EBADF);
+}
+
+TEST_P(NetErrorTest, UnconnectedSocketIsEnotconn) {
+  Start();
+  auto o = RunProbe(kNotConn, 0);
+  EXPECT_EQ(o[0], -ENOTCONN);
+  EXPECT_EQ(o[1], -ENOTCONN);
+  EXPECT_EQ(o[2], -ENOTCONN);
+}
+
+TEST_P(NetErrorTest, SendAfterPeerClosedIsEpipeWithoutSigpipe) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  auto out = Buffer<int64_t>(8);
+  auto k = Launch({1}, {32}, ErrorProbe{}, static_cast<int>(kPipe), port, box_.dev, out.data());
+  int c = ::accept(l, nullptr, nullptr);
+  ASSERT_GE(c, 0);
+  ASSERT_NE(Await(0), 0u);
+  ::close(c);  // unread data later makes the kernel answer with a reset
+  Post(1, 1);
+  Finish(k);
+  ::close(l);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0);
+  // The first failing send reports the reset or the broken pipe; the next one, EPIPE.
+  EXPECT_THAT(o[1], ::testing::AnyOf(-EPIPE, -ECONNRESET));
+  EXPECT_EQ(o[2], -EPIPE);
+  // This process is still here: no SIGPIPE was raised.
+}
+
+TEST_P(NetErrorTest, PeerResetMidStreamIsEconnreset) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  std::thread peer([&] {
+    int c = ::accept(l, nullptr, nullptr);
+    char buf[8192] = {};
+    send_all(c, buf, sizeof buf);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    linger lg{1, 0};
+    ::setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    ::close(c);  // RST
+  });
+  auto o = RunProbe(kReset, port);
+  peer.join();
+  ::close(l);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], -ECONNRESET);
+  EXPECT_LE(o[2], 8192);
+}
+
+TEST_P(NetErrorTest, NonBlockingCallsAnswerEagain) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  auto o = RunProbe(kAgain, port);
+  ::close(l);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], -EAGAIN);
+  EXPECT_EQ(o[2], -EAGAIN);
+  EXPECT_EQ(o[3], -EAGAIN);
+  EXPECT_EQ(o[4], 1);
+}
+
+TEST_P(NetErrorTest, PollTimesOutWithNothingReady) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  auto o = RunProbe(kPollTimeout, port);
+  ::close(l);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], 0);
+  EXPECT_GE(o[2], 140'000'000) << "poll returned early";
+  EXPECT_LT(o[2], 5'000'000'000ll);
+  EXPECT_EQ(o[3], 0);
+}
+
+TEST_P(NetErrorTest, BadSockaddrLengthIsEinval) {
+  Start();
+  auto o = RunProbe(kBadAddrLen, 9);
+  EXPECT_EQ(o[0], -EINVAL);
+  EXPECT_EQ(o[1], -EINVAL);
+  EXPECT_EQ(o[2], -EINVAL);
+  EXPECT_EQ(o[3], -EINVAL);
+}
+
+TEST_P(NetErrorTest, OptionsAndFamiliesOutsideTheAllowedSetAreRefused) {
+  Start();
+  auto o = RunProbe(kUnsupportedOpt, 0);
+  EXPECT_EQ(o[0], -ENOPROTOOPT);
+  EXPECT_EQ(o[1], -ENOPROTOOPT);
+  EXPECT_EQ(o[2], -EAFNOSUPPORT);
+  EXPECT_EQ(o[3], -EINVAL);
+}
+
+// Opens sockets until the runtime's limit; out: {opened, errno of the next, reopen after close}.
+struct OpenUntilFull {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fds[64];
+    int n = 0;
+    int64_t err = 0;
+    while (n < 64) {
+      int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      if (fd < 0) {
+        err = fd;
+        break;
+      }
+      fds[n++] = fd;
+    }
+    out[0] = n;
+    out[1] = err;
+    raw::close(fds[0]);
+    int again = raw::socket(AF_INET, SOCK_DGRAM, 0);
+    out[2] = again >= 0;
+    if (again >= 0) raw::close(again);
+    for (int i = 1; i < n; ++i) raw::close(fds[i]);
+  }
+};
+
+TEST_P(NetErrorTest, DescriptorLimitGivesEmfile) {
+  gpusock::iouring::Options io;
+  io.max_sockets = 8;
+  Start(io);
+  auto out = Buffer<int64_t>(3);
+  auto k = Launch({1}, {32}, OpenUntilFull{}, out.data());
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 8);
+  EXPECT_EQ(o[1], -EMFILE);
+  EXPECT_EQ(o[2], 1);
+}
+
+// Each lane connects and sends `per_lane` pattern bytes (offset by its id) in one send().
+struct ManySenders {
+  GPUSOCK_HD void operator()(uint16_t port, uint32_t per_lane, uint8_t* bufs, int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    uint8_t* b = bufs + tid * per_lane;
+    for (uint32_t i = 0; i < per_lane; ++i) b[i] = pattern_byte(tid * 7919 + i);
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int r = raw::connect(fd, sa(a), sizeof a);
+    uint64_t id = tid;
+    if (r == 0) r = raw::send(fd, &id, 8, 0) == 8 ? 0 : -EIO;
+    out[tid] = r == 0 ? raw::send(fd, b, per_lane, 0) : r;
+    raw::close(fd);
+  }
+};
+
+TEST_P(NetErrorTest, StagingExhaustionBlocksSendersAndLosesNothing) {
+  opts_.staging_bytes = 256 * 1024;  // one staging run
+  Start();
+  constexpr int kLanes = 64;
+  constexpr uint32_t kPerLane = 128 * 1024;  // 8 MiB in all through 256 KiB of staging
+  uint16_t port;
+  int l = host_listen(&port);
+  std::atomic<int> bad{0};
+  std::thread sink([&] {
+    std::vector<int> cs;
+    for (int i = 0; i < kLanes; ++i) cs.push_back(::accept(l, nullptr, nullptr));
+    // Read nothing for a while: the kernel's socket buffers fill, sends block in the host,
+    // staging stays held, and later sends wait for staging.
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    std::vector<std::thread> rs;
+    for (int c : cs) {
+      rs.emplace_back([&, c] {
+        uint64_t id = 0;
+        std::vector<uint8_t> d(kPerLane);
+        if (!recv_all(c, &id, 8) || !recv_all(c, d.data(), d.size())) {
+          bad++;
+        } else {
+          for (uint32_t i = 0; i < kPerLane; ++i) {
+            if (d[i] != pattern_byte(id * 7919 + i)) {
+              bad++;
+              break;
+            }
+          }
+          char x;
+          if (::recv(c, &x, 1, 0) != 0) bad++;  // nothing extra
+        }
+        ::close(c);
+      });
+    }
+    for (auto& t : rs) t.join();
+  });
+  auto bufs = Buffer<uint8_t>(size_t{kLanes} * kPerLane);
+  auto out = Buffer<int64_t>(kLanes);
+  auto k = Launch({kLanes / 32}, {32}, ManySenders{}, port, kPerLane, bufs.data(), out.data());
+  Finish(k);
+  sink.join();
+  ::close(l);
+  auto o = Read(out);
+  for (int i = 0; i < kLanes; ++i) EXPECT_EQ(o[i], kPerLane) << "lane " << i;
+  EXPECT_EQ(bad.load(), 0);
+}
+
+// ---- poll, options, flags, aggregation, shutdown ----------------------------------------
+
+// Lane 0: listener; accepts 3 connections (the host writes to #0 and #2), then polls them
+// plus a bogus and a negative descriptor. out: {ready, revents0..2, revents bogus, revents neg}
+struct PollMany {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    uint16_t port;
+    int lfd = listen_loopback(&port);
+    publish(box, 0, port);
+    pollfd p[5];
+    for (int i = 0; i < 3; ++i) p[i] = {raw::accept(lfd, nullptr, nullptr), POLLIN, 0};
+    while (read_box(box, 1) == 0) {
+    }
+    p[3] = {4000, POLLIN, 0};
+    p[4] = {-1, POLLIN, 0};
+    out[0] = gpusock::poll(p, 5, 5000);
+    for (int i = 0; i < 5; ++i) out[1 + i] = p[i].revents;
+    // A wait that a host write ends.
+    pollfd q{p[1].fd, POLLIN, 0};
+    publish(box, 2, 1);
+    out[6] = gpusock::poll(&q, 1, 10000);
+    out[7] = q.revents;
+    for (int i = 0; i < 3; ++i) raw::close(p[i].fd);
+    raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, PollReportsExactlyTheReadyDescriptors) {
+  Start();
+  auto out = Buffer<int64_t>(8);
+  auto k = Launch({1}, {32}, PollMany{}, box_.dev, out.data());
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  int c[3];
+  for (int& fd : c) fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_TRUE(send_all(c[0], "a", 1));
+  ASSERT_TRUE(send_all(c[2], "b", 1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  Post(1, 1);
+  ASSERT_NE(Await(2), 0u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(send_all(c[1], "c", 1));
+  Finish(k);
+  for (int fd : c) ::close(fd);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 3);  // two readable, one POLLNVAL
+  EXPECT_EQ(o[1], POLLIN);
+  EXPECT_EQ(o[2], 0);
+  EXPECT_EQ(o[3], POLLIN);
+  EXPECT_EQ(o[4], POLLNVAL);
+  EXPECT_EQ(o[5], 0);
+  EXPECT_EQ(o[6], 1);
+  EXPECT_EQ(o[7], POLLIN);
+}
+
+// Lane 0 sets and reads back each option the API promises. out[i] = 0 when right.
+struct OptionRoundTrip {
+  GPUSOCK_HD void operator()(int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+    struct O {
+      int level, name, value;
+    };
+    const O opts[] = {{SOL_SOCKET, SO_REUSEADDR, 1}, {SOL_SOCKET, SO_REUSEPORT, 1}, {IPPROTO_TCP, TCP_NODELAY, 1},
+                      {SOL_SOCKET, SO_KEEPALIVE, 1}, {SOL_SOCKET, SO_RCVBUF, 65536},  {SOL_SOCKET, SO_SNDBUF, 65536}};
+    for (int i = 0; i < 6; ++i) {
+      int v = opts[i].value, got = 0;
+      socklen_t len = sizeof got;
+      int s = gpusock::setsockopt(fd, opts[i].level, opts[i].name, &v, sizeof v);
+      int g = gpusock::getsockopt(fd, opts[i].level, opts[i].name, &got, &len);
+      // Linux doubles buffer sizes it is given.
+      bool ok = s == 0 && g == 0 && len == sizeof got && (got == v || (i >= 4 && got == 2 * v));
+      out[i] = ok ? 0 : 1 + (s != 0) * 10 + (g != 0) * 100;
+    }
+    int err = -1;
+    socklen_t len = sizeof err;
+    out[6] = gpusock::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0 ? 0 : 1;
+    int type = 0;
+    len = sizeof type;
+    out[7] = gpusock::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM ? 0 : 1;
+    gpusock::close(fd);
+  }
+};
+
+TEST_P(NetTest, SocketOptionsRoundTrip) {
+  Start();
+  auto out = Buffer<int64_t>(8);
+  auto k = Launch({1}, {32}, OptionRoundTrip{}, out.data());
+  Finish(k);
+  auto o = Read(out);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(o[i], 0) << "option " << i;
+}
+
+// Every lane connects, then the whole warp sends at once (one hostcall), then each lane
+// receives with MSG_PEEK, then for real with MSG_WAITALL, then write()/read() and
+// shutdown(SHUT_WR). out[tid] = 0 when right.
+struct WarpTogether {
+  GPUSOCK_HD void operator()(uint16_t port, uint32_t* box, int64_t* out) const {
+    uint64_t tid = gpusock::global_thread_id();
+    int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int64_t err = gpusock::connect(fd, sa(a), sizeof a) == 0 ? 0 : 1;
+    uint64_t v[4] = {tid, tid + 1, tid + 2, tid + 3};
+    gpusock::warp::sync(0xffffffffu);
+    if (gpusock::warp::lane_id() == 0) publish(box, 0, 1);  // host: snapshot counters now
+    while (read_box(box, 1) == 0) {
+    }
+    gpusock::warp::sync(0xffffffffu);
+    err += (gpusock::send(fd, v, sizeof v, 0) != sizeof v) * 10;
+    gpusock::warp::sync(0xffffffffu);
+    if (gpusock::warp::lane_id() == 0) publish(box, 2, 1);
+    // The host echoes what each connection sent, in 1-byte pieces at first.
+    uint64_t peek = 0, got[4] = {};
+    err += (gpusock::recv(fd, &peek, 1, MSG_PEEK) != 1) * 100;
+    err += (gpusock::recv(fd, got, sizeof got, MSG_WAITALL) != sizeof got) * 1000;
+    err += ((peek & 0xff) != (tid & 0xff) || got[0] != tid || got[3] != tid + 3) * 10000;
+    err += (gpusock::write(fd, "bye", 3) != 3) * 100000;
+    err += (gpusock::shutdown(fd, SHUT_WR) != 0) * 1000000;
+    char rest[8];
+    err += (gpusock::read(fd, rest, sizeof rest) != 0) * 10000000;  // the host closes after "bye"
+    gpusock::close(fd);
+    out[tid] = err;
+  }
+};
+
+TEST_P(NetTest, WholeWarpSendsShareOneHostcallAndFlagsWork) {
+  Start();
+  uint16_t port;
+  int l = host_listen(&port);
+  constexpr int kLanes = 32;
+  std::thread peer([&] {
+    std::vector<std::thread> ts;
+    for (int i = 0; i < kLanes; ++i) {
+      int c = ::accept(l, nullptr, nullptr);
+      ts.emplace_back([c] {
+        uint8_t v[32];
+        if (!recv_all(c, v, sizeof v)) return (void)::close(c);
+        for (int j = 0; j < 4; ++j) {  // pieces: MSG_WAITALL must gather them
+          send_all(c, v + j, 1);
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        send_all(c, v + 4, sizeof v - 4);
+        char bye[3];
+        recv_all(c, bye, 3);
+        char x;
+        ::recv(c, &x, 1, 0);  // EOF from SHUT_WR
+        ::close(c);
+      });
+    }
+    for (auto& t : ts) t.join();
+  });
+  auto out = Buffer<int64_t>(kLanes);
+  auto k = Launch({1}, {kLanes}, WarpTogether{}, port, box_.dev, out.data());
+  ASSERT_NE(Await(0), 0u);
+  const uint64_t calls0 = Calls(gpusock::net::op::kSend), lanes0 = Lanes(gpusock::net::op::kSend);
+  Post(1, 1);
+  ASSERT_NE(Await(2), 0u);
+  const uint64_t calls1 = Calls(gpusock::net::op::kSend), lanes1 = Lanes(gpusock::net::op::kSend);
+  Finish(k);
+  peer.join();
+  ::close(l);
+  auto o = Read(out);
+  for (int i = 0; i < kLanes; ++i) EXPECT_EQ(o[i], 0) << "lane " << i;
+  EXPECT_EQ(lanes1 - lanes0, 32u);
+  EXPECT_EQ(calls1 - calls0, 1u) << "32 lanes sending together should share one hostcall";
+}
+
+// Lanes 0-15 block in accept on one listener, 16-31 in recv on connections the host
+// opened; the host shuts the runtime down. out[tid] = what the call returned.
+struct BlockForever {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    uint32_t lane = gpusock::warp::lane_id();
+    if (lane == 0) {
+      uint16_t port;
+      int lfd = listen_loopback(&port);
+      publish(box, 1, static_cast<uint32_t>(lfd) + 1);
+      publish(box, 0, port);
+    }
+    uint32_t l1;
+    while ((l1 = read_box(box, 1)) == 0) {
+    }
+    int lfd = static_cast<int>(l1) - 1;
+    if (lane < 16) {
+      out[lane] = raw::accept(lfd, nullptr, nullptr);
+      return;
+    }
+    // Lanes 16..31 take the connections the host made first.
+    int c = raw::accept(lfd, nullptr, nullptr);
+    gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[2]).fetch_add(1, gpusock::Order::kRelease);
+    char x;
+    out[lane] = c < 0 ? c : raw::recv(c, &x, 1, 0);
+  }
+};
+
+TEST_P(NetTest, ShutdownWhileKernelsBlockInAcceptAndRecvEndsThemWithAnError) {
+  Start();
+  auto out = Buffer<int64_t>(32);
+  // The host connects 16 clients before the accepting lanes can outnumber them? No: every
+  // lane accepts; 16 connections go to 16 of them, the other 16 wait. All then block.
+  auto k = Launch({1}, {32}, BlockForever{}, box_.dev, out.data());
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  std::vector<int> cs;
+  for (int i = 0; i < 16; ++i) cs.push_back(host_connect(static_cast<uint16_t>(port)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto t0 = std::chrono::steady_clock::now();
+  rt_->shutdown();
+  ASSERT_TRUE(k.wait_for(std::chrono::seconds(30))) << "kernel still blocked after shutdown";
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  auto o = Read(out);
+  int failed = 0;
+  for (int i = 0; i < 32; ++i) failed += o[i] == -ESHUTDOWN;
+  EXPECT_EQ(failed, 32) << "every lane waits in accept or recv until shutdown";
+  for (int fd : cs) ::close(fd);
+}
+
+// ---- the C++ layer ------------------------------------------------------------------
+
+struct CppLayer {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    auto l = gpusock::TcpListener::bind(gpusock::SockAddr::ipv4(127, 0, 0, 1, 0));
+    if (!l) {
+      out[0] = -l.error();
+      return;
+    }
+    auto where = l->local_addr();
+    publish(box, 0, where->port());
+    auto s = l->accept();
+    if (!s) {
+      out[0] = -s.error();
+      return;
+    }
+    char buf[5];
+    auto n = s->recv_exact(buf, 5);
+    auto w = s->send_all(buf, n.ok() ? *n : 0);
+    auto peer = s->peer_addr();
+    out[0] = n.ok() && *n == 5 && w.ok() && *w == 5 && peer.ok() && peer->family() == AF_INET ? 1 : 0;
+    auto bad = gpusock::SockAddr::parse("not an address", 1);
+    out[1] = bad.ok() ? 0 : bad.error();
+    auto v6 = gpusock::SockAddr::parse("::1", 80);
+    out[2] = v6.ok() && v6->family() == AF_INET6 && v6->port() == 80;
+    // The destructors close both descriptors.
+  }
+};
+
+TEST_P(NetTest, CppLayerOwnsDescriptorsAndReturnsExpected) {
+  Start();
+  auto out = Buffer<int64_t>(3);
+  auto k = Launch({1}, {32}, CppLayer{}, box_.dev, out.data());
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  int fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_TRUE(send_all(fd, "12345", 5));
+  char back[5];
+  ASSERT_TRUE(recv_all(fd, back, 5));
+  EXPECT_EQ(std::string(back, 5), "12345");
+  char x;
+  EXPECT_EQ(::recv(fd, &x, 1, 0), 0) << "the stream's destructor closes the connection";
+  ::close(fd);
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 1);
+  EXPECT_EQ(o[1], EINVAL);
+  EXPECT_EQ(o[2], 1);
+}
+
+// ---- start-up checks ----------------------------------------------------------------
+
+TEST(IouringFeatures, DisabledIoUringNamesTheSettingAndTheFix) {
+  gpusock::iouring::KernelFeatures f;
+  f.setup_error = EPERM;
+  f.io_uring_disabled = 2;
+  gpusock::Status s = gpusock::iouring::check_features(f);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("kernel.io_uring_disabled is 2"));
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("sysctl -w kernel.io_uring_disabled=0"));
+}
+
+TEST(IouringFeatures, MissingOperationsAreEachNamedWithTheirKernelVersion) {
+  gpusock::iouring::KernelFeatures f = gpusock::iouring::probe_kernel();
+  ASSERT_EQ(f.setup_error, 0) << "this machine's kernel has no io_uring";
+  EXPECT_TRUE(gpusock::iouring::check_features(f).ok()) << gpusock::iouring::check_features(f).to_string();
+  f.missing_ops = {"IORING_OP_SEND (Linux 5.6)"};
+  f.buf_ring = false;
+  f.multishot_accept = false;
+  gpusock::Status s = gpusock::iouring::check_features(f);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("IORING_OP_SEND (Linux 5.6)"));
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("IORING_REGISTER_PBUF_RING, Linux 5.19"));
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("IORING_ACCEPT_MULTISHOT, Linux 5.19"));
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("What to do"));
+}
+
+}  // namespace
