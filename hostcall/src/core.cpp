@@ -240,9 +240,15 @@ void Core::service_loop(uint32_t index) {
                         [this] { return stopping_.load(std::memory_order_acquire); });
     }
   }
-  // Every pending call was failed before stopping_ was seen here; the hook now cancels
-  // and frees what this thread owns.
-  if (hostcall::ServiceHook* hook = hook_.load(std::memory_order_acquire)) hook->thread_stop(index);
+  // The hook cancels and frees what this thread owns, but only after shutdown() has failed
+  // every pending call with ESHUTDOWN: a call the hook cancelled first would answer
+  // ECANCELED instead. (Bounded: shutdown() sets the flag right after its first pass.)
+  if (hostcall::ServiceHook* hook = hook_.load(std::memory_order_acquire)) {
+    for (int i = 0; i < 20000 && !pending_failed_.load(std::memory_order_acquire); ++i) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    hook->thread_stop(index);
+  }
   thread_done_[index]->store(true, std::memory_order_release);
   threads_running_.fetch_sub(1, std::memory_order_release);
 }
@@ -507,6 +513,7 @@ void Core::shutdown() {
     }
     park_cv_.notify_all();
     if (slots_h_ != nullptr) fail_pending(-ESHUTDOWN);
+    pending_failed_.store(true, std::memory_order_release);
     // Service threads finish the handler they are in. One stuck in a handler forever
     // cannot be joined; after a bound it is left behind, holding its own reference to
     // this Core, so nothing it touches is freed under it.

@@ -143,6 +143,7 @@ class Core : public std::enable_shared_from_this<Core> {
   std::vector<std::unique_ptr<std::atomic<bool>>> thread_done_;  // one per service thread
   std::atomic<uint32_t> threads_running_{0};
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> pending_failed_{false};  // shutdown() has failed the pending calls
   // The module event loop; written once under hook_mu_, read lock-free by the threads.
   std::shared_ptr<hostcall::ServiceHook> hook_store_;
   std::atomic<hostcall::ServiceHook*> hook_{nullptr};

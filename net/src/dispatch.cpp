@@ -116,8 +116,9 @@ OpInfo info_for(uint32_t opcode) {
   }
 }
 
-// Fills `req` from lane `lane` of `call`. Returns 0 or -errno for a malformed request
-// (a kernel wrote garbage or bypassed socket.hpp): that lane alone fails.
+// Fills `req` from lane `lane` of `call`. Returns 0, 1 for a lane that needs no I/O (its
+// answer is 0), or -errno for a malformed request (a kernel wrote garbage or bypassed
+// socket.hpp): that lane alone fails.
 int decode(const hostcall::Call& call, uint32_t lane, Op op, bool descriptor_write, Request& req) {
   auto arg = [&](uint32_t k) { return call.arg(lane, k); };
   auto payload = [&](uint32_t k) -> int {
@@ -156,6 +157,7 @@ int decode(const hostcall::Call& call, uint32_t lane, Op op, bool descriptor_wri
       const uint64_t w = arg(1);
       req.a[0] = static_cast<int32_t>(static_cast<uint32_t>(w));
       req.addr_len = static_cast<uint32_t>(w >> 32);
+      if (req.addr_len == kRideAlong) return 1;  // answered 0 by the dispatcher, no I/O
       if (req.addr_len > kMaxAddrBytes) return -EINVAL;
       for (uint32_t k = 0; k < 4; ++k) {
         uint64_t v = arg(2 + k);
@@ -215,7 +217,7 @@ void dispatch(Backend& backend, hostcall::Call& call, bool descriptor_write) {
     Reply reply(group, lane);
     int r = decode(c, lane, info.op, descriptor_write, req);
     if (r != 0) {
-      reply.finish(r);
+      reply.finish(r > 0 ? 0 : r);
       return;
     }
     backend.serve(req, std::move(reply));

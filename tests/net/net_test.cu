@@ -433,12 +433,14 @@ struct UdpEcho {
     for (int i = 0; i < count; ++i) {
       gpusock::SockAddr from;
       auto n = u->recv_from(buf, kMax, &from);
+      publish(box, 3, static_cast<uint32_t>(n.ok() ? *n : 0xfffff000u + n.error()));  // diagnostics
       if (!n) {
         echoed = -n.error();
         break;
       }
       for (uint64_t j = 0; j < *n; ++j) rev[j] = buf[*n - 1 - j];
       auto w = u->send_to(rev, *n, from);
+      publish(box, 4, static_cast<uint32_t>(w.ok() ? *w : 0xfffff000u + w.error()));
       if (!w || *w != *n) {
         echoed = -2000;
         break;
@@ -480,7 +482,8 @@ TEST_P(NetTest, UdpBothWaysKeepsDatagramBoundaries) {
     for (size_t i = 0; i < n; ++i) d[i] = static_cast<uint8_t>(i * 31 + n);
     ASSERT_EQ(::sendto(hs, d.data(), n, 0, reinterpret_cast<sockaddr*>(&from), flen), static_cast<ssize_t>(n));
     ssize_t r = ::recv(hs, buf.data(), buf.size(), 0);
-    ASSERT_EQ(r, static_cast<ssize_t>(n)) << "datagram of " << n << ": " << std::strerror(errno);
+    ASSERT_EQ(r, static_cast<ssize_t>(n)) << "datagram of " << n << ": " << std::strerror(errno)
+                                           << "; kernel received " << std::hex << box_.host[3] << ", sent " << box_.host[4];
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(buf[i], d[n - 1 - i]) << "byte " << i << " of " << n;
   }
   Finish(k);
@@ -1272,8 +1275,8 @@ TEST_P(NetTest, WholeWarpSendsShareOneHostcallAndFlagsWork) {
   EXPECT_EQ(calls1 - calls0, 1u) << "32 lanes sending together should share one hostcall";
 }
 
-// Lanes 0-15 block in accept on one listener, 16-31 in recv on connections the host
-// opened; the host shuts the runtime down. out[tid] = what the call returned.
+// Every lane accepts on one listener; those that get one of the host's 16 connections
+// then block in recv. The host shuts the runtime down. out[tid] = what the call returned.
 struct BlockForever {
   GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
     uint32_t lane = gpusock::warp::lane_id();
@@ -1287,13 +1290,9 @@ struct BlockForever {
     while ((l1 = read_box(box, 1)) == 0) {
     }
     int lfd = static_cast<int>(l1) - 1;
-    if (lane < 16) {
-      out[lane] = raw::accept(lfd, nullptr, nullptr);
-      return;
-    }
-    // Lanes 16..31 take the connections the host made first.
+    // Sixteen lanes get the host's connections and block in recv (the host sends
+    // nothing); the other sixteen block in accept.
     int c = raw::accept(lfd, nullptr, nullptr);
-    gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[2]).fetch_add(1, gpusock::Order::kRelease);
     char x;
     out[lane] = c < 0 ? c : raw::recv(c, &x, 1, 0);
   }
@@ -1302,8 +1301,6 @@ struct BlockForever {
 TEST_P(NetTest, ShutdownWhileKernelsBlockInAcceptAndRecvEndsThemWithAnError) {
   Start();
   auto out = Buffer<int64_t>(32);
-  // The host connects 16 clients before the accepting lanes can outnumber them? No: every
-  // lane accepts; 16 connections go to 16 of them, the other 16 wait. All then block.
   auto k = Launch({1}, {32}, BlockForever{}, box_.dev, out.data());
   uint32_t port = Await(0);
   ASSERT_NE(port, 0u);

@@ -15,8 +15,9 @@
 // kListen      fd, backlog                          -                0
 // kAccept      fd, flags (SOCK_NONBLOCK|CLOEXEC)    -                fd, addrlen, addr[4]
 // kConnect     fd                                   sockaddr         0
-// kSend        fd, flags, addrlen                   [addr] data      bytes sent
-//                (addrlen > 0: the first kAddrSlot payload bytes hold the destination)
+// kSend        fd, flags|addrlen<<32, addr[4]       data             bytes sent
+//                (addrlen 0: no destination; kRideAlong: a lane of warp_send() that
+//                carries no bytes, answered 0 with no I/O)
 // kRecv        fd, flags, len                       -                bytes, data, flag, addrlen, addr[4]
 //                data: device address of the bytes (a receive buffer the host lent);
 //                flag: device address of the buffer's 32-bit lent flag: the lane stores 0
@@ -62,8 +63,8 @@ static_assert(kFirst >= hostcall::kModuleFirst && kLast <= hostcall::kModuleLast
 
 // Largest address that travels in argument or result words (4 words).
 inline constexpr uint32_t kMaxAddrBytes = 32;
-// Bytes reserved at the front of a kSend payload for the destination address.
-inline constexpr uint32_t kAddrSlot = 32;
+// kSend's address length for a warp_send() lane that only helps copy.
+inline constexpr uint32_t kRideAlong = 0xffff;
 // Largest option value getsockopt/setsockopt carry.
 inline constexpr uint32_t kMaxOptBytes = 32;
 // Most pollfd entries one lane's poll() may pass.

@@ -283,8 +283,8 @@ GPUSOCK_HD inline int64_t warp_send(int fd, const void* buf, uint64_t len, int f
     const uint32_t piece = left < net::internal::kMaxSendPiece ? static_cast<uint32_t>(left) : net::internal::kMaxSendPiece;
     // Only the leader carries bytes; the others ride along with empty sends (answered at
     // once by the host) so that their lanes join the copy.
-    hostcall::Ticket t = hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd,
-                                                       static_cast<uint32_t>(flags), 0, 0, 0, 0);
+    const uint64_t fl = static_cast<uint32_t>(flags) | (lead ? 0ull : (uint64_t{net::kRideAlong} << 32));
+    hostcall::Ticket t = hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd, fl, 0, 0, 0, 0);
     int64_t r = hostcall::wait(t);
     r = warp::shfl(mask, r, warp::leader(mask));
     if (r < 0) {
