@@ -104,7 +104,7 @@ struct WarpSender {
     const int64_t t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
     while (off < total) {
       const uint32_t n = static_cast<uint32_t>(total - off < chunk ? total - off : chunk);
-      if (raw::warp_send(fd, src, n, 0) != n) break;
+      if (raw::warp_send(0xffffffffu, fd, src, n, 0) != n) break;
       off += n;
     }
     const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
@@ -133,7 +133,7 @@ struct WarpReceiver {
     uint64_t off = 0, bad = 0;
     int64_t t0 = 0;
     for (;;) {
-      int64_t n = raw::warp_recv(fd, dst, chunk, 0);
+      int64_t n = raw::warp_recv(0xffffffffu, fd, dst, chunk, 0);
       if (n <= 0) break;
       if (off == 0) t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
       for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) bad += dst[i] != pattern(off + i);

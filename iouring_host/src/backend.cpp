@@ -87,7 +87,8 @@ struct Sock {
   bool stream = false;
   std::atomic<bool> nonblock{false};
   bool closed = false;        // home thread only
-  bool loopback_peer = false;  // home thread only; decides SEND_ZC
+  // Decides SEND_ZC. Set by connect (a non-blocking one runs on any service thread).
+  std::atomic<bool> loopback_peer{false};
   uint32_t inflight = 0;      // home thread only: ops on this socket not yet completed
   // Listener state, home thread only.
   bool listening = false, accept_armed = false;
@@ -346,6 +347,9 @@ class IouringBackend final : public net::Backend {
           int r = sock_err(::connect(s->fd, reinterpret_cast<const sockaddr*>(req.data.data()),
                                      static_cast<socklen_t>(req.data.size())));
           ::fcntl(s->fd, F_SETFL, fl);
+          sockaddr_storage to{};
+          std::memcpy(&to, req.data.data(), std::min(req.data.size(), sizeof to));
+          s->loopback_peer.store(is_loopback(to), std::memory_order_relaxed);
           reply.finish(r);
           return;
         }
@@ -729,7 +733,7 @@ class IouringBackend final : public net::Backend {
     sockaddr_storage a{};
     socklen_t len = sizeof a;
     if (::getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-      s->loopback_peer = is_loopback(a);
+      s->loopback_peer.store(is_loopback(a), std::memory_order_relaxed);
       reply.set_addr(1, &a, std::min<socklen_t>(len, net::kMaxAddrBytes));
     }
     reply.finish(fd);
@@ -771,7 +775,7 @@ class IouringBackend final : public net::Backend {
     op->reply = std::move(reply);
     std::memcpy(&op->addr, req.data.data(), req.data.size());
     op->addr_len = static_cast<socklen_t>(req.data.size());
-    s->loopback_peer = is_loopback(op->addr);
+    s->loopback_peer.store(is_loopback(op->addr), std::memory_order_relaxed);
     io_uring_prep_connect(sqe, s->fd, reinterpret_cast<sockaddr*>(&op->addr), op->addr_len);
     target(sqe, *s);
     io_uring_sqe_set_data(sqe, op);
@@ -795,7 +799,7 @@ class IouringBackend final : public net::Backend {
       op->addr_len = req.addr_len;
     }
     op->zc = feat_.send_zc && r.staging_registered && opt_.send_zc_threshold != 0 &&
-             op->len >= opt_.send_zc_threshold && op->addr_len == 0 && s->stream && !s->loopback_peer &&
+             op->len >= opt_.send_zc_threshold && op->addr_len == 0 && s->stream && !s->loopback_peer.load(std::memory_order_relaxed) &&
              op->data >= staging_ && op->data + op->len <= staging_ + staging_bytes_;
     if (op->len == 0 && s->stream) {
       // Nothing to send; the descriptor was checked. (A zero-length datagram is real.)

@@ -526,7 +526,7 @@ struct BulkSender {
       for (uint32_t i = lane; i < n; i += 32) chunk[i] = pattern_byte(off + i);
       gpusock::warp::sync(0xffffffffu);
       // All 32 lanes send together: one stream of bytes, copied by the whole warp.
-      int64_t w = raw::warp_send(fd, chunk, n, 0);
+      int64_t w = raw::warp_send(0xffffffffu, fd, chunk, n, 0);
       if (w != static_cast<int64_t>(n)) err = w < 0 ? w : -EIO;
       off += n;
     }
@@ -557,7 +557,7 @@ struct BulkReceiver {
     uint64_t off = 0, hash = 0, bad = 0;
     int64_t n = 0;
     for (;;) {
-      n = raw::warp_recv(fd, chunk, chunk_bytes, 0);
+      n = raw::warp_recv(0xffffffffu, fd, chunk, chunk_bytes, 0);
       if (n <= 0) break;
       for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
         hash += byte_hash(off + i, chunk[i]);

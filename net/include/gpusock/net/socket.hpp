@@ -268,13 +268,19 @@ GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
   return static_cast<int>(hostcall::call(net::op::kFcntl, fd, cmd, arg));
 }
 
-// Warp-collective send: every lane of the calling group passes the same (fd, buf, len,
-// flags); the bytes go out once, copied into staging by all the lanes together (coalesced
-// 16-byte stores), which is what makes one warp's bulk sends fast. Returns what send()
-// returns, to every lane.
-GPUSOCK_HD inline int64_t warp_send(int fd, const void* buf, uint64_t len, int flags) {
-  const uint32_t mask = warp::converge_match(static_cast<uint64_t>(static_cast<uint32_t>(fd)));
-  const bool lead = warp::lane_id() == warp::leader(mask);
+// Warp-collective send, in the shape of CUDA's *_sync intrinsics: every lane in `mask`
+// calls it with the same (fd, buf, len, flags), and `mask` names exactly those lanes. The
+// bytes go out once, copied into staging by the lanes together (coalesced 16-byte stores),
+// which is what makes one warp's bulk sends fast. Returns what send() returns, to every
+// lane of mask. Streams only: on a datagram socket use send().
+//
+// The mask is explicit because "the lanes that arrive together" is not a group a
+// collective can rely on: lanes that reach the call apart (a slow lane on the cpu device, a
+// divergent branch on a GPU) would otherwise form two groups with two leaders, and two
+// leaders would each send the buffer.
+GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint64_t len, int flags) {
+  const uint32_t leader = warp::leader(mask);
+  const bool lead = warp::lane_id() == leader;
   const uint8_t* p = static_cast<const uint8_t*>(buf);
   uint64_t done = 0;
   int64_t result = 0;
@@ -282,11 +288,12 @@ GPUSOCK_HD inline int64_t warp_send(int fd, const void* buf, uint64_t len, int f
     const uint64_t left = len - done;
     const uint32_t piece = left < net::internal::kMaxSendPiece ? static_cast<uint32_t>(left) : net::internal::kMaxSendPiece;
     // Only the leader carries bytes; the others ride along with empty sends (answered at
-    // once by the host) so that their lanes join the copy.
+    // once by the host, with no I/O) so that, when they share its hostcall, they join the
+    // copy. Whichever calls the lanes end up in, only the leader's sends bytes.
     const uint64_t fl = static_cast<uint32_t>(flags) | (lead ? 0ull : (uint64_t{net::kRideAlong} << 32));
-    hostcall::Ticket t = hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd, fl, 0, 0, 0, 0);
-    int64_t r = hostcall::wait(t);
-    r = warp::shfl(mask, r, warp::leader(mask));
+    int64_t r = hostcall::wait(
+        hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd, fl, 0, 0, 0, 0));
+    r = warp::shfl(mask, r, leader);
     if (r < 0) {
       result = done > 0 ? static_cast<int64_t>(done) : r;
       break;
@@ -298,13 +305,15 @@ GPUSOCK_HD inline int64_t warp_send(int fd, const void* buf, uint64_t len, int f
   return result;
 }
 
-// Warp-collective recv: every lane passes the same (fd, buf, len, flags); one receive, its
-// bytes copied out by all the lanes together. Returns what recv() returns, to every lane.
-GPUSOCK_HD inline int64_t warp_recv(int fd, void* buf, uint64_t len, int flags) {
-  const uint32_t mask = warp::converge_match(static_cast<uint64_t>(static_cast<uint32_t>(fd)));
-  const bool lead = warp::lane_id() == warp::leader(mask);
-  int64_t r = raw::recvfrom(fd, buf, lead ? len : 0, flags & ~MSG_WAITALL, nullptr, nullptr);
-  return warp::shfl(mask, r, warp::leader(mask));
+// Warp-collective recv: every lane in `mask` calls it with the same (fd, buf, len, flags);
+// one receive (MSG_WAITALL is ignored), its bytes copied out by the lanes together.
+// Returns what recv() returns, to every lane of mask. See warp_send() for why the mask is
+// explicit.
+GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t len, int flags) {
+  const uint32_t leader = warp::leader(mask);
+  // The other lanes ask for 0 bytes: the host answers them at once, with no I/O.
+  int64_t r = raw::recvfrom(fd, buf, warp::lane_id() == leader ? len : 0, flags & ~MSG_WAITALL, nullptr, nullptr);
+  return warp::shfl(mask, r, leader);
 }
 
 }  // namespace raw
