@@ -218,6 +218,7 @@ class IouringBackend final : public net::Backend {
   std::string describe() const override {
     std::string s = "io_uring: setup ";
     s += feat_.defer_taskrun ? "SINGLE_ISSUER|DEFER_TASKRUN" : feat_.coop_taskrun ? "COOP_TASKRUN" : "plain";
+    if (feat_.taskrun_flag) s += "|TASKRUN_FLAG";
     s += ", multishot accept, provided buffer ring (" + std::to_string(opt_.recv_buffers) + " x " +
          std::to_string(opt_.recv_buffer_bytes / 1024) + " KiB per thread), fixed files";
     s += feat_.send_zc && opt_.send_zc_threshold != 0
@@ -235,11 +236,15 @@ class IouringBackend final : public net::Backend {
     uint32_t work = 0;
     if (r->inbox_nonempty.load(std::memory_order_acquire)) work += drain_inbox(*r);
     if (!r->lent.empty()) work += recycle(*r);
-    // One enter per pass, and only when there is something to submit or completions the
-    // kernel holds back for us (DEFER_TASKRUN runs them inside io_uring_enter).
-    // With DEFER_TASKRUN (or COOP_TASKRUN) completions are only posted when this thread
-    // enters the kernel, so it enters every pass while operations are in flight.
-    if (io_uring_sq_ready(&r->ring) > 0 || (deferred_taskrun_ && !r->live.empty())) {
+    // At most one enter per pass, and only when there is something to submit or to
+    // collect. With DEFER_TASKRUN (or COOP_TASKRUN) completions are posted only when this
+    // thread enters the kernel; the kernel says when that is due with IORING_SQ_TASKRUN
+    // (TASKRUN_FLAG, checked at start-up). Without the flag the thread enters on every
+    // pass while operations are in flight, and a listener's accept always is.
+    const unsigned kflags = IO_URING_READ_ONCE(*r->ring.sq.kflags);
+    const bool collect = (kflags & IORING_SQ_CQ_OVERFLOW) != 0 ||
+                         (feat_.taskrun_flag ? (kflags & IORING_SQ_TASKRUN) != 0 : deferred_taskrun_ && !r->live.empty());
+    if (io_uring_sq_ready(&r->ring) > 0 || collect) {
       io_uring_submit_and_get_events(&r->ring);
     }
     work += reap(*r);
@@ -418,11 +423,7 @@ class IouringBackend final : public net::Backend {
       io_uring_queue_exit(&r->ring);
       return r;
     }
-    const int mask = io_uring_buf_ring_mask(r->nbufs);
-    for (uint32_t b = 0; b < r->nbufs; ++b) {
-      io_uring_buf_ring_add(r->br, r->bufs_host + static_cast<size_t>(b) * r->buf_bytes, r->buf_bytes,
-                            static_cast<unsigned short>(b), mask, static_cast<int>(b));
-    }
+    for (uint32_t b = 0; b < r->nbufs; ++b) add_buffer(*r, b, static_cast<int>(b));
     io_uring_buf_ring_advance(r->br, static_cast<int>(r->nbufs));
     // Fixed files: a sparse table; sockets take a slot while they live.
     const uint32_t nfixed = std::min<uint32_t>(opt_.max_sockets, 65536);
@@ -548,17 +549,22 @@ class IouringBackend final : public net::Backend {
     return static_cast<uint32_t>(work.size());
   }
 
+  // Queues buffer b for the kernel at `offset` past the ring's tail (published by
+  // io_uring_buf_ring_advance).
+  static void add_buffer(Ring& r, uint32_t b, int offset) {
+    io_uring_buf_ring_add(r.br, r.bufs_host + static_cast<size_t>(b) * r.buf_bytes, r.buf_bytes,
+                          static_cast<unsigned short>(b), io_uring_buf_ring_mask(r.nbufs), offset);
+  }
+
   // Gives buffers the device has finished with back to the kernel.
   uint32_t recycle(Ring& r) {
-    const int mask = io_uring_buf_ring_mask(r.nbufs);
     int added = 0;
     for (size_t i = 0; i < r.lent.size();) {
       const uint32_t b = r.lent[i];
       // Acquire: pairs with the device's release store of 0 after its last read of the
       // buffer, so the kernel cannot overwrite bytes the device is still copying.
       if (std::atomic_ref<uint32_t>(r.flags_host[b]).load(std::memory_order_acquire) == 0) {
-        io_uring_buf_ring_add(r.br, r.bufs_host + static_cast<size_t>(b) * r.buf_bytes, r.buf_bytes,
-                              static_cast<unsigned short>(b), mask, added++);
+        add_buffer(r, b, added++);
         r.lent[i] = r.lent.back();
         r.lent.pop_back();
       } else {
@@ -575,8 +581,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void return_buffer_now(Ring& r, uint32_t b) {
-    io_uring_buf_ring_add(r.br, r.bufs_host + static_cast<size_t>(b) * r.buf_bytes, r.buf_bytes,
-                          static_cast<unsigned short>(b), io_uring_buf_ring_mask(r.nbufs), 0);
+    add_buffer(r, b, 0);
     io_uring_buf_ring_advance(r.br, 1);
   }
 
@@ -1162,6 +1167,31 @@ const char* op_name(int op) {
   }
 }
 
+// Does the kernel raise IORING_SQ_TASKRUN when a completion waits for us to enter? A
+// receive on a socket pair goes async; a write to the other end completes it, and the
+// flag must then show without entering the kernel. The service loop relies on the flag to
+// skip io_uring_enter on passes with nothing to collect.
+bool taskrun_flag_works(io_uring& ring) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return false;
+  char buf[4];
+  bool seen = false;
+  if (io_uring_sqe* sqe = io_uring_get_sqe(&ring)) {
+    io_uring_prep_recv(sqe, sv[0], buf, sizeof buf, 0);
+    io_uring_sqe_set_data64(sqe, 3);
+    io_uring_submit(&ring);
+    if (::write(sv[1], "x", 1) == 1) {
+      for (int i = 0; i < 1000000 && !seen; ++i) seen = (IO_URING_READ_ONCE(*ring.sq.kflags) & IORING_SQ_TASKRUN) != 0;
+    }
+    io_uring_cqe* cqe = nullptr;
+    __kernel_timespec ts{0, 200000000};
+    if (io_uring_wait_cqe_timeout(&ring, &cqe, &ts) == 0) io_uring_cqe_seen(&ring, cqe);
+  }
+  ::close(sv[0]);
+  ::close(sv[1]);
+  return seen;
+}
+
 }  // namespace
 
 KernelFeatures probe_kernel() {
@@ -1172,7 +1202,9 @@ KernelFeatures probe_kernel() {
   }
   io_uring ring{};
   io_uring_params p{};
-  const unsigned attempts[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+  const unsigned attempts[] = {
+      IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+      IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG, 0};
   int rc = -EINVAL;
   for (unsigned flags : attempts) {
     p = {};
@@ -1182,6 +1214,7 @@ KernelFeatures probe_kernel() {
       f.single_issuer = (flags & IORING_SETUP_SINGLE_ISSUER) != 0;
       f.defer_taskrun = (flags & IORING_SETUP_DEFER_TASKRUN) != 0;
       f.coop_taskrun = (flags & IORING_SETUP_COOP_TASKRUN) != 0;
+      f.taskrun_flag = (flags & IORING_SETUP_TASKRUN_FLAG) != 0;
       break;
     }
     if (rc != -EINVAL) break;  // EPERM, ENOSYS, ENOMEM: no flag helps
@@ -1190,6 +1223,7 @@ KernelFeatures probe_kernel() {
     f.setup_error = -rc;
     return f;
   }
+  if (f.taskrun_flag) f.taskrun_flag = taskrun_flag_works(ring);
   f.ext_arg = (p.features & IORING_FEAT_EXT_ARG) != 0;
   f.fast_poll = (p.features & IORING_FEAT_FAST_POLL) != 0;
   if (io_uring_probe* probe = io_uring_get_probe_ring(&ring)) {
@@ -1310,6 +1344,7 @@ Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options&
   unsigned flags = f.defer_taskrun ? (IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
                    : f.coop_taskrun ? IORING_SETUP_COOP_TASKRUN
                                     : 0u;
+  if (f.taskrun_flag) flags |= IORING_SETUP_TASKRUN_FLAG;
   auto be = std::make_shared<IouringBackend>(rt, options, f, flags);
   if (Status s = be->init(rt); !s.ok()) return s;
   return std::shared_ptr<net::Backend>(be);

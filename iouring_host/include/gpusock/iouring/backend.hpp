@@ -30,7 +30,8 @@
 namespace gpusock::iouring {
 
 struct Options {
-  // Submission queue entries per ring (completion queue: twice that).
+  // Submission queue entries per ring (completion queue: four times that, so bursts of
+  // multishot completions do not overflow it).
   uint32_t ring_entries = 1024;
   // Provided receive buffers per service thread (a power of two) and their size. A recv()
   // returns at most one buffer's worth; buffers are lent to the device until it has
@@ -56,6 +57,7 @@ struct KernelFeatures {
   bool single_issuer = false;    // IORING_SETUP_SINGLE_ISSUER (6.0)
   bool defer_taskrun = false;    // IORING_SETUP_DEFER_TASKRUN (6.1)
   bool coop_taskrun = false;     // IORING_SETUP_COOP_TASKRUN (5.19)
+  bool taskrun_flag = false;     // IORING_SETUP_TASKRUN_FLAG (5.19), seen raising IORING_SQ_TASKRUN
   bool ext_arg = false;          // IORING_FEAT_EXT_ARG (5.11): waits with a timeout
   bool fast_poll = false;        // IORING_FEAT_FAST_POLL (5.7)
   std::vector<std::string> missing_ops;  // required opcodes the probe did not list

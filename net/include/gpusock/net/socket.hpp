@@ -74,6 +74,15 @@ GPUSOCK_HD inline void addr_to_caller(const uint64_t* w, uint32_t actual, sockad
   *len = actual;
 }
 
+// getsockname/getpeername: one address back in result words 1..5.
+GPUSOCK_HD inline int name_call(uint32_t opcode, int fd, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return -EFAULT;
+  uint64_t r[5];
+  int64_t ret = hostcall::wait(hostcall::submit(opcode, fd), r, 5);
+  if (ret >= 0) addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
+  return static_cast<int>(ret);
+}
+
 GPUSOCK_HD inline int64_t posix(int64_t r) {
   if (r < 0) {
     hostcall::errno_ref() = static_cast<int32_t>(-r);
@@ -208,10 +217,11 @@ GPUSOCK_HD inline int shutdown(int fd, int how) { return static_cast<int>(hostca
 GPUSOCK_HD inline int close(int fd) { return static_cast<int>(hostcall::call(net::op::kClose, fd)); }
 
 // Options: SOL_SOCKET SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF,
-// SO_LINGER, SO_BROADCAST, SO_RCVLOWAT, SO_PRIORITY, SO_ERROR/SO_TYPE/SO_ACCEPTCONN/
-// SO_DOMAIN/SO_PROTOCOL (get only); IPPROTO_TCP TCP_NODELAY, TCP_CORK, TCP_QUICKACK,
-// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT, TCP_MAXSEG; IPPROTO_IP
-// IP_TOS, IP_TTL; IPPROTO_IPV6 IPV6_V6ONLY. Others: -ENOPROTOOPT. Values up to 32 bytes.
+// SO_LINGER, SO_BROADCAST, SO_RCVLOWAT, SO_PRIORITY, SO_OOBINLINE, SO_ERROR/SO_TYPE/
+// SO_ACCEPTCONN/SO_DOMAIN/SO_PROTOCOL (get only); IPPROTO_TCP TCP_NODELAY, TCP_CORK,
+// TCP_QUICKACK, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT, TCP_MAXSEG;
+// IPPROTO_IP IP_TOS, IP_TTL; IPPROTO_IPV6 IPV6_V6ONLY, IPV6_UNICAST_HOPS. Others:
+// -ENOPROTOOPT. Values up to 32 bytes.
 GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
   if (len > 0 && value == nullptr) return -EFAULT;
   if (len > net::kMaxOptBytes) return -EINVAL;
@@ -232,18 +242,10 @@ GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, sockl
 }
 
 GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
-  if (addr == nullptr || len == nullptr) return -EFAULT;
-  uint64_t r[5];
-  int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetsockname, fd), r, 5);
-  if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
-  return static_cast<int>(ret);
+  return net::internal::name_call(net::op::kGetsockname, fd, addr, len);
 }
 GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
-  if (addr == nullptr || len == nullptr) return -EFAULT;
-  uint64_t r[5];
-  int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetpeername, fd), r, 5);
-  if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
-  return static_cast<int>(ret);
+  return net::internal::name_call(net::op::kGetpeername, fd, addr, len);
 }
 
 // Returns how many entries have revents != 0 (each entry's revents is set), 0 on

@@ -106,14 +106,15 @@ class OwnedFd {
     fd_ = -1;
     return r < 0 ? -r : 0;
   }
-  GPUSOCK_HD Expected<SockAddr> local_addr() const {
-    SockAddr a;
-    a.len = sizeof a.bytes;
-    int r = raw::getsockname(fd_, a.get(), &a.len);
-    return r < 0 ? Expected<SockAddr>::failure(-r) : Expected<SockAddr>(a);
-  }
+  GPUSOCK_HD Expected<SockAddr> local_addr() const { return name(net::op::kGetsockname); }
 
  protected:
+  GPUSOCK_HD Expected<SockAddr> name(uint32_t opcode) const {
+    SockAddr a;
+    a.len = sizeof a.bytes;
+    int r = name_call(opcode, fd_, a.get(), &a.len);
+    return r < 0 ? Expected<SockAddr>::failure(-r) : Expected<SockAddr>(a);
+  }
   int fd_ = -1;
 };
 
@@ -148,12 +149,7 @@ class TcpStream : public net::internal::OwnedFd {
     return net::internal::bytes(raw::recv(fd_, buf, n, MSG_WAITALL));
   }
   GPUSOCK_HD int shutdown_write() { return -raw::shutdown(fd_, SHUT_WR); }
-  GPUSOCK_HD Expected<SockAddr> peer_addr() const {
-    SockAddr a;
-    a.len = sizeof a.bytes;
-    int r = raw::getpeername(fd_, a.get(), &a.len);
-    return r < 0 ? Expected<SockAddr>::failure(-r) : Expected<SockAddr>(a);
-  }
+  GPUSOCK_HD Expected<SockAddr> peer_addr() const { return name(net::op::kGetpeername); }
 };
 
 class TcpListener : public net::internal::OwnedFd {
