@@ -1194,7 +1194,20 @@ bool taskrun_flag_works(io_uring& ring) {
 
 }  // namespace
 
-KernelFeatures probe_kernel() {
+namespace {
+
+// Runs fn on a thread of its own and waits for it. The probes make, use and exit
+// io_uring instances; the kernel finishes tearing them down later, and that work can be
+// queued to the thread that made them, which interrupts whatever blocking system call
+// that thread is in by then (a recv with SO_RCVTIMEO fails with EINTR). The caller's
+// thread is an application's thread: keep that away from it. A thread's pending task work
+// runs when it exits, so the join leaves nothing behind.
+template <typename F>
+void on_own_thread(F&& fn) {
+  std::thread(std::forward<F>(fn)).join();
+}
+
+KernelFeatures probe_here() {
   KernelFeatures f;
   if (FILE* fp = std::fopen("/proc/sys/kernel/io_uring_disabled", "r")) {
     if (std::fscanf(fp, "%d", &f.io_uring_disabled) != 1) f.io_uring_disabled = 0;
@@ -1284,6 +1297,14 @@ KernelFeatures probe_kernel() {
   return f;
 }
 
+}  // namespace
+
+KernelFeatures probe_kernel() {
+  KernelFeatures f;
+  on_own_thread([&f] { f = probe_here(); });
+  return f;
+}
+
 Status check_features(const KernelFeatures& f) {
   if (f.setup_error != 0) {
     std::string m = "io_uring is not available: io_uring_setup failed with " + std::string(std::strerror(f.setup_error)) + ". ";
@@ -1327,20 +1348,21 @@ Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options&
   }
   if (o.ring_entries < 8 || o.ring_entries > 32768) return Status(EINVAL, "iouring::Options::ring_entries must be 8..32768");
   if (o.max_sockets == 0) return Status(EINVAL, "iouring::Options::max_sockets must be at least 1");
-  KernelFeatures f = probe_kernel();
-  if (Status s = check_features(f); !s.ok()) return s;
-  // Can the staging region be registered as fixed buffers? (Needs the pages pinnable; a
-  // failure only turns SEND_ZC off.)
-  {
+  KernelFeatures f;
+  on_own_thread([&f, &rt] {
+    f = probe_here();
+    // Can the staging region be registered as fixed buffers? (Needs the pages pinnable; a
+    // failure only turns SEND_ZC off.)
     io_uring ring{};
-    if (io_uring_queue_init(8, &ring, 0) == 0) {
+    if (f.setup_error == 0 && io_uring_queue_init(8, &ring, 0) == 0) {
       iovec iov{rt.staging_host(), rt.staging_size()};
       int rc = io_uring_register_buffers(&ring, &iov, 1);
       f.registered_buffers = rc == 0;
       if (rc != 0) f.registered_buffers_error = std::strerror(-rc);
       io_uring_queue_exit(&ring);
     }
-  }
+  });
+  if (Status s = check_features(f); !s.ok()) return s;
   unsigned flags = f.defer_taskrun ? (IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
                    : f.coop_taskrun ? IORING_SETUP_COOP_TASKRUN
                                     : 0u;

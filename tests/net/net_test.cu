@@ -177,9 +177,6 @@ class NetTest : public ::testing::TestWithParam<DeviceKind> {
     opts_.device = GetParam();
     opts_.cpu_resident_warps = 64;
   }
-  void TearDown() override {
-    if (box_.host != nullptr && rt_) rt_->mapped_free(box_.host);
-  }
   void Start(gpusock::iouring::Options io = {}) {
     auto rt = Runtime::create(opts_);
     ASSERT_TRUE(rt.ok()) << rt.status().to_string();
@@ -188,6 +185,9 @@ class NetTest : public ::testing::TestWithParam<DeviceKind> {
     ASSERT_TRUE(s.ok()) << s.to_string();
     auto m = rt_->mapped_alloc(4096);
     ASSERT_TRUE(m.ok());
+    // Freed with the runtime, after its kernels stop: a kernel left running by a failed
+    // assertion may still write here during TearDown.
+    rt_->mapped_free_at_exit(m->host);
     box_.host = static_cast<uint32_t*>(m->host);
     box_.dev = static_cast<uint32_t*>(m->device);
   }
@@ -482,7 +482,8 @@ TEST_P(NetTest, UdpBothWaysKeepsDatagramBoundaries) {
     for (size_t i = 0; i < n; ++i) d[i] = static_cast<uint8_t>(i * 31 + n);
     ASSERT_EQ(::sendto(hs, d.data(), n, 0, reinterpret_cast<sockaddr*>(&from), flen), static_cast<ssize_t>(n));
     ssize_t r = ::recv(hs, buf.data(), buf.size(), 0);
-    ASSERT_EQ(r, static_cast<ssize_t>(n)) << "datagram of " << n << ": " << std::strerror(errno)
+    const int err = errno;
+    ASSERT_EQ(r, static_cast<ssize_t>(n)) << "datagram of " << n << ": " << std::strerror(err)
                                            << "; kernel received " << std::hex << box_.host[3] << ", sent " << box_.host[4];
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(buf[i], d[n - 1 - i]) << "byte " << i << " of " << n;
   }
