@@ -44,6 +44,13 @@ GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
 GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
   return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
 }
+// Waits for box[i] to become nonzero. The backoff matters on the cpu device, where every
+// lane is a thread: a thousand lanes spinning flat out starve the one lane they wait for.
+GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
+  uint32_t v;
+  for (uint32_t n = 0; (v = read_box(box, i)) == 0; ++n) gpusock::backoff(n);
+  return v;
+}
 
 // One lane per connection: accept, then echo fixed-size requests until the peer closes.
 struct EchoServer {
@@ -63,9 +70,7 @@ struct EchoServer {
       publish(box, 1, static_cast<uint32_t>(lfd) + 1);
       publish(box, 0, r == 0 ? gpusock::ntohs(a.sin_port) : 0xffffffffu);
     }
-    uint32_t l1;
-    while ((l1 = read_box(box, 1)) == 0) {
-    }
+    uint32_t l1 = await_box(box, 1);
     const int lfd = static_cast<int>(l1) - 1;
     int c = raw::accept(lfd, nullptr, nullptr);
     if (c >= 0) {

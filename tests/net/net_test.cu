@@ -64,6 +64,13 @@ GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
 GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
   return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
 }
+// Waits for box[i] to become nonzero. The backoff matters on the cpu device, where every
+// lane is a thread: a thousand lanes spinning flat out starve the one lane they wait for.
+GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
+  uint32_t v;
+  for (uint32_t n = 0; (v = read_box(box, i)) == 0; ++n) gpusock::backoff(n);
+  return v;
+}
 
 GPUSOCK_HD inline sockaddr_in loopback4(uint16_t port) {
   sockaddr_in a{};
@@ -661,9 +668,7 @@ struct ManyConnectionServer {
       publish(box, 1, static_cast<uint32_t>(lfd < 0 ? 0 : lfd) + 1);
       publish(box, 0, lfd < 0 ? 0xffffffffu : port);
     }
-    uint32_t lfd1;
-    while ((lfd1 = read_box(box, 1)) == 0) {
-    }
+    uint32_t lfd1 = await_box(box, 1);
     int lfd = static_cast<int>(lfd1) - 1;
     int c = gpusock::accept(lfd, nullptr, nullptr);
     if (c < 0) {
@@ -795,8 +800,7 @@ struct ErrorProbe {
         int fd = gpusock::socket(AF_INET, SOCK_STREAM, 0);
         out[0] = raw::connect(fd, sa(a), sizeof a);
         publish(box, 0, 1);
-        while (read_box(box, 1) == 0) {
-        }
+        await_box(box, 1);
         char buf[1024] = {};
         int64_t first_error = 0;
         for (int i = 0; i < 1000 && first_error == 0; ++i) {
@@ -1120,8 +1124,7 @@ struct PollMany {
     publish(box, 0, port);
     pollfd p[5];
     for (int i = 0; i < 3; ++i) p[i] = {raw::accept(lfd, nullptr, nullptr), POLLIN, 0};
-    while (read_box(box, 1) == 0) {
-    }
+    await_box(box, 1);
     p[3] = {4000, POLLIN, 0};
     p[4] = {-1, POLLIN, 0};
     out[0] = gpusock::poll(p, 5, 5000);
@@ -1214,8 +1217,7 @@ struct WarpTogether {
     uint64_t v[4] = {tid, tid + 1, tid + 2, tid + 3};
     gpusock::warp::sync(0xffffffffu);
     if (gpusock::warp::lane_id() == 0) publish(box, 0, 1);  // host: snapshot counters now
-    while (read_box(box, 1) == 0) {
-    }
+    await_box(box, 1);
     gpusock::warp::sync(0xffffffffu);
     err += (gpusock::send(fd, v, sizeof v, 0) != sizeof v) * 10;
     gpusock::warp::sync(0xffffffffu);
@@ -1287,9 +1289,7 @@ struct BlockForever {
       publish(box, 1, static_cast<uint32_t>(lfd) + 1);
       publish(box, 0, port);
     }
-    uint32_t l1;
-    while ((l1 = read_box(box, 1)) == 0) {
-    }
+    uint32_t l1 = await_box(box, 1);
     int lfd = static_cast<int>(l1) - 1;
     // Sixteen lanes get the host's connections and block in recv (the host sends
     // nothing); the other sixteen block in accept.
