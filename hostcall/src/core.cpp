@@ -157,6 +157,16 @@ Core::~Core() {
   if (device_block_ != nullptr) device_->free_device(device_block_);
   if (mapped_block_ != nullptr) device_->free_mapped(mapped_block_);
   for (void* p : adopted_mapped_) device_->free_mapped(p);
+  for (void* p : adopted_device_) device_->free_device(p);
+}
+
+Status Core::set_module_state(uint32_t index, void* device_ptr) {
+  if (index >= hostcall::kModuleStates || device_ptr == nullptr) return {EINVAL, "bad module state index or null pointer"};
+  std::lock_guard<std::mutex> lock(hook_mu_);
+  if (module_states_[index] != nullptr) return {EEXIST, "module state " + std::to_string(index) + " is already set"};
+  Status s = device_->copy_to_device(&ctx_dev_->modules[index], &device_ptr, sizeof device_ptr);
+  if (s.ok()) module_states_[index] = device_ptr;
+  return s;
 }
 
 Status Core::register_handler(uint32_t opcode, std::string name, hostcall::Handler fn, bool core_range_ok) {

@@ -94,6 +94,11 @@ class Core : public std::enable_shared_from_this<Core> {
     std::lock_guard<std::mutex> lock(hook_mu_);
     adopted_mapped_.push_back(host);
   }
+  void adopt_device(void* dev) {
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    adopted_device_.push_back(dev);
+  }
+  Status set_module_state(uint32_t index, void* device_ptr);
 
  private:
   explicit Core(const RuntimeOptions& options) : options_(options) {}
@@ -149,6 +154,8 @@ class Core : public std::enable_shared_from_this<Core> {
   std::atomic<hostcall::ServiceHook*> hook_{nullptr};
   std::mutex hook_mu_;
   std::vector<void*> adopted_mapped_;  // guarded by hook_mu_
+  std::vector<void*> adopted_device_;  // guarded by hook_mu_
+  void* module_states_[hostcall::kModuleStates] = {};  // guarded by hook_mu_
   std::mutex park_mu_;
   std::condition_variable park_cv_;
   std::atomic<uint32_t> ring_head_{0};

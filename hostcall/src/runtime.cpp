@@ -78,6 +78,10 @@ void Runtime::mapped_free(void* host) {
 void Runtime::mapped_free_at_exit(void* host) {
   if (host != nullptr) core_->adopt_mapped(host);
 }
+void Runtime::device_free_at_exit(void* device) {
+  if (device != nullptr) core_->adopt_device(device);
+}
+Status Runtime::set_module_state(uint32_t index, void* device_ptr) { return core_->set_module_state(index, device_ptr); }
 uint32_t Runtime::service_threads() const { return core_->options().service_threads; }
 Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   return core_->device().copy_to_device(dst, src, bytes);

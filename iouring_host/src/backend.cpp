@@ -17,6 +17,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -94,6 +95,14 @@ struct Sock {
   bool listening = false, accept_armed = false;
   uint32_t accept_cap = 0;
   std::deque<int> accepted;
+  // Readable while `accepted` is not empty (a semaphore eventfd: one count per queued
+  // connection). poll() watches it instead of the listening socket, whose own readiness
+  // the multishot accept consumes. Set once by listen(); read by any thread's poll.
+  std::atomic<int> accept_efd{-1};
+  ~Sock() {
+    const int e = accept_efd.load(std::memory_order_relaxed);
+    if (e >= 0) ::close(e);
+  }
   struct Waiter {
     net::Reply reply;
     int flags;
@@ -669,6 +678,11 @@ class IouringBackend final : public net::Backend {
     }
     const int backlog = static_cast<int>(req.a[0]);
     int rc = sock_err(::listen(s->fd, backlog));
+    if (rc == 0 && s->accept_efd.load(std::memory_order_relaxed) < 0) {
+      const int e = ::eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
+      if (e < 0) rc = -errno;
+      else s->accept_efd.store(e, std::memory_order_release);
+    }
     if (rc == 0) {
       s->listening = true;
       s->accept_cap = std::max<uint32_t>(opt_.accept_queue, backlog > 0 ? static_cast<uint32_t>(backlog) : 1);
@@ -706,6 +720,7 @@ class IouringBackend final : public net::Backend {
         hand_over(r, *l, res, std::move(w.reply), w.flags);
       } else {
         l->accepted.push_back(res);
+        count_accepted(*l, +1);
         if (l->accepted.size() >= l->accept_cap && l->accept_armed) {
           // The queue is full: stop accepting until accept() drains it, so the kernel's
           // backlog, not this queue, is what a flood of clients meets.
@@ -725,6 +740,15 @@ class IouringBackend final : public net::Backend {
     if (!more && !l->accept_armed && l->accepted.size() < l->accept_cap && res != -EMFILE && res != -ENFILE) {
       arm_accept(r, l);
     }
+  }
+
+  // Keeps the listener's eventfd count equal to accepted.size().
+  static void count_accepted(Sock& l, int delta) {
+    const int e = l.accept_efd.load(std::memory_order_relaxed);
+    if (e < 0) return;
+    uint64_t v = 1;
+    ssize_t n = delta > 0 ? ::write(e, &v, sizeof v) : ::read(e, &v, sizeof v);
+    (void)n;  // a semaphore eventfd cannot overflow at these counts, nor be read below 0 here
   }
 
   // Gives accepted descriptor `fd` to a waiting lane.
@@ -757,6 +781,7 @@ class IouringBackend final : public net::Backend {
     if (!s->accepted.empty()) {
       int fd = s->accepted.front();
       s->accepted.pop_front();
+      count_accepted(*s, -1);
       hand_over(r, *s, fd, std::move(reply), flags);
       if (!s->accept_armed) arm_accept(r, s);
       return;
@@ -975,7 +1000,10 @@ class IouringBackend final : public net::Backend {
     }
     s->closed = true;
     for (int fd : s->accepted) ::close(fd);
-    s->accepted.clear();
+    while (!s->accepted.empty()) {
+      s->accepted.pop_front();
+      count_accepted(*s, -1);
+    }
     while (!s->waiters.empty()) {
       s->waiters.front().reply.finish(-EBADF);
       s->waiters.pop_front();
@@ -1029,11 +1057,14 @@ class IouringBackend final : public net::Backend {
       pollfd p;
       std::memcpy(&p, req.data.data() + i * sizeof(pollfd), sizeof p);
       w->host[i] = {-1, p.events, 0};
-      if (p.fd < 0) continue;
-      if (lookup(p.fd) == nullptr) {
+      // Negative entries are ignored; device descriptors are the device's to answer.
+      if (p.fd < 0 || p.fd >= net::kDeviceFdFirst) continue;
+      std::shared_ptr<Sock> s = lookup(p.fd);
+      if (s == nullptr) {
         w->nval[i] = POLLNVAL;
       } else {
-        w->host[i].fd = p.fd;
+        const int e = s->accept_efd.load(std::memory_order_acquire);
+        w->host[i].fd = e >= 0 ? e : p.fd;  // a listener is readable when a connection waits
       }
     }
     if (poll_now(*w) > 0 || timeout == 0) {

@@ -37,6 +37,9 @@ GPUSOCK_HD inline const DeviceContext* context() {
 #endif
 }
 
+// A module's device state (Runtime::set_module_state), or null.
+GPUSOCK_HD inline void* module_state(uint32_t index) { return context()->modules[index]; }
+
 // Per-thread errno of the POSIX-shaped layers. Lanes never share it: on a GPU it lives
 // in a device array indexed by the hardware thread slot (SM, warp slot, lane), which no
 // two resident threads share; on the cpu device it is thread_local.

@@ -100,6 +100,9 @@ class AtomicRef {
   GPUSOCK_HD T fetch_add(T v, Order o = Order::kSeqCst) const {
     return ref_.fetch_add(v, internal::to_std(o));
   }
+  GPUSOCK_HD T fetch_sub(T v, Order o = Order::kSeqCst) const {
+    return ref_.fetch_sub(v, internal::to_std(o));
+  }
   GPUSOCK_HD T fetch_or(T v, Order o = Order::kSeqCst) const {
     return ref_.fetch_or(v, internal::to_std(o));
   }

@@ -163,6 +163,9 @@ struct DeviceState {
   int32_t* errno_slots;      // per hardware thread slot: the POSIX layer's errno
 };
 
+// Module state pointers a DeviceContext carries (see DeviceContext::modules).
+inline constexpr uint32_t kModuleStates = 4;
+
 // Everything device code needs to reach the runtime, in device-visible memory. Kernels
 // find it through gpusock::hostcall::context(); launch() puts it there.
 struct DeviceContext {
@@ -179,6 +182,10 @@ struct DeviceContext {
   uint32_t slots_per_warp;          // home slot of warp w = w * slots_per_warp % nslots
   int64_t monotonic_offset_ns;      // CLOCK_MONOTONIC = globaltimer + this
   int64_t realtime_offset_ns;       // CLOCK_REALTIME  = globaltimer + this
+  // Device memory of modules built on hostcall that keep state on the device (net/'s
+  // localdevice family uses index 0). Set by Runtime::set_module_state before kernels use
+  // it; null when the module is not enabled.
+  void* modules[kModuleStates];
 };
 
 }  // namespace gpusock::hostcall

@@ -137,6 +137,12 @@ class Runtime {
   // away, after every service thread and kernel has stopped. For modules whose buffers
   // kernels may still read after the module object is gone.
   void mapped_free_at_exit(void* host);
+  // The same for device_alloc() memory.
+  void device_free_at_exit(void* device);
+  // Publishes a module's device state to kernels as DeviceContext::modules[index]
+  // (hostcall::module_state(index) on the device). Set it before launching kernels that
+  // use it. Returns ok, or EINVAL (index out of range, null), EEXIST (already set).
+  Status set_module_state(uint32_t index, void* device_ptr);
   uint32_t service_threads() const;
 
   // Region facts, for modules built on hostcall (net/ registers the staging arena with

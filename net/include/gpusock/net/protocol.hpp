@@ -67,6 +67,11 @@ inline constexpr uint32_t kMaxAddrBytes = 32;
 inline constexpr uint32_t kRideAlong = 0xffff;
 // Largest option value getsockopt/setsockopt carry.
 inline constexpr uint32_t kMaxOptBytes = 32;
+// Descriptors from here up are served on the device (the localdevice family,
+// localdevice.hpp) and never reach the host, with one exception: a poll() that mixes
+// them with host sockets sends the whole array, and a backend leaves these entries'
+// revents 0 and does not count them.
+inline constexpr int kDeviceFdFirst = 0x40000000;
 // Most pollfd entries one lane's poll() may pass.
 inline constexpr uint32_t kMaxPollFds = 4096;
 

@@ -41,6 +41,7 @@
 #include "gpusock/hostcall/client.hpp"
 #include "gpusock/hostcall/io.hpp"
 #include "gpusock/net/inet.hpp"
+#include "gpusock/net/localdevice.hpp"
 #include "gpusock/net/protocol.hpp"
 
 namespace gpusock {
@@ -101,6 +102,7 @@ namespace raw {
 // | SOCK_CLOEXEC. Returns a descriptor, or -EAFNOSUPPORT, -EPROTONOSUPPORT, -EINVAL,
 // -EMFILE (the runtime's socket limit or the process's), -ESHUTDOWN.
 GPUSOCK_HD inline int socket(int domain, int type, int protocol) {
+  if (domain == AF_LOCALDEVICE) return protocol == 0 ? net::local::socket(type) : -EPROTONOSUPPORT;
   return static_cast<int>(hostcall::call(net::op::kSocket, domain, type, protocol));
 }
 
@@ -108,10 +110,12 @@ GPUSOCK_HD inline int socket(int domain, int type, int protocol) {
 GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
   if (addr == nullptr) return -EFAULT;
   if (len > sizeof(sockaddr_storage)) return -EINVAL;
+  if (net::local::is_local_fd(fd)) return net::local::bind(fd, addr, len);
   return static_cast<int>(hostcall::wait(hostcall::submit_with_payload(net::op::kBind, addr, len, fd)));
 }
 
 GPUSOCK_HD inline int listen(int fd, int backlog) {
+  if (net::local::is_local_fd(fd)) return net::local::listen(fd, backlog);
   return static_cast<int>(hostcall::call(net::op::kListen, fd, backlog));
 }
 
@@ -120,6 +124,7 @@ GPUSOCK_HD inline int listen(int fd, int backlog) {
 // listening; -EBADF if fd is closed while waiting.
 GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
   uint64_t r[5];
+  if (net::local::is_local_fd(fd)) return net::local::accept4(fd, addr, len, flags);
   int64_t ret = hostcall::wait(hostcall::submit(net::op::kAccept, fd, flags), r, 5);
   if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
   return static_cast<int>(ret);
@@ -131,6 +136,7 @@ GPUSOCK_HD inline int accept(int fd, sockaddr* addr, socklen_t* len) { return ra
 GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
   if (addr == nullptr) return -EFAULT;
   if (len > sizeof(sockaddr_storage)) return -EINVAL;
+  if (net::local::is_local_fd(fd)) return net::local::connect(fd, addr, len);
   return static_cast<int>(hostcall::wait(hostcall::submit_with_payload(net::op::kConnect, addr, len, fd)));
 }
 
@@ -141,6 +147,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
 GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest,
                                  socklen_t dest_len) {
   if (len > 0 && buf == nullptr) return -EFAULT;
+  if (net::local::is_local_fd(fd)) return net::local::sendto(fd, buf, len, flags, dest, dest_len);
   uint64_t a[net::kMaxAddrBytes / 8] = {};
   if (dest == nullptr) {
     dest_len = 0;
@@ -174,6 +181,7 @@ GPUSOCK_HD inline int64_t send(int fd, const void* buf, uint64_t len, int flags)
 // MSG_TRUNC. (src, *src_len) receive a datagram's source address.
 GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
   if (len > 0 && buf == nullptr) return -EFAULT;
+  if (net::local::is_local_fd(fd)) return net::local::recvfrom(fd, buf, len, flags, src, src_len);
   uint8_t* p = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
   for (;;) {
@@ -210,11 +218,17 @@ GPUSOCK_HD inline int64_t recv(int fd, void* buf, uint64_t len, int flags) {
 // stays the host's stdout/stderr: io.hpp.)
 GPUSOCK_HD inline int64_t read(int fd, void* buf, uint64_t len) { return raw::recv(fd, buf, len, 0); }
 
-GPUSOCK_HD inline int shutdown(int fd, int how) { return static_cast<int>(hostcall::call(net::op::kShutdown, fd, how)); }
+GPUSOCK_HD inline int shutdown(int fd, int how) {
+  if (net::local::is_local_fd(fd)) return net::local::shutdown(fd, how);
+  return static_cast<int>(hostcall::call(net::op::kShutdown, fd, how));
+}
 
 // Returns 0 or -EBADF. Calls other lanes are waiting in on fd (accept, recv, send, poll of
 // the io_uring backend) end with -EBADF.
-GPUSOCK_HD inline int close(int fd) { return static_cast<int>(hostcall::call(net::op::kClose, fd)); }
+GPUSOCK_HD inline int close(int fd) {
+  if (net::local::is_local_fd(fd)) return net::local::close(fd);
+  return static_cast<int>(hostcall::call(net::op::kClose, fd));
+}
 
 // Options: SOL_SOCKET SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF,
 // SO_LINGER, SO_BROADCAST, SO_RCVLOWAT, SO_PRIORITY, SO_OOBINLINE, SO_ERROR/SO_TYPE/
@@ -223,6 +237,7 @@ GPUSOCK_HD inline int close(int fd) { return static_cast<int>(hostcall::call(net
 // IPPROTO_IP IP_TOS, IP_TTL; IPPROTO_IPV6 IPV6_V6ONLY, IPV6_UNICAST_HOPS. Others:
 // -ENOPROTOOPT. Values up to 32 bytes.
 GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
+  if (net::local::is_local_fd(fd)) return net::local::setsockopt(fd, level, name, value, len);
   if (len > 0 && value == nullptr) return -EFAULT;
   if (len > net::kMaxOptBytes) return -EINVAL;
   return static_cast<int>(
@@ -230,6 +245,7 @@ GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value,
 }
 GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
   if (value == nullptr || len == nullptr) return -EFAULT;
+  if (net::local::is_local_fd(fd)) return net::local::getsockopt(fd, level, name, value, len);
   uint64_t r[5];
   int64_t ret = hostcall::wait(hostcall::submit(net::op::kGetsockopt, fd, level, name, *len), r, 5);
   if (ret >= 0) {
@@ -242,18 +258,19 @@ GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, sockl
 }
 
 GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
+  if (net::local::is_local_fd(fd)) return net::local::getsockname(fd, addr, len);
   return net::internal::name_call(net::op::kGetsockname, fd, addr, len);
 }
 GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
+  if (net::local::is_local_fd(fd)) return net::local::getpeername(fd, addr, len);
   return net::internal::name_call(net::op::kGetpeername, fd, addr, len);
 }
 
-// Returns how many entries have revents != 0 (each entry's revents is set), 0 on
-// timeout, or -errno. timeout_ms < 0 waits without limit. Descriptors that are not this
-// runtime's sockets get POLLNVAL; negative ones are ignored. At most kMaxPollFds entries.
-GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
-  if (nfds > net::kMaxPollFds) return -EINVAL;
-  if (nfds > 0 && fds == nullptr) return -EFAULT;
+}  // namespace raw
+
+namespace net::internal {
+// poll() of host sockets: one hostcall.
+GPUSOCK_HD inline int host_poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
   hostcall::Ticket t = hostcall::submit_with_payload(net::op::kPoll, fds, nfds * sizeof(pollfd), nfds, timeout_ms);
   int64_t r = hostcall::wait_keep_staging(t);
   // The host wrote revents into this lane's copy of the array; bring it back (fd and
@@ -264,9 +281,64 @@ GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
   return static_cast<int>(r);
 }
 
+
+// Sets the revents of every localdevice entry; returns how many are non-zero.
+GPUSOCK_HD inline int local_poll_pass(pollfd* fds, uint32_t nfds) {
+  int ready = 0;
+  for (uint32_t i = 0; i < nfds; ++i) {
+    if (fds[i].fd < 0) fds[i].revents = 0;
+    if (!local::is_local_fd(fds[i].fd)) continue;
+    fds[i].revents = local::poll_events(fds[i].fd, fds[i].events);
+    ready += fds[i].revents != 0;
+  }
+  return ready;
+}
+}  // namespace net::internal
+
+namespace raw {
+
+// Returns how many entries have revents != 0 (each entry's revents is set), 0 on
+// timeout, or -errno. timeout_ms < 0 waits without limit. Descriptors that are not this
+// runtime's sockets get POLLNVAL; negative ones are ignored. At most kMaxPollFds entries.
+//
+// localdevice descriptors are polled on the device, with no hostcall when every entry is
+// one. A mix of localdevice and host sockets alternates: a host poll of at most 1 ms (0
+// once a localdevice entry is ready), then a device pass; so a host socket's event ends
+// the wait at once and a localdevice event within about 1 ms.
+GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
+  if (nfds > net::kMaxPollFds) return -EINVAL;
+  if (nfds > 0 && fds == nullptr) return -EFAULT;
+  uint32_t local = 0, host_fds = 0;
+  for (uint32_t i = 0; i < nfds; ++i) {
+    local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
+    host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
+  }
+  if (local == 0) return net::internal::host_poll(fds, nfds, timeout_ms);
+  const bool host = host_fds > 0;
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t i = 0;; ++i) {
+    int ready = net::internal::local_poll_pass(fds, nfds);
+    const int64_t left_ms =
+        timeout_ms < 0 ? 1 : timeout_ms - static_cast<int64_t>((globaltimer_ns() - start) / 1000000u);
+    if (host) {
+      const int slice = (ready > 0 || left_ms <= 0) ? 0 : 1;
+      const int r = net::internal::host_poll(fds, nfds, slice);
+      if (r < 0) return r;
+      // The host's answer brought back the localdevice entries as it left them (0).
+      ready = r + net::internal::local_poll_pass(fds, nfds);
+    }
+    if (ready > 0 || (timeout_ms >= 0 && left_ms <= 0)) return ready;
+    if (!host) {
+      if (hostcall::internal::shutting_down(hostcall::context())) return -ESHUTDOWN;
+      backoff(i);
+    }
+  }
+}
+
 // F_GETFL (returns O_RDWR | O_NONBLOCK when set) and F_SETFL (O_NONBLOCK is honoured;
 // other flags are ignored, as on Linux for sockets). Others: -EINVAL.
 GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
+  if (net::local::is_local_fd(fd)) return net::local::fcntl(fd, cmd, arg);
   return static_cast<int>(hostcall::call(net::op::kFcntl, fd, cmd, arg));
 }
 
@@ -281,6 +353,7 @@ GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
 // divergent branch on a GPU) would otherwise form two groups with two leaders, and two
 // leaders would each send the buffer.
 GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint64_t len, int flags) {
+  if (net::local::is_local_fd(fd)) return net::local::warp_send(mask, fd, buf, len, flags);
   const uint32_t leader = warp::leader(mask);
   const bool lead = warp::lane_id() == leader;
   const uint8_t* p = static_cast<const uint8_t*>(buf);
@@ -312,6 +385,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
 // Returns what recv() returns, to every lane of mask. See warp_send() for why the mask is
 // explicit.
 GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t len, int flags) {
+  if (net::local::is_local_fd(fd)) return net::local::warp_recv(mask, fd, buf, len, flags);
   const uint32_t leader = warp::leader(mask);
   // The other lanes ask for 0 bytes: the host answers them at once, with no I/O.
   int64_t r = raw::recvfrom(fd, buf, warp::lane_id() == leader ? len : 0, flags & ~MSG_WAITALL, nullptr, nullptr);

@@ -1,0 +1,1146 @@
+// gpusock/net/localdevice.hpp — the localdevice family: sockets between warps of one GPU
+// whose bytes move through device memory. connect, accept, send, recv, poll and close of
+// a localdevice socket make no hostcall.
+//
+//   // server warp                                  // client warp
+//   int l = gpusock::socket(AF_LOCALDEVICE,         int c = gpusock::socket(AF_LOCALDEVICE,
+//                           SOCK_STREAM, 0);                                SOCK_STREAM, 0);
+//   gpusock::sockaddr_ld a{AF_LOCALDEVICE, 42};     gpusock::sockaddr_ld a{AF_LOCALDEVICE, 42};
+//   gpusock::bind(l, (sockaddr*)&a, sizeof a);      gpusock::connect(c, (sockaddr*)&a, sizeof a);
+//   gpusock::listen(l, 64);                         gpusock::send(c, "ping", 4, 0);
+//   int s = gpusock::accept(l, nullptr, nullptr);
+//   gpusock::recv(s, buf, sizeof buf, 0);
+//
+// The host enables the family with net::enable_localdevice() (localdevice_host.hpp);
+// without it socket(AF_LOCALDEVICE, ...) answers -EAFNOSUPPORT. socket.hpp routes every
+// call on a localdevice descriptor here, so kernels use the ordinary POSIX names.
+//
+// Layout (device global memory, one Table per runtime):
+//   - a socket array; a socket is named by a descriptor kFdBase | generation << 16 | index,
+//     so a stale descriptor (closed, slot reused) is told apart and answers EBADF;
+//   - one receive ring per socket (ring_bytes, a power of two): its peers write into it
+//     and its owner reads from it. head (consumed) and tail (committed) are byte counts;
+//     a writer takes the ring's producer lock, a reader its consumer lock, so concurrent
+//     sends on one stream never interleave inside a call and datagrams never tear;
+//   - a listener's ring holds its accept queue instead: 8-byte entries (index, generation)
+//     of connections that connect() made and accept() has not taken yet;
+//   - a port table per type (stream, datagram): port -> socket index + 1.
+// A socket's life word (generation << 32 | references) keeps it alive while any lane
+// works on it: the descriptor holds one reference, every call in progress one more; a
+// slot is freed (and its generation moves on) when the count reaches zero. A sender pins
+// its peer by (index, generation) for the duration of a write, so a peer that closed and
+// whose slot was reused is never written into.
+//
+// Memory order: a writer copies bytes into the ring, then stores tail with release at
+// device scope; a reader loads tail with acquire, copies with L1-bypassing loads, then
+// stores head with release, which is what lets the writer reuse that space.
+// The lanes of a warp that are in the copy step together copy together
+// (hostcall::internal::group_copy: coalesced 16-byte steps when both buffers are global
+// memory); on the cpu device each lane copies its own.
+//
+// Blocking waits spin with backoff and end with -EBADF when another lane closes the
+// descriptor, and with -ESHUTDOWN when the runtime shuts down.
+#pragma once
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstdint>
+
+#include "gpusock/hostcall/client.hpp"
+#include "gpusock/net/protocol.hpp"
+
+// The address family. Linux families are below 64; this value stays clear of them.
+#ifndef AF_LOCALDEVICE
+#define AF_LOCALDEVICE 0x4c44
+#endif
+#ifndef PF_LOCALDEVICE
+#define PF_LOCALDEVICE AF_LOCALDEVICE
+#endif
+
+namespace gpusock {
+
+// A localdevice address: `localdevice:42` is {AF_LOCALDEVICE, 42}. Ports 1..65535 name
+// sockets; 0 in bind() asks for an ephemeral port (49152..65535).
+struct sockaddr_ld {
+  sa_family_t sld_family;
+  uint32_t sld_port;
+};
+
+// "localdevice:N" -> *out. Returns 1, or 0 when the text is not that form (N decimal,
+// 0..65535, no sign, no spaces, no leading zeros except "0"). The dst is untouched on 0.
+GPUSOCK_HD inline int ld_pton(const char* text, sockaddr_ld* out) {
+  if (text == nullptr || out == nullptr) return 0;
+  const char prefix[] = "localdevice:";
+  uint32_t i = 0;
+  for (; prefix[i] != '\0'; ++i) {
+    if (text[i] != prefix[i]) return 0;
+  }
+  const char* d = text + i;
+  if (d[0] < '0' || d[0] > '9') return 0;
+  if (d[0] == '0' && d[1] != '\0') return 0;
+  uint32_t v = 0;
+  uint32_t k = 0;
+  for (; d[k] >= '0' && d[k] <= '9'; ++k) {
+    if (k >= 5) return 0;
+    v = v * 10 + static_cast<uint32_t>(d[k] - '0');
+  }
+  if (d[k] != '\0' || v > 65535) return 0;
+  out->sld_family = AF_LOCALDEVICE;
+  out->sld_port = v;
+  return 1;
+}
+
+// Longest text ld_ntop writes, with its terminating NUL: "localdevice:4294967295".
+inline constexpr uint32_t kLdAddrStrLen = 23;
+
+// *a -> "localdevice:N" in dst (size bytes with the NUL). Returns dst, or nullptr with
+// *err = EAFNOSUPPORT (not a localdevice address) or ENOSPC (too small).
+GPUSOCK_HD inline const char* ld_ntop(const sockaddr_ld* a, char* dst, uint32_t size, int* err = nullptr) {
+  if (a == nullptr || dst == nullptr || a->sld_family != AF_LOCALDEVICE) {
+    if (err != nullptr) *err = EAFNOSUPPORT;
+    return nullptr;
+  }
+  char digits[10];
+  uint32_t n = 0;
+  uint32_t v = a->sld_port;
+  do {
+    digits[n++] = static_cast<char>('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+  const char prefix[] = "localdevice:";
+  const uint32_t plen = sizeof prefix - 1;
+  if (size < plen + n + 1) {
+    if (err != nullptr) *err = ENOSPC;
+    return nullptr;
+  }
+  for (uint32_t i = 0; i < plen; ++i) dst[i] = prefix[i];
+  for (uint32_t i = 0; i < n; ++i) dst[plen + i] = digits[n - 1 - i];
+  dst[plen + n] = '\0';
+  return dst;
+}
+
+namespace net::local {
+
+// Descriptors from kFdBase up are localdevice sockets (protocol.hpp: kDeviceFdFirst).
+inline constexpr int kFdBase = kDeviceFdFirst;
+inline constexpr uint32_t kIndexBits = 16;
+inline constexpr uint32_t kMaxSockets = 1u << kIndexBits;
+inline constexpr uint32_t kGenMask = 0x3fff;  // generation bits a descriptor carries
+inline constexpr uint32_t kPorts = 65536;
+inline constexpr uint32_t kEphemeralFirst = 49152;
+inline constexpr uint32_t kModuleIndex = 0;   // DeviceContext::modules[0]
+inline constexpr uint32_t kTableMagic = 0x6c646576;  // "ldev"
+// Each datagram in a ring: an 8-byte header {length, source port}, then its bytes padded
+// to 8.
+inline constexpr uint32_t kDgramHeader = 8;
+
+enum State : uint32_t { kFree = 0, kOpen = 1, kListening = 2, kConnected = 3 };
+enum FdState : uint32_t { kNoFd = 0, kFdOpen = 1, kFdClosed = 2 };
+enum Shut : uint32_t { kShutRd = 1, kShutWr = 2 };
+
+// One socket. Fields other than the atomics are written by the lane that owns the socket
+// at that moment (creation, bind, connect, accept) before they are published.
+struct alignas(128) Socket {
+  uint64_t life;          // generation << 32 | references
+  uint32_t fd_state;      // FdState
+  uint32_t type;          // SOCK_STREAM or SOCK_DGRAM (0 while free)
+  uint32_t state;         // State
+  uint32_t nonblock;      // O_NONBLOCK
+  uint32_t port;          // bound port, 0 = unbound
+  uint32_t owns_port;     // 1 when port's table entry names this socket
+  uint32_t peer_port;     // stream: the peer's port; datagram: connect()ed destination
+  uint32_t peer;          // stream: the peer's index
+  uint32_t peer_gen;      // stream: the peer's generation
+  uint32_t backlog;       // listener: most queued connections
+  uint32_t producer_lock;
+  uint32_t consumer_lock;
+  uint32_t eof;           // the peer sends no more (its close or SHUT_WR)
+  uint32_t reset;         // the connection was reset (its listener closed before accept)
+  uint32_t shut;          // Shut bits of this side
+  uint32_t options;       // bit per settable option (SO_REUSEADDR, ...), for getsockopt
+  uint64_t head;          // bytes (listener: entries) the owner consumed
+  uint64_t tail;          // bytes (entries) writers committed
+  uint64_t bytes_in;      // bytes this socket received (consumed)
+  uint64_t bytes_out;     // bytes this socket sent
+};
+
+// The family's state in device memory; net::enable_localdevice() builds it.
+struct Table {
+  uint32_t magic;
+  uint32_t max_sockets;
+  uint32_t ring_bytes;    // per socket, a power of two
+  uint32_t alloc_cursor;  // where the next allocation starts looking
+  uint32_t ephemeral_cursor;
+  uint32_t reserved;
+  Socket* sockets;
+  uint8_t* rings;         // max_sockets * ring_bytes
+  uint32_t* ports;        // [2][kPorts]: stream, datagram; socket index + 1, 0 = free
+};
+
+GPUSOCK_HD constexpr bool is_local_fd(int fd) { return fd >= kFdBase; }
+GPUSOCK_HD constexpr int make_fd(uint32_t index, uint32_t gen) {
+  return static_cast<int>(static_cast<uint32_t>(kFdBase) | ((gen & kGenMask) << kIndexBits) | index);
+}
+GPUSOCK_HD constexpr uint32_t fd_index(int fd) { return static_cast<uint32_t>(fd) & (kMaxSockets - 1); }
+GPUSOCK_HD constexpr uint32_t fd_gen(int fd) { return (static_cast<uint32_t>(fd) >> kIndexBits) & kGenMask; }
+GPUSOCK_HD constexpr uint64_t round8(uint64_t n) { return (n + 7) & ~uint64_t{7}; }
+
+namespace detail {
+
+using A32 = AtomicRef<uint32_t, Scope::kDevice>;
+using A64 = AtomicRef<uint64_t, Scope::kDevice>;
+
+GPUSOCK_HD inline Table* table() {
+  auto* t = static_cast<Table*>(hostcall::module_state(kModuleIndex));
+  return (t != nullptr && t->magic == kTableMagic) ? t : nullptr;
+}
+GPUSOCK_HD inline uint32_t index_of(const Table* t, const Socket* s) { return static_cast<uint32_t>(s - t->sockets); }
+GPUSOCK_HD inline uint8_t* ring(const Table* t, uint32_t index) { return t->rings + uint64_t{index} * t->ring_bytes; }
+GPUSOCK_HD inline uint32_t* port_slot(const Table* t, uint32_t type, uint32_t port) {
+  return t->ports + (type == SOCK_DGRAM ? kPorts : 0) + port;
+}
+GPUSOCK_HD inline bool shutting_down() { return hostcall::internal::shutting_down(hostcall::context()); }
+GPUSOCK_HD inline uint32_t ld32(uint32_t& x) { return A32(x).load(Order::kAcquire); }
+// Socket fields that other lanes may read while the owner writes them (a stale
+// descriptor's lane, a connector finding a listener) go through these.
+GPUSOCK_HD inline uint32_t get(uint32_t& x) { return A32(x).load(Order::kAcquire); }
+GPUSOCK_HD inline void put(uint32_t& x, uint32_t v) { A32(x).store(v, Order::kRelease); }
+
+// The lanes that copy together: on a GPU those executing here now; on the cpu device each
+// lane alone (converging threads costs more than it saves there).
+GPUSOCK_HD inline uint32_t copy_group() {
+#if GPUSOCK_IS_GPU
+  return __activemask();
+#else
+  return 1u << warp::lane_id();
+#endif
+}
+
+// Takes a reference on socket `index` if it is alive and (unless any_gen) of generation
+// `gen` (low kGenMask bits when `fd_bits`). Returns it, or nullptr.
+GPUSOCK_HD inline Socket* pin(Table* t, uint32_t index, uint32_t gen, bool any_gen, bool fd_bits) {
+  if (index >= t->max_sockets) return nullptr;
+  Socket* s = &t->sockets[index];
+  A64 life(s->life);
+  uint64_t w = life.load(Order::kAcquire);
+  for (;;) {
+    const uint32_t refs = static_cast<uint32_t>(w);
+    const uint32_t g = static_cast<uint32_t>(w >> 32);
+    if (refs == 0) return nullptr;
+    if (!any_gen && (fd_bits ? (g & kGenMask) != (gen & kGenMask) : g != gen)) return nullptr;
+    if (life.compare_exchange(w, w + 1, Order::kAcqRel)) return s;
+  }
+}
+GPUSOCK_HD inline uint32_t generation(Socket* s) { return static_cast<uint32_t>(A64(s->life).load(Order::kAcquire) >> 32); }
+
+GPUSOCK_HD inline void unpin(Table* t, Socket* s);
+
+// The descriptor's socket, pinned, or nullptr (EBADF): wrong range, stale, or closed.
+GPUSOCK_HD inline Socket* pin_fd(Table* t, int fd) {
+  if (t == nullptr || !is_local_fd(fd)) return nullptr;
+  Socket* s = pin(t, fd_index(fd), fd_gen(fd), false, true);
+  if (s != nullptr && ld32(s->fd_state) != kFdOpen) {
+    unpin(t, s);
+    return nullptr;
+  }
+  return s;
+}
+
+GPUSOCK_HD inline void lock(uint32_t& l) {
+  A32 a(l);
+  for (uint32_t i = 0;; ++i) {
+    uint32_t expect = 0;
+    if (a.load(Order::kRelaxed) == 0 && a.compare_exchange(expect, 1, Order::kAcquire)) return;
+    backoff(i);
+  }
+}
+GPUSOCK_HD inline void unlock(uint32_t& l) { A32(l).store(0, Order::kRelease); }
+
+// Frees a socket whose last reference went: its port goes back, its generation moves on
+// at the next allocation, and it is free for socket() again.
+GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
+  const uint32_t index = index_of(t, s);
+  if (detail::get(s->owns_port) != 0) {
+    uint32_t expect = index + 1;
+    A32(*port_slot(t, detail::get(s->type), detail::get(s->port))).compare_exchange(expect, 0, Order::kAcqRel);
+  }
+  detail::put(s->type, 0);
+  detail::put(s->nonblock, 0);
+  detail::put(s->port, 0);
+  detail::put(s->owns_port, 0);
+  detail::put(s->peer_port, 0);
+  detail::put(s->peer, 0);
+  detail::put(s->peer_gen, 0);
+  s->backlog = 0;
+  s->options = 0;
+  A32(s->fd_state).store(kNoFd, Order::kRelaxed);
+  A32(s->eof).store(0, Order::kRelaxed);
+  A32(s->reset).store(0, Order::kRelaxed);
+  A32(s->shut).store(0, Order::kRelaxed);
+  A64(s->head).store(0, Order::kRelaxed);
+  A64(s->tail).store(0, Order::kRelaxed);
+  A64(s->bytes_in).store(0, Order::kRelaxed);
+  A64(s->bytes_out).store(0, Order::kRelaxed);
+  A32(s->state).store(kFree, Order::kRelease);
+}
+
+GPUSOCK_HD inline void unpin(Table* t, Socket* s) {
+  const uint64_t w = A64(s->life).fetch_sub(1, Order::kAcqRel);
+  if (static_cast<uint32_t>(w) == 1) free_slot(t, s);
+}
+
+// A free socket with one reference (its descriptor's, or a pending connection's), or
+// nullptr when all max_sockets are in use.
+GPUSOCK_HD inline Socket* alloc(Table* t, uint32_t type) {
+  const uint32_t n = t->max_sockets;
+  const uint32_t start = A32(t->alloc_cursor).fetch_add(1, Order::kRelaxed);
+  for (uint32_t k = 0; k < n; ++k) {
+    Socket* s = &t->sockets[(start + k) % n];
+    if (A32(s->state).load(Order::kAcquire) != kFree) continue;
+    A64 life(s->life);
+    uint64_t w = life.load(Order::kAcquire);
+    if (static_cast<uint32_t>(w) != 0) continue;
+    const uint64_t next = (((w >> 32) + 1) << 32) | 1u;
+    if (!life.compare_exchange(w, next, Order::kAcqRel)) continue;
+    detail::put(s->type, type);
+    A32(s->state).store(kOpen, Order::kRelease);
+    return s;
+  }
+  return nullptr;
+}
+
+// Claims `port` (0: an ephemeral one) of s's type for s. Returns 0, -EADDRINUSE, or
+// -EADDRNOTAVAIL (no ephemeral port left).
+GPUSOCK_HD inline int claim_port(Table* t, Socket* s, uint32_t port) {
+  const uint32_t me = index_of(t, s) + 1;
+  if (port != 0) {
+    uint32_t expect = 0;
+    if (!A32(*port_slot(t, detail::get(s->type), port)).compare_exchange(expect, me, Order::kAcqRel)) return -EADDRINUSE;
+    detail::put(s->port, port);
+    detail::put(s->owns_port, 1);
+    return 0;
+  }
+  constexpr uint32_t range = kPorts - kEphemeralFirst;
+  for (uint32_t k = 0; k < range; ++k) {
+    const uint32_t p = kEphemeralFirst + A32(t->ephemeral_cursor).fetch_add(1, Order::kRelaxed) % range;
+    uint32_t expect = 0;
+    if (A32(*port_slot(t, detail::get(s->type), p)).compare_exchange(expect, me, Order::kAcqRel)) {
+      detail::put(s->port, p);
+      detail::put(s->owns_port, 1);
+      return 0;
+    }
+  }
+  return -EADDRNOTAVAIL;
+}
+
+// The socket bound to (type, port), pinned, or nullptr.
+GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
+  const uint32_t v = A32(*port_slot(t, type, port)).load(Order::kAcquire);
+  if (v == 0) return nullptr;
+  Socket* s = pin(t, v - 1, 0, true, false);
+  if (s == nullptr) return nullptr;
+  if (detail::get(s->type) != type || detail::get(s->port) != port || detail::get(s->owns_port) == 0 || ld32(s->fd_state) != kFdOpen) {
+    unpin(t, s);
+    return nullptr;
+  }
+  return s;
+}
+
+// Why a blocking wait on `s` must end, or 0 to keep waiting.
+GPUSOCK_HD inline int wait_abort(Socket* s) {
+  if (shutting_down()) return -ESHUTDOWN;
+  if (ld32(s->fd_state) == kFdClosed) return -EBADF;
+  return 0;
+}
+
+GPUSOCK_HD inline int parse_addr(const sockaddr* addr, socklen_t len, uint32_t* port) {
+  if (addr == nullptr) return -EFAULT;
+  if (len < sizeof(sockaddr_ld)) return -EINVAL;
+  const auto* a = reinterpret_cast<const sockaddr_ld*>(addr);
+  if (a->sld_family != AF_LOCALDEVICE) return -EAFNOSUPPORT;
+  if (a->sld_port >= kPorts) return -EINVAL;
+  *port = a->sld_port;
+  return 0;
+}
+
+// POSIX-style address out: at most *len bytes, *len becomes the full length.
+GPUSOCK_HD inline void addr_out(uint32_t port, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return;
+  sockaddr_ld a{};
+  a.sld_family = AF_LOCALDEVICE;
+  a.sld_port = port;
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(&a);
+  uint8_t* dst = reinterpret_cast<uint8_t*>(addr);
+  for (uint32_t i = 0; i < sizeof a && i < *len; ++i) dst[i] = src[i];
+  *len = sizeof a;
+}
+
+// Copies n bytes into ring r (capacity cap) at position pos, wrapping; the lanes of the
+// copy group copy together. Every lane of the group calls it (n may be 0).
+GPUSOCK_HD inline void ring_write(uint8_t* r, uint32_t cap, uint64_t pos, const uint8_t* src, uint32_t n,
+                                  uint32_t mask = copy_group()) {
+  const uint32_t at = static_cast<uint32_t>(pos & (cap - 1));
+  const uint32_t first = n < cap - at ? n : cap - at;
+  hostcall::internal::group_copy(mask, r + at, src, first, false);
+  hostcall::internal::group_copy(mask, r, src + first, n - first, false);
+}
+GPUSOCK_HD inline void ring_read(uint8_t* dst, const uint8_t* r, uint32_t cap, uint64_t pos, uint32_t n,
+                                 uint32_t mask = copy_group()) {
+  const uint32_t at = static_cast<uint32_t>(pos & (cap - 1));
+  const uint32_t first = n < cap - at ? n : cap - at;
+  hostcall::internal::group_copy(mask, dst, r + at, first, true);
+  hostcall::internal::group_copy(mask, dst + first, r, n - first, true);
+}
+
+// Tells the stream peer of s that no more bytes come (close or SHUT_WR).
+GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
+  if (A32(s->state).load(Order::kAcquire) != kConnected) return;
+  Socket* p = pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
+  if (p == nullptr) return;
+  A32(p->eof).store(1, Order::kRelease);
+  unpin(t, p);
+}
+
+GPUSOCK_HD inline bool nonblocking(Socket* s, int flags) {
+  return (flags & MSG_DONTWAIT) != 0 || A32(s->nonblock).load(Order::kRelaxed) != 0;
+}
+
+// Stream send into peer p's ring, holding its producer lock for the whole call.
+GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, Socket* p, const uint8_t* buf, uint64_t len, bool nb) {
+  const uint32_t cap = t->ring_bytes;
+  uint8_t* r = ring(t, index_of(t, p));
+  uint64_t done = 0;
+  int64_t err = 0;
+  lock(p->producer_lock);
+  uint64_t tail = A64(p->tail).load(Order::kRelaxed);
+  for (uint32_t i = 0;; ++i) {
+    if (ld32(p->fd_state) == kFdClosed || (ld32(p->shut) & kShutRd) != 0) {
+      err = -EPIPE;
+      break;
+    }
+    const uint64_t room = cap - (tail - A64(p->head).load(Order::kAcquire));
+    const uint64_t left = len - done;
+    const uint32_t n = static_cast<uint32_t>(left < room ? left : room);
+    if (n > 0) {
+      i = 0;
+      ring_write(r, cap, tail, buf + done, n);
+      tail += n;
+      A64(p->tail).store(tail, Order::kRelease);
+      done += n;
+      if (done == len) break;
+      continue;
+    }
+    if (len == 0) break;
+    if (nb) {
+      err = -EAGAIN;
+      break;
+    }
+    if ((err = wait_abort(s)) != 0) break;
+    backoff(i);
+  }
+  unlock(p->producer_lock);
+  if (done > 0) A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
+  return done > 0 ? static_cast<int64_t>(done) : err;
+}
+
+// One datagram into d's ring (all of it or nothing).
+GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, Socket* d, const uint8_t* buf, uint64_t len, bool nb) {
+  const uint32_t cap = t->ring_bytes;
+  if (len > cap - kDgramHeader) return -EMSGSIZE;
+  const uint64_t need = kDgramHeader + round8(len);
+  uint8_t* r = ring(t, index_of(t, d));
+  int64_t err = 0;
+  lock(d->producer_lock);
+  const uint64_t tail = A64(d->tail).load(Order::kRelaxed);
+  for (uint32_t i = 0;; ++i) {
+    if (ld32(d->fd_state) != kFdOpen) {
+      err = -ECONNREFUSED;
+      break;
+    }
+    if (cap - (tail - A64(d->head).load(Order::kAcquire)) >= need) break;
+    if (nb) {
+      err = -EAGAIN;
+      break;
+    }
+    if ((err = wait_abort(s)) != 0) break;
+    backoff(i);
+  }
+  if (err == 0) {
+    // The header never wraps: positions stay multiples of 8 and cap is a power of two.
+    A64(*reinterpret_cast<uint64_t*>(r + (tail & (cap - 1)))).store(len | (uint64_t{detail::get(s->port)} << 32), Order::kRelaxed);
+    ring_write(r, cap, tail + kDgramHeader, buf, static_cast<uint32_t>(len));
+    A64(d->tail).store(tail + need, Order::kRelease);
+    A64(s->bytes_out).fetch_add(len, Order::kRelaxed);
+  }
+  unlock(d->producer_lock);
+  return err != 0 ? err : static_cast<int64_t>(len);
+}
+
+}  // namespace detail
+
+// ---- the calls (raw convention: -errno) ---------------------------------------------------
+
+GPUSOCK_HD inline int socket(int type_flags) {
+  Table* t = detail::table();
+  if (t == nullptr) return -EAFNOSUPPORT;
+  const int type = type_flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (type != SOCK_STREAM && type != SOCK_DGRAM) return -EPROTONOSUPPORT;
+  Socket* s = detail::alloc(t, static_cast<uint32_t>(type));
+  if (s == nullptr) return -EMFILE;
+  detail::put(s->nonblock, (type_flags & SOCK_NONBLOCK) != 0 ? 1 : 0);
+  detail::A32(s->fd_state).store(kFdOpen, Order::kRelease);
+  return make_fd(detail::index_of(t, s), detail::generation(s));
+}
+
+GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  uint32_t port = 0;
+  int r = detail::parse_addr(addr, len, &port);
+  if (r == 0) r = detail::get(s->port) != 0 ? -EINVAL : detail::claim_port(t, s, port);
+  detail::unpin(t, s);
+  return r;
+}
+
+GPUSOCK_HD inline int listen(int fd, int backlog) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  int r = 0;
+  const uint32_t cap = t->ring_bytes / 8;
+  if (detail::get(s->type) != SOCK_STREAM) {
+    r = -EOPNOTSUPP;
+  } else if (detail::ld32(s->state) == kConnected) {
+    r = -EINVAL;
+  } else if (detail::get(s->port) == 0) {
+    r = detail::claim_port(t, s, 0);  // as on Linux: listen() binds an unbound socket
+  }
+  if (r == 0) {
+    detail::A32(s->backlog).store(backlog < 1 ? 1u : (static_cast<uint32_t>(backlog) < cap ? static_cast<uint32_t>(backlog) : cap), Order::kRelaxed);
+    detail::A32(s->state).store(kListening, Order::kRelease);
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+// Blocking connect returns once the connection sits in the listener's accept queue (as
+// TCP's does once the handshake is done): the client may send before accept(). A full
+// queue makes a blocking connect wait and a non-blocking one answer -EAGAIN (as Unix
+// sockets do). -ECONNREFUSED when nothing listens on the port.
+GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
+  Table* t = detail::table();
+  Socket* c = detail::pin_fd(t, fd);
+  if (c == nullptr) return -EBADF;
+  uint32_t port = 0;
+  int r = detail::parse_addr(addr, len, &port);
+  const uint32_t st = detail::ld32(c->state);
+  if (r == 0 && detail::get(c->type) == SOCK_DGRAM) {
+    // A datagram socket's connect only sets the default destination.
+    Socket* d = port != 0 ? detail::pin_port(t, SOCK_DGRAM, port) : nullptr;
+    if (d == nullptr) {
+      r = -ECONNREFUSED;
+    } else {
+      detail::unpin(t, d);
+      detail::A32(c->peer_port).store(port, Order::kRelease);
+    }
+  } else if (r == 0) {
+    if (st == kConnected) r = -EISCONN;
+    else if (st == kListening) r = -EINVAL;
+  }
+  if (r != 0 || detail::get(c->type) == SOCK_DGRAM) {
+    detail::unpin(t, c);
+    return r;
+  }
+  Socket* l = port != 0 ? detail::pin_port(t, SOCK_STREAM, port) : nullptr;
+  if (l == nullptr || detail::ld32(l->state) != kListening) r = -ECONNREFUSED;
+  if (r == 0 && detail::get(c->port) == 0) r = detail::claim_port(t, c, 0);
+  Socket* s = nullptr;
+  if (r == 0 && (s = detail::alloc(t, SOCK_STREAM)) == nullptr) r = -ENOBUFS;
+  if (r == 0) {
+    // The server side: connected, no descriptor until accept() gives it one.
+    detail::put(s->port, port);
+    detail::put(s->peer_port, detail::get(c->port));
+    detail::put(s->peer, detail::index_of(t, c));
+    detail::put(s->peer_gen, detail::generation(c));
+    detail::put(c->peer, detail::index_of(t, s));
+    detail::put(c->peer_gen, detail::generation(s));
+    detail::put(c->peer_port, port);
+    detail::A32(s->state).store(kConnected, Order::kRelease);
+    detail::A32(c->state).store(kConnected, Order::kRelease);
+    const bool nb = detail::nonblocking(c, 0);
+    const uint32_t cap = t->ring_bytes / 8;
+    auto* q = reinterpret_cast<uint64_t*>(detail::ring(t, detail::index_of(t, l)));
+    detail::lock(l->producer_lock);
+    for (uint32_t i = 0;; ++i) {
+      // Checked under the lock: close() takes it after marking the listener closed, so a
+      // connection queued here is one close() will find and reset.
+      if (detail::ld32(l->fd_state) != kFdOpen || detail::ld32(l->state) != kListening) {
+        r = -ECONNREFUSED;
+        break;
+      }
+      const uint64_t tail = detail::A64(l->tail).load(Order::kRelaxed);
+      const uint32_t room = detail::A32(l->backlog).load(Order::kRelaxed);
+      if (tail - detail::A64(l->head).load(Order::kAcquire) < (room < cap ? room : cap)) {
+        // Entry = the server socket: index in the low word, generation in the high.
+        detail::A64(q[tail & (cap - 1)]).store((uint64_t{detail::generation(s)} << 32) | detail::index_of(t, s), Order::kRelaxed);
+        detail::A64(l->tail).store(tail + 1, Order::kRelease);
+        break;
+      }
+      if (nb) {
+        r = -EAGAIN;
+        break;
+      }
+      detail::unlock(l->producer_lock);
+      if ((r = detail::wait_abort(c)) != 0) {
+        detail::lock(l->producer_lock);
+        break;
+      }
+      backoff(i);
+      detail::lock(l->producer_lock);
+    }
+    detail::unlock(l->producer_lock);
+    if (r != 0) {
+      detail::A32(c->state).store(kOpen, Order::kRelease);
+      detail::unpin(t, s);  // its only reference: it is freed
+    }
+  }
+  if (l != nullptr) detail::unpin(t, l);
+  detail::unpin(t, c);
+  return r;
+}
+
+GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
+  Table* t = detail::table();
+  Socket* l = detail::pin_fd(t, fd);
+  if (l == nullptr) return -EBADF;
+  if (detail::ld32(l->state) != kListening) {
+    detail::unpin(t, l);
+    return -EINVAL;
+  }
+  const uint32_t cap = t->ring_bytes / 8;
+  auto* q = reinterpret_cast<uint64_t*>(detail::ring(t, detail::index_of(t, l)));
+  const bool nb = detail::nonblocking(l, 0);
+  int r = 0;
+  uint64_t e = 0;
+  for (uint32_t i = 0;; ++i) {
+    if (detail::A64(l->tail).load(Order::kAcquire) != detail::A64(l->head).load(Order::kRelaxed)) {
+      detail::lock(l->consumer_lock);
+      const uint64_t head = detail::A64(l->head).load(Order::kRelaxed);
+      const bool got = detail::A64(l->tail).load(Order::kAcquire) != head;
+      if (got) {
+        e = detail::A64(q[head & (cap - 1)]).load(Order::kRelaxed);
+        detail::A64(l->head).store(head + 1, Order::kRelease);
+      }
+      detail::unlock(l->consumer_lock);
+      if (got) break;
+    }
+    if (nb) {
+      r = -EAGAIN;
+      break;
+    }
+    if ((r = detail::wait_abort(l)) != 0) break;
+    backoff(i);
+  }
+  detail::unpin(t, l);
+  if (r != 0) return r;
+  // The queue's reference becomes the descriptor's.
+  Socket* s = &t->sockets[static_cast<uint32_t>(e)];
+  detail::put(s->nonblock, (flags & SOCK_NONBLOCK) != 0 ? 1 : 0);
+  detail::A32(s->fd_state).store(kFdOpen, Order::kRelease);
+  detail::addr_out(detail::get(s->peer_port), addr, len);
+  return make_fd(static_cast<uint32_t>(e), static_cast<uint32_t>(e >> 32));
+}
+
+GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest, socklen_t dest_len) {
+  if (len > 0 && buf == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  const bool nb = detail::nonblocking(s, flags);
+  const auto* p = static_cast<const uint8_t*>(buf);
+  int64_t r = 0;
+  if (detail::get(s->type) == SOCK_STREAM) {
+    if (dest != nullptr && detail::ld32(s->state) != kConnected) {
+      r = -EOPNOTSUPP;  // no connect-on-send for streams
+    } else if ((detail::ld32(s->shut) & kShutWr) != 0) {
+      r = -EPIPE;
+    } else if (detail::ld32(s->state) != kConnected) {
+      r = -ENOTCONN;
+    } else {
+      Socket* peer = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
+      if (peer == nullptr) {
+        r = -EPIPE;
+      } else {
+        r = detail::stream_send(t, s, peer, p, len, nb);
+        detail::unpin(t, peer);
+      }
+    }
+  } else {
+    uint32_t port = detail::A32(s->peer_port).load(Order::kAcquire);
+    if (dest != nullptr) r = detail::parse_addr(dest, dest_len, &port);
+    if (r == 0 && port == 0) r = dest != nullptr ? -EINVAL : -EDESTADDRREQ;
+    if (r == 0 && (detail::ld32(s->shut) & kShutWr) != 0) r = -EPIPE;
+    if (r == 0 && detail::get(s->port) == 0) r = detail::claim_port(t, s, 0);  // as UDP: bind on first send
+    if (r == 0) {
+      Socket* d = detail::pin_port(t, SOCK_DGRAM, port);
+      if (d == nullptr) {
+        r = -ECONNREFUSED;
+      } else {
+        r = detail::dgram_send(t, s, d, p, len, nb);
+        detail::unpin(t, d);
+      }
+    }
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+// Flags: MSG_DONTWAIT, MSG_PEEK, MSG_WAITALL (streams), MSG_TRUNC (streams: discard the
+// bytes; datagrams: return the datagram's full length).
+GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
+  if (len > 0 && buf == nullptr && (flags & MSG_TRUNC) == 0) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  const bool nb = detail::nonblocking(s, flags);
+  const bool peek = (flags & MSG_PEEK) != 0;
+  const uint32_t cap = t->ring_bytes;
+  uint8_t* r = detail::ring(t, detail::index_of(t, s));
+  auto* out = static_cast<uint8_t*>(buf);
+  int64_t result = 0;
+  if (detail::get(s->type) == SOCK_STREAM && detail::ld32(s->state) != kConnected) {
+    detail::unpin(t, s);
+    return -ENOTCONN;
+  }
+  detail::lock(s->consumer_lock);
+  uint64_t head = detail::A64(s->head).load(Order::kRelaxed);
+  if (detail::get(s->type) == SOCK_STREAM) {
+    uint64_t done = 0;
+    for (uint32_t i = 0;; ++i) {
+      const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
+      if (avail > 0 && done < len) {
+        i = 0;
+        const uint64_t want = len - done;
+        const uint32_t n = static_cast<uint32_t>(want < avail ? want : avail);
+        if ((flags & MSG_TRUNC) == 0) detail::ring_read(out + done, r, cap, head + (peek ? done : 0), n);
+        done += n;
+        if (!peek) {
+          head += n;
+          detail::A64(s->head).store(head, Order::kRelease);
+        }
+        if (done == len || (flags & MSG_WAITALL) == 0 || peek) break;
+        continue;
+      }
+      if (len == 0 || (detail::ld32(s->shut) & kShutRd) != 0) break;
+      if (detail::ld32(s->eof) != 0) {
+        // eof is stored after the peer's last tail: look once more, then it is the end.
+        if (detail::A64(s->tail).load(Order::kAcquire) != head) continue;
+        break;
+      }
+      if (detail::ld32(s->reset) != 0) {
+        result = -ECONNRESET;
+        break;
+      }
+      if (nb) {
+        result = -EAGAIN;
+        break;
+      }
+      if ((result = detail::wait_abort(s)) != 0) break;
+      backoff(i);
+    }
+    if (done > 0) {
+      result = static_cast<int64_t>(done);
+      if (!peek) detail::A64(s->bytes_in).fetch_add(done, Order::kRelaxed);
+    }
+    if (result >= 0) detail::addr_out(detail::get(s->peer_port), src, src_len);
+  } else {
+    for (uint32_t i = 0;; ++i) {
+      if (detail::A64(s->tail).load(Order::kAcquire) != head) {
+        const uint64_t h = detail::A64(*reinterpret_cast<uint64_t*>(r + (head & (cap - 1)))).load(Order::kRelaxed);
+        const uint32_t mlen = static_cast<uint32_t>(h);
+        const uint32_t n = mlen < len ? mlen : static_cast<uint32_t>(len);
+        detail::ring_read(out, r, cap, head + kDgramHeader, n);
+        if (!peek) {
+          detail::A64(s->head).store(head + kDgramHeader + round8(mlen), Order::kRelease);
+          detail::A64(s->bytes_in).fetch_add(mlen, Order::kRelaxed);
+        }
+        detail::addr_out(static_cast<uint32_t>(h >> 32), src, src_len);
+        result = (flags & MSG_TRUNC) != 0 ? mlen : n;
+        break;
+      }
+      if ((detail::ld32(s->shut) & kShutRd) != 0) break;
+      if (nb) {
+        result = -EAGAIN;
+        break;
+      }
+      if ((result = detail::wait_abort(s)) != 0) break;
+      backoff(i);
+    }
+  }
+  detail::unlock(s->consumer_lock);
+  detail::unpin(t, s);
+  return result;
+}
+
+GPUSOCK_HD inline int shutdown(int fd, int how) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  int r = 0;
+  if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
+    r = -EINVAL;
+  } else if (detail::get(s->type) == SOCK_STREAM && detail::ld32(s->state) != kConnected) {
+    r = -ENOTCONN;
+  } else {
+    const uint32_t bits = how == SHUT_RD ? kShutRd : how == SHUT_WR ? kShutWr : (kShutRd | kShutWr);
+    const uint32_t before = detail::A32(s->shut).fetch_or(bits, Order::kAcqRel);
+    if ((bits & kShutWr) != 0 && (before & kShutWr) == 0 && detail::get(s->type) == SOCK_STREAM) detail::signal_eof(t, s);
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+// The descriptor goes at once; calls other lanes are blocked in on it end with -EBADF.
+// A stream's peer reads the bytes already sent, then end of stream; its sends fail with
+// -EPIPE. A listener's queued, unaccepted connections are reset (their clients' recv
+// answers -ECONNRESET).
+GPUSOCK_HD inline int close(int fd) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  uint32_t expect = kFdOpen;
+  if (!detail::A32(s->fd_state).compare_exchange(expect, kFdClosed, Order::kAcqRel)) {
+    detail::unpin(t, s);
+    return -EBADF;  // another lane closed it first
+  }
+  const uint32_t st = detail::ld32(s->state);
+  if (st == kListening) {
+    // Connectors check fd_state under the producer lock: once this lock/unlock pair is
+    // done, nothing more is queued.
+    detail::lock(s->producer_lock);
+    detail::unlock(s->producer_lock);
+    const uint32_t cap = t->ring_bytes / 8;
+    auto* q = reinterpret_cast<uint64_t*>(detail::ring(t, detail::index_of(t, s)));
+    detail::lock(s->consumer_lock);
+    const uint64_t tail = detail::A64(s->tail).load(Order::kAcquire);
+    for (uint64_t h = detail::A64(s->head).load(Order::kRelaxed); h != tail; ++h) {
+      const uint64_t e = detail::A64(q[h & (cap - 1)]).load(Order::kRelaxed);
+      Socket* pending = &t->sockets[static_cast<uint32_t>(e)];
+      Socket* client = detail::pin(t, detail::get(pending->peer), detail::get(pending->peer_gen), false, false);
+      if (client != nullptr) {
+        detail::A32(client->reset).store(1, Order::kRelease);
+        detail::unpin(t, client);
+      }
+      detail::A32(pending->fd_state).store(kFdClosed, Order::kRelease);  // its client's sends: EPIPE
+      detail::unpin(t, pending);  // the queue's reference
+    }
+    detail::A64(s->head).store(tail, Order::kRelease);
+    detail::unlock(s->consumer_lock);
+  } else if (detail::get(s->type) == SOCK_STREAM) {
+    detail::signal_eof(t, s);
+  }
+  detail::unpin(t, s);  // this call's
+  detail::unpin(t, s);  // the descriptor's
+  return 0;
+}
+
+GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  detail::addr_out(detail::get(s->port), addr, len);
+  detail::unpin(t, s);
+  return 0;
+}
+
+GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  const uint32_t peer = detail::A32(s->peer_port).load(Order::kAcquire);
+  const bool connected = detail::get(s->type) == SOCK_STREAM ? detail::ld32(s->state) == kConnected : peer != 0;
+  if (connected) detail::addr_out(peer, addr, len);
+  detail::unpin(t, s);
+  return connected ? 0 : -ENOTCONN;
+}
+
+// Options a localdevice socket keeps (and reports back): SO_REUSEADDR, SO_REUSEPORT,
+// SO_KEEPALIVE (accepted, no effect: ports are exclusive, peers cannot vanish unseen),
+// TCP_NODELAY (always on in effect: bytes are visible to the reader when send returns).
+// Read-only: SO_ERROR (0), SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN, SO_RCVBUF/SO_SNDBUF (the
+// ring size). Others: -ENOPROTOOPT.
+GPUSOCK_HD inline int option_bit(int level, int name) {
+  if (level == SOL_SOCKET && name == SO_REUSEADDR) return 1;
+  if (level == SOL_SOCKET && name == SO_REUSEPORT) return 2;
+  if (level == SOL_SOCKET && name == SO_KEEPALIVE) return 4;
+  if (level == IPPROTO_TCP && name == TCP_NODELAY) return 8;
+  return 0;
+}
+
+GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  int r = 0;
+  const int bit = option_bit(level, name);
+  if (value == nullptr) {
+    r = -EFAULT;
+  } else if (len < sizeof(int)) {
+    r = -EINVAL;
+  } else if (bit == 0) {
+    r = (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) ? 0 : -ENOPROTOOPT;
+  } else if (*static_cast<const int*>(value) != 0) {
+    detail::A32(s->options).fetch_or(static_cast<uint32_t>(bit), Order::kRelaxed);
+  } else {
+    detail::A32(s->options).fetch_and(~static_cast<uint32_t>(bit), Order::kRelaxed);
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
+  if (value == nullptr || len == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  int v = 0;
+  int r = 0;
+  const int bit = option_bit(level, name);
+  if (bit != 0) {
+    v = (detail::A32(s->options).load(Order::kRelaxed) & static_cast<uint32_t>(bit)) != 0 ? 1 : 0;
+    if (bit == 8) v = 1;
+  } else if (level == SOL_SOCKET && name == SO_ERROR) {
+    v = 0;
+  } else if (level == SOL_SOCKET && name == SO_TYPE) {
+    v = static_cast<int>(detail::get(s->type));
+  } else if (level == SOL_SOCKET && name == SO_DOMAIN) {
+    v = AF_LOCALDEVICE;
+  } else if (level == SOL_SOCKET && name == SO_ACCEPTCONN) {
+    v = detail::ld32(s->state) == kListening ? 1 : 0;
+  } else if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) {
+    v = static_cast<int>(t->ring_bytes);
+  } else {
+    r = -ENOPROTOOPT;
+  }
+  if (r == 0) {
+    const uint32_t n = *len < sizeof v ? *len : static_cast<uint32_t>(sizeof v);
+    const auto* b = reinterpret_cast<const uint8_t*>(&v);
+    for (uint32_t i = 0; i < n; ++i) static_cast<uint8_t*>(value)[i] = b[i];
+    *len = n;
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return -EBADF;
+  int r = 0;
+  if (cmd == F_GETFL) {
+    r = O_RDWR | (detail::A32(s->nonblock).load(Order::kRelaxed) != 0 ? O_NONBLOCK : 0);
+  } else if (cmd == F_SETFL) {
+    detail::A32(s->nonblock).store((arg & O_NONBLOCK) != 0 ? 1 : 0, Order::kRelaxed);
+  } else {
+    r = -EINVAL;
+  }
+  detail::unpin(t, s);
+  return r;
+}
+
+// The events of one localdevice descriptor that are ready now (POLLNVAL for a bad one).
+GPUSOCK_HD inline short poll_events(int fd, short events) {
+  Table* t = detail::table();
+  Socket* s = detail::pin_fd(t, fd);
+  if (s == nullptr) return POLLNVAL;
+  short ready = 0;
+  const uint32_t st = detail::ld32(s->state);
+  const bool data = detail::A64(s->tail).load(Order::kAcquire) != detail::A64(s->head).load(Order::kAcquire);
+  if (st == kListening) {
+    if (data) ready |= POLLIN;
+  } else if (detail::get(s->type) == SOCK_DGRAM) {
+    if (data || (detail::ld32(s->shut) & kShutRd) != 0) ready |= POLLIN;
+    ready |= POLLOUT;
+  } else if (st != kConnected) {
+    ready |= POLLOUT | POLLHUP;
+  } else {
+    const bool eof = detail::ld32(s->eof) != 0 || (detail::ld32(s->shut) & kShutRd) != 0;
+    if (data || eof || detail::ld32(s->reset) != 0) ready |= POLLIN;
+    if (eof) ready |= POLLRDHUP;
+    if (detail::ld32(s->reset) != 0) ready |= POLLERR;
+    Socket* p = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
+    if (p == nullptr || detail::ld32(p->fd_state) == kFdClosed) {
+      ready |= POLLHUP;
+    } else if (t->ring_bytes - (detail::A64(p->tail).load(Order::kRelaxed) - detail::A64(p->head).load(Order::kAcquire)) > 0) {
+      ready |= POLLOUT;
+    }
+    if (p != nullptr) detail::unpin(t, p);
+  }
+  detail::unpin(t, s);
+  // POLLERR, POLLHUP and POLLNVAL are reported whether asked for or not, as in poll(2).
+  return static_cast<short>(ready & (events | POLLERR | POLLHUP | POLLNVAL));
+}
+
+// Warp-collective stream send/recv (socket.hpp's raw::warp_send/warp_recv for localdevice
+// descriptors): the leader of `mask` owns the call (locks, waits, the decision of how
+// much fits) and every lane of mask copies each piece with it. On the cpu device the
+// leader makes the ordinary call alone (its lanes are threads; copying is not where its
+// time goes) and shares the result.
+GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint64_t len, int flags) {
+  const uint32_t leader = warp::leader(mask);
+  const bool lead = warp::lane_id() == leader;
+  if constexpr (!is_gpu()) {
+    int64_t r = lead ? sendto(fd, buf, len, flags, nullptr, 0) : 0;
+    return warp::shfl(mask, r, leader);
+  }
+  if (len > 0 && buf == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = nullptr;
+  Socket* p = nullptr;
+  int64_t err = 0;
+  if (lead) {
+    s = detail::pin_fd(t, fd);
+    if (s == nullptr) err = -EBADF;
+    else if (detail::get(s->type) != SOCK_STREAM) err = -EOPNOTSUPP;
+    else if ((detail::ld32(s->shut) & kShutWr) != 0) err = -EPIPE;
+    else if (detail::ld32(s->state) != kConnected) err = -ENOTCONN;
+    else if ((p = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false)) == nullptr) err = -EPIPE;
+    if (p != nullptr) detail::lock(p->producer_lock);
+  }
+  err = warp::shfl(mask, err, leader);
+  const uint32_t cap = t->ring_bytes;
+  const bool nb = lead && s != nullptr && detail::nonblocking(s, flags);
+  uint8_t* r = lead && p != nullptr ? detail::ring(t, detail::index_of(t, p)) : nullptr;
+  uint64_t tail = lead && p != nullptr ? detail::A64(p->tail).load(Order::kRelaxed) : 0;
+  uint64_t done = 0;
+  for (uint32_t i = 0; err == 0;) {
+    // The leader decides: n bytes now (n > 0), wait (0), or stop (err).
+    uint32_t n = 0;
+    int64_t stop = 0;
+    if (lead) {
+      if (detail::ld32(p->fd_state) == kFdClosed || (detail::ld32(p->shut) & kShutRd) != 0) {
+        stop = -EPIPE;
+      } else {
+        const uint64_t room = cap - (tail - detail::A64(p->head).load(Order::kAcquire));
+        const uint64_t left = len - done;
+        n = static_cast<uint32_t>(left < room ? left : room);
+        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_abort(s);
+      }
+    }
+    n = warp::shfl(mask, n, leader);
+    stop = warp::shfl(mask, stop, leader);
+    if (n > 0) {
+      const uint64_t pos = warp::shfl(mask, tail, leader);
+      uint8_t* rr = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(r), leader));
+      const uint8_t* src = static_cast<const uint8_t*>(buf) + done;
+      // Every lane copies the leader's piece: only the leader names a length.
+      detail::ring_write(rr, cap, pos, src, lead ? n : 0, mask);
+      done += n;
+      if (lead) {
+        tail += n;
+        detail::A64(p->tail).store(tail, Order::kRelease);
+      }
+      i = 0;
+      if (done == len) break;
+      continue;
+    }
+    if (stop != 0) {
+      err = stop;
+      break;
+    }
+    if (len == 0) break;
+    backoff(i++);
+  }
+  if (lead) {
+    if (p != nullptr) {
+      detail::unlock(p->producer_lock);
+      detail::unpin(t, p);
+    }
+    if (s != nullptr) {
+      if (done > 0) detail::A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
+      detail::unpin(t, s);
+    }
+  }
+  return done > 0 ? static_cast<int64_t>(done) : err;
+}
+
+// One receive of up to len bytes (MSG_WAITALL is ignored, as for host sockets).
+GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t len, int flags) {
+  const uint32_t leader = warp::leader(mask);
+  const bool lead = warp::lane_id() == leader;
+  if constexpr (!is_gpu()) {
+    int64_t r = lead ? recvfrom(fd, buf, len, flags & ~MSG_WAITALL, nullptr, nullptr) : 0;
+    return warp::shfl(mask, r, leader);
+  }
+  if (len > 0 && buf == nullptr) return -EFAULT;
+  Table* t = detail::table();
+  Socket* s = nullptr;
+  int64_t err = 0;
+  if (lead) {
+    s = detail::pin_fd(t, fd);
+    if (s == nullptr) err = -EBADF;
+    else if (detail::get(s->type) != SOCK_STREAM) err = -EOPNOTSUPP;
+    else if (detail::ld32(s->state) != kConnected) err = -ENOTCONN;
+    if (err == 0) detail::lock(s->consumer_lock);
+  }
+  err = warp::shfl(mask, err, leader);
+  const uint32_t cap = t->ring_bytes;
+  const bool nb = lead && s != nullptr && detail::nonblocking(s, flags);
+  const bool peek = (flags & MSG_PEEK) != 0;
+  uint64_t head = lead && err == 0 ? detail::A64(s->head).load(Order::kRelaxed) : 0;
+  int64_t result = err;
+  for (uint32_t i = 0; err == 0;) {
+    uint32_t n = 0;
+    int64_t stop = 0;  // 1: end of stream (result 0)
+    if (lead) {
+      const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
+      n = static_cast<uint32_t>(len < avail ? len : avail);
+      if (n == 0) {
+        if (len == 0 || (detail::ld32(s->shut) & kShutRd) != 0) {
+          stop = 1;
+        } else if (detail::ld32(s->eof) != 0) {
+          if (detail::A64(s->tail).load(Order::kAcquire) == head) stop = 1;
+        } else if (detail::ld32(s->reset) != 0) {
+          stop = -ECONNRESET;
+        } else {
+          stop = nb ? -EAGAIN : detail::wait_abort(s);
+        }
+      }
+    }
+    n = warp::shfl(mask, n, leader);
+    stop = warp::shfl(mask, stop, leader);
+    if (n > 0) {
+      const uint64_t pos = warp::shfl(mask, head, leader);
+      const uint8_t* rr = detail::ring(t, fd_index(fd));
+      detail::ring_read(static_cast<uint8_t*>(buf), rr, cap, pos, lead ? n : 0, mask);
+      if (lead && !peek) {
+        head += n;
+        detail::A64(s->head).store(head, Order::kRelease);
+        detail::A64(s->bytes_in).fetch_add(n, Order::kRelaxed);
+      }
+      result = n;
+      break;
+    }
+    if (stop != 0) {
+      result = stop == 1 ? 0 : stop;
+      break;
+    }
+    backoff(i++);
+  }
+  if (lead && s != nullptr) {
+    if (err == 0) detail::unlock(s->consumer_lock);
+    detail::unpin(t, s);
+  }
+  return result;
+}
+
+}  // namespace net::local
+}  // namespace gpusock
