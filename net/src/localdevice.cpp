@@ -129,6 +129,9 @@ Result<ResolvedAddress> resolve_address(std::string_view text) {
     }
     host = std::string(text.substr(0, colon));
     port_text = text.substr(colon + 1);
+    if (host.find(':') != std::string::npos) {
+      return Status{EINVAL, "'" + str + "': an IPv6 address goes in brackets: [addr]:port"};
+    }
   }
   unsigned port = 0;
   auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);

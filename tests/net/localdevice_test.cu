@@ -484,7 +484,8 @@ struct Datagrams {
     // fit answers EAGAIN; nothing sent before it is lost.
     int64_t sent = 0, last = 0;
     for (;;) {
-      last = raw::sendto(tx, &sent, 100, 0, sa(a), sizeof a);
+      int64_t dg[13] = {sent};  // 104 bytes; the datagram is the first 100, numbered
+      last = raw::sendto(tx, dg, 100, 0, sa(a), sizeof a);
       if (last < 0) break;
       ++sent;
     }

@@ -265,7 +265,22 @@ GPUSOCK_HD inline void group_copy(uint32_t mask, uint8_t* dst, const uint8_t* sr
       uint32_t head = 0;
       if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) == 0) {
         head = len & ~15u;
-        for (uint32_t i = first * 16; i < head; i += step * 16) {
+        const uint32_t stride = step * 16;
+        uint32_t i = first * 16;
+        // Eight loads in flight before the first store: one lane's copy is bound by memory
+        // latency, not bandwidth, so it needs independent loads outstanding.
+        constexpr uint32_t kUnroll = 8;
+        for (; i + (kUnroll - 1) * stride < head; i += kUnroll * stride) {
+          Chunk16 v[kUnroll];
+#pragma unroll
+          for (uint32_t u = 0; u < kUnroll; ++u) {
+            const Chunk16* from = reinterpret_cast<const Chunk16*>(s + i + u * stride);
+            v[u] = fresh ? load_fresh16(from) : *from;
+          }
+#pragma unroll
+          for (uint32_t u = 0; u < kUnroll; ++u) *reinterpret_cast<Chunk16*>(d + i + u * stride) = v[u];
+        }
+        for (; i < head; i += stride) {
           const Chunk16* from = reinterpret_cast<const Chunk16*>(s + i);
           *reinterpret_cast<Chunk16*>(d + i) = fresh ? load_fresh16(from) : *from;
         }

@@ -207,8 +207,10 @@ GPUSOCK_HD inline uint32_t* port_slot(const Table* t, uint32_t type, uint32_t po
 GPUSOCK_HD inline bool shutting_down() { return hostcall::internal::shutting_down(hostcall::context()); }
 GPUSOCK_HD inline uint32_t ld32(uint32_t& x) { return A32(x).load(Order::kAcquire); }
 // Socket fields that other lanes may read while the owner writes them (a stale
-// descriptor's lane, a connector finding a listener) go through these.
-GPUSOCK_HD inline uint32_t get(uint32_t& x) { return A32(x).load(Order::kAcquire); }
+// descriptor's lane, a connector finding a listener) go through these. Loads are relaxed:
+// the pin or lock taken before them is what orders them; relaxed loads at device scope
+// are still coherent (never a stale L1 line) and, unlike acquire loads, overlap.
+GPUSOCK_HD inline uint32_t get(uint32_t& x) { return A32(x).load(Order::kRelaxed); }
 GPUSOCK_HD inline void put(uint32_t& x, uint32_t v) { A32(x).store(v, Order::kRelease); }
 
 // The lanes that copy together: on a GPU those executing here now; on the cpu device each
@@ -227,7 +229,7 @@ GPUSOCK_HD inline Socket* pin(Table* t, uint32_t index, uint32_t gen, bool any_g
   if (index >= t->max_sockets) return nullptr;
   Socket* s = &t->sockets[index];
   A64 life(s->life);
-  uint64_t w = life.load(Order::kAcquire);
+  uint64_t w = life.load(Order::kRelaxed);  // the compare-exchange below synchronizes
   for (;;) {
     const uint32_t refs = static_cast<uint32_t>(w);
     const uint32_t g = static_cast<uint32_t>(w >> 32);
@@ -255,7 +257,7 @@ GPUSOCK_HD inline void lock(uint32_t& l) {
   A32 a(l);
   for (uint32_t i = 0;; ++i) {
     uint32_t expect = 0;
-    if (a.load(Order::kRelaxed) == 0 && a.compare_exchange(expect, 1, Order::kAcquire)) return;
+    if (a.compare_exchange(expect, 1, Order::kAcquire)) return;  // uncontended: one atomic
     backoff(i);
   }
 }
@@ -265,6 +267,11 @@ GPUSOCK_HD inline void unlock(uint32_t& l) { A32(l).store(0, Order::kRelease); }
 // at the next allocation, and it is free for socket() again.
 GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
   const uint32_t index = index_of(t, s);
+  // send and recv lock instead of pinning (one atomic instead of two): a writer holding the
+  // producer lock, or a reader holding the consumer lock, relies on the slot staying this
+  // socket until it lets go. Wait for both.
+  lock(s->producer_lock);
+  lock(s->consumer_lock);
   if (detail::get(s->owns_port) != 0) {
     uint32_t expect = index + 1;
     A32(*port_slot(t, detail::get(s->type), detail::get(s->port))).compare_exchange(expect, 0, Order::kAcqRel);
@@ -286,6 +293,8 @@ GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
   A64(s->tail).store(0, Order::kRelaxed);
   A64(s->bytes_in).store(0, Order::kRelaxed);
   A64(s->bytes_out).store(0, Order::kRelaxed);
+  unlock(s->consumer_lock);
+  unlock(s->producer_lock);
   A32(s->state).store(kFree, Order::kRelease);
 }
 
@@ -357,6 +366,38 @@ GPUSOCK_HD inline int wait_abort(Socket* s) {
   if (ld32(s->fd_state) == kFdClosed) return -EBADF;
   return 0;
 }
+// wait_abort() on every 64th pass of a wait loop: the shutdown flag lives in host memory,
+// and reading it on every pass would put a PCIe round trip between a writer's store and
+// the reader noticing it.
+GPUSOCK_HD inline int wait_check(Socket* s, uint32_t pass) { return (pass & 63) == 63 ? wait_abort(s) : 0; }
+
+// Whether descriptor fd still names socket s (alive, same generation, descriptor open).
+GPUSOCK_HD inline bool names(Socket* s, int fd) {
+  const uint64_t w = A64(s->life).load(Order::kRelaxed);
+  return static_cast<uint32_t>(w) != 0 && ((w >> 32) & kGenMask) == fd_gen(fd) &&
+         A32(s->fd_state).load(Order::kRelaxed) == kFdOpen;
+}
+
+// The descriptor's socket with its consumer lock held (free_slot takes that lock, so the
+// slot stays this socket while it is held), or nullptr (EBADF).
+GPUSOCK_HD inline Socket* lock_own(Table* t, int fd) {
+  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
+  Socket* s = &t->sockets[fd_index(fd)];
+  lock(s->consumer_lock);
+  if (!names(s, fd)) {
+    unlock(s->consumer_lock);
+    return nullptr;
+  }
+  return s;
+}
+
+// The descriptor's socket, unpinned, for a send to validate again once it holds its peer's
+// lock; nullptr (EBADF) when it does not name one now.
+GPUSOCK_HD inline Socket* peek_fd(Table* t, int fd) {
+  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
+  Socket* s = &t->sockets[fd_index(fd)];
+  return names(s, fd) ? s : nullptr;
+}
 
 GPUSOCK_HD inline int parse_addr(const sockaddr* addr, socklen_t len, uint32_t* port) {
   if (addr == nullptr) return -EFAULT;
@@ -397,6 +438,21 @@ GPUSOCK_HD inline void ring_read(uint8_t* dst, const uint8_t* r, uint32_t cap, u
   hostcall::internal::group_copy(mask, dst + first, r, n - first, true);
 }
 
+// Locks the producer side of s's stream peer and checks it is still that peer (the slot
+// cannot be freed or reused while the lock is held: free_slot takes it). Returns the
+// peer, locked, or nullptr (the peer is gone).
+GPUSOCK_HD inline Socket* lock_peer(Table* t, uint32_t index, uint32_t gen) {
+  if (index >= t->max_sockets) return nullptr;
+  Socket* p = &t->sockets[index];
+  lock(p->producer_lock);
+  const uint64_t w = A64(p->life).load(Order::kRelaxed);  // ordered by the lock's acquire
+  if (static_cast<uint32_t>(w) == 0 || static_cast<uint32_t>(w >> 32) != gen) {
+    unlock(p->producer_lock);
+    return nullptr;
+  }
+  return p;
+}
+
 // Tells the stream peer of s that no more bytes come (close or SHUT_WR).
 GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
   if (A32(s->state).load(Order::kAcquire) != kConnected) return;
@@ -410,20 +466,34 @@ GPUSOCK_HD inline bool nonblocking(Socket* s, int flags) {
   return (flags & MSG_DONTWAIT) != 0 || A32(s->nonblock).load(Order::kRelaxed) != 0;
 }
 
-// Stream send into peer p's ring, holding its producer lock for the whole call.
-GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, Socket* p, const uint8_t* buf, uint64_t len, bool nb) {
+// Stream send into the ring of s's peer (index, generation gen), under the peer's producer
+// lock (free_slot takes it too, so the slot stays that socket while it is held).
+GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, uint32_t index, uint32_t gen, const uint8_t* buf, uint64_t len,
+                                      bool nb) {
+  if (index >= t->max_sockets) return -EPIPE;
+  Socket* p = &t->sockets[index];
   const uint32_t cap = t->ring_bytes;
-  uint8_t* r = ring(t, index_of(t, p));
+  uint8_t* r = ring(t, index);
   uint64_t done = 0;
   int64_t err = 0;
   lock(p->producer_lock);
+  // Each pass loads what it needs in one round: relaxed loads first, the acquire load of
+  // head last, so they are all in flight together (an acquire holds back only what
+  // follows it).
+  const uint64_t life = A64(p->life).load(Order::kRelaxed);  // ordered by the lock's acquire
   uint64_t tail = A64(p->tail).load(Order::kRelaxed);
   for (uint32_t i = 0;; ++i) {
-    if (ld32(p->fd_state) == kFdClosed || (ld32(p->shut) & kShutRd) != 0) {
+    const uint32_t fds = get(p->fd_state), shut = get(p->shut);
+    const uint64_t head = A64(p->head).load(Order::kAcquire);
+    if (i == 0 && (static_cast<uint32_t>(life) == 0 || static_cast<uint32_t>(life >> 32) != gen)) {
+      err = -EPIPE;  // the peer is gone (its slot freed, perhaps reused)
+      break;
+    }
+    if (fds == kFdClosed || (shut & kShutRd) != 0) {
       err = -EPIPE;
       break;
     }
-    const uint64_t room = cap - (tail - A64(p->head).load(Order::kAcquire));
+    const uint64_t room = cap - (tail - head);
     const uint64_t left = len - done;
     const uint32_t n = static_cast<uint32_t>(left < room ? left : room);
     if (n > 0) {
@@ -440,7 +510,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, Socket* p, const uint
       err = -EAGAIN;
       break;
     }
-    if ((err = wait_abort(s)) != 0) break;
+    if ((err = wait_check(s, i)) != 0) break;
     backoff(i);
   }
   unlock(p->producer_lock);
@@ -467,7 +537,7 @@ GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, Socket* d, const uint8
       err = -EAGAIN;
       break;
     }
-    if ((err = wait_abort(s)) != 0) break;
+    if ((err = wait_check(s, i)) != 0) break;
     backoff(i);
   }
   if (err == 0) {
@@ -597,7 +667,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
         break;
       }
       detail::unlock(l->producer_lock);
-      if ((r = detail::wait_abort(c)) != 0) {
+      if ((r = detail::wait_check(c, i)) != 0) {
         detail::lock(l->producer_lock);
         break;
       }
@@ -644,7 +714,7 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
       r = -EAGAIN;
       break;
     }
-    if ((r = detail::wait_abort(l)) != 0) break;
+    if ((r = detail::wait_check(l, i)) != 0) break;
     backoff(i);
   }
   detail::unpin(t, l);
@@ -660,41 +730,40 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
 GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest, socklen_t dest_len) {
   if (len > 0 && buf == nullptr) return -EFAULT;
   Table* t = detail::table();
-  Socket* s = detail::pin_fd(t, fd);
+  const auto* p = static_cast<const uint8_t*>(buf);
+  // Streams, the hot path: no pin. The peer's producer lock keeps the peer's slot, and
+  // the check after it that fd still names s keeps the call honest about s.
+  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return -EBADF;
+  Socket* s = &t->sockets[fd_index(fd)];
+  // Every field the call needs, in one round of loads.
+  const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
+  const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
+  const uint32_t shut = detail::get(s->shut), nbk = detail::get(s->nonblock);
+  const uint32_t peer_index = detail::get(s->peer), peer_gen = detail::get(s->peer_gen);
+  if (static_cast<uint32_t>(life) == 0 || ((life >> 32) & kGenMask) != fd_gen(fd) || fds != kFdOpen) return -EBADF;
+  if (type == SOCK_STREAM) {
+    // A close of fd racing this send is ordered either way, as with two threads in POSIX.
+    if (dest != nullptr && st != kConnected) return -EOPNOTSUPP;  // no connect-on-send for streams
+    if ((shut & kShutWr) != 0) return -EPIPE;
+    if (st != kConnected) return -ENOTCONN;
+    return detail::stream_send(t, s, peer_index, peer_gen, p, len, (flags & MSG_DONTWAIT) != 0 || nbk != 0);
+  }
+  s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   const bool nb = detail::nonblocking(s, flags);
-  const auto* p = static_cast<const uint8_t*>(buf);
   int64_t r = 0;
-  if (detail::get(s->type) == SOCK_STREAM) {
-    if (dest != nullptr && detail::ld32(s->state) != kConnected) {
-      r = -EOPNOTSUPP;  // no connect-on-send for streams
-    } else if ((detail::ld32(s->shut) & kShutWr) != 0) {
-      r = -EPIPE;
-    } else if (detail::ld32(s->state) != kConnected) {
-      r = -ENOTCONN;
+  uint32_t port = detail::A32(s->peer_port).load(Order::kAcquire);
+  if (dest != nullptr) r = detail::parse_addr(dest, dest_len, &port);
+  if (r == 0 && port == 0) r = dest != nullptr ? -EINVAL : -EDESTADDRREQ;
+  if (r == 0 && (detail::ld32(s->shut) & kShutWr) != 0) r = -EPIPE;
+  if (r == 0 && detail::get(s->port) == 0) r = detail::claim_port(t, s, 0);  // as UDP: bind on first send
+  if (r == 0) {
+    Socket* d = detail::pin_port(t, SOCK_DGRAM, port);
+    if (d == nullptr) {
+      r = -ECONNREFUSED;
     } else {
-      Socket* peer = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
-      if (peer == nullptr) {
-        r = -EPIPE;
-      } else {
-        r = detail::stream_send(t, s, peer, p, len, nb);
-        detail::unpin(t, peer);
-      }
-    }
-  } else {
-    uint32_t port = detail::A32(s->peer_port).load(Order::kAcquire);
-    if (dest != nullptr) r = detail::parse_addr(dest, dest_len, &port);
-    if (r == 0 && port == 0) r = dest != nullptr ? -EINVAL : -EDESTADDRREQ;
-    if (r == 0 && (detail::ld32(s->shut) & kShutWr) != 0) r = -EPIPE;
-    if (r == 0 && detail::get(s->port) == 0) r = detail::claim_port(t, s, 0);  // as UDP: bind on first send
-    if (r == 0) {
-      Socket* d = detail::pin_port(t, SOCK_DGRAM, port);
-      if (d == nullptr) {
-        r = -ECONNREFUSED;
-      } else {
-        r = detail::dgram_send(t, s, d, p, len, nb);
-        detail::unpin(t, d);
-      }
+      r = detail::dgram_send(t, s, d, p, len, nb);
+      detail::unpin(t, d);
     }
   }
   detail::unpin(t, s);
@@ -706,21 +775,29 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
 GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
   if (len > 0 && buf == nullptr && (flags & MSG_TRUNC) == 0) return -EFAULT;
   Table* t = detail::table();
-  Socket* s = detail::pin_fd(t, fd);
-  if (s == nullptr) return -EBADF;
-  const bool nb = detail::nonblocking(s, flags);
+  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return -EBADF;
+  Socket* s = &t->sockets[fd_index(fd)];
+  detail::lock(s->consumer_lock);  // free_slot takes it too: the slot stays s while held
+  // Every field the call needs, in one round of loads.
+  const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
+  const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
+  const uint32_t nbk = detail::get(s->nonblock);
+  uint64_t head = detail::A64(s->head).load(Order::kRelaxed);
+  if (static_cast<uint32_t>(life) == 0 || ((life >> 32) & kGenMask) != fd_gen(fd) || fds != kFdOpen) {
+    detail::unlock(s->consumer_lock);
+    return -EBADF;
+  }
+  if (type == SOCK_STREAM && st != kConnected) {
+    detail::unlock(s->consumer_lock);
+    return -ENOTCONN;
+  }
+  const bool nb = (flags & MSG_DONTWAIT) != 0 || nbk != 0;
   const bool peek = (flags & MSG_PEEK) != 0;
   const uint32_t cap = t->ring_bytes;
   uint8_t* r = detail::ring(t, detail::index_of(t, s));
   auto* out = static_cast<uint8_t*>(buf);
   int64_t result = 0;
-  if (detail::get(s->type) == SOCK_STREAM && detail::ld32(s->state) != kConnected) {
-    detail::unpin(t, s);
-    return -ENOTCONN;
-  }
-  detail::lock(s->consumer_lock);
-  uint64_t head = detail::A64(s->head).load(Order::kRelaxed);
-  if (detail::get(s->type) == SOCK_STREAM) {
+  if (type == SOCK_STREAM) {
     uint64_t done = 0;
     for (uint32_t i = 0;; ++i) {
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
@@ -737,13 +814,17 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         if (done == len || (flags & MSG_WAITALL) == 0 || peek) break;
         continue;
       }
-      if (len == 0 || (detail::ld32(s->shut) & kShutRd) != 0) break;
-      if (detail::ld32(s->eof) != 0) {
-        // eof is stored after the peer's last tail: look once more, then it is the end.
+      // Nothing to read: the three reasons to stop waiting, loaded together.
+      const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
+      if (len == 0 || (shut & kShutRd) != 0) break;
+      if (eof != 0) {
+        // eof is stored (release) after the peer's last tail: after an acquire fence, one
+        // more look at tail sees everything the peer sent.
+        fence<Scope::kDevice>(Order::kAcquire);
         if (detail::A64(s->tail).load(Order::kAcquire) != head) continue;
         break;
       }
-      if (detail::ld32(s->reset) != 0) {
+      if (reset != 0) {
         result = -ECONNRESET;
         break;
       }
@@ -751,7 +832,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = -EAGAIN;
         break;
       }
-      if ((result = detail::wait_abort(s)) != 0) break;
+      if ((result = detail::wait_check(s, i)) != 0) break;
       backoff(i);
     }
     if (done > 0) {
@@ -774,17 +855,16 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = (flags & MSG_TRUNC) != 0 ? mlen : n;
         break;
       }
-      if ((detail::ld32(s->shut) & kShutRd) != 0) break;
+      if ((detail::get(s->shut) & kShutRd) != 0) break;
       if (nb) {
         result = -EAGAIN;
         break;
       }
-      if ((result = detail::wait_abort(s)) != 0) break;
+      if ((result = detail::wait_check(s, i)) != 0) break;
       backoff(i);
     }
   }
   detail::unlock(s->consumer_lock);
-  detail::unpin(t, s);
   return result;
 }
 
@@ -1007,13 +1087,12 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   Socket* p = nullptr;
   int64_t err = 0;
   if (lead) {
-    s = detail::pin_fd(t, fd);
+    s = detail::peek_fd(t, fd);
     if (s == nullptr) err = -EBADF;
     else if (detail::get(s->type) != SOCK_STREAM) err = -EOPNOTSUPP;
-    else if ((detail::ld32(s->shut) & kShutWr) != 0) err = -EPIPE;
-    else if (detail::ld32(s->state) != kConnected) err = -ENOTCONN;
-    else if ((p = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false)) == nullptr) err = -EPIPE;
-    if (p != nullptr) detail::lock(p->producer_lock);
+    else if ((detail::get(s->shut) & kShutWr) != 0) err = -EPIPE;
+    else if (detail::get(s->state) != kConnected) err = -ENOTCONN;
+    else if ((p = detail::lock_peer(t, detail::get(s->peer), detail::get(s->peer_gen))) == nullptr) err = -EPIPE;
   }
   err = warp::shfl(mask, err, leader);
   const uint32_t cap = t->ring_bytes;
@@ -1026,13 +1105,13 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     uint32_t n = 0;
     int64_t stop = 0;
     if (lead) {
-      if (detail::ld32(p->fd_state) == kFdClosed || (detail::ld32(p->shut) & kShutRd) != 0) {
+      if (detail::get(p->fd_state) == kFdClosed || (detail::get(p->shut) & kShutRd) != 0) {
         stop = -EPIPE;
       } else {
         const uint64_t room = cap - (tail - detail::A64(p->head).load(Order::kAcquire));
         const uint64_t left = len - done;
         n = static_cast<uint32_t>(left < room ? left : room);
-        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_abort(s);
+        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, i);
       }
     }
     n = warp::shfl(mask, n, leader);
@@ -1059,15 +1138,9 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     if (len == 0) break;
     backoff(i++);
   }
-  if (lead) {
-    if (p != nullptr) {
-      detail::unlock(p->producer_lock);
-      detail::unpin(t, p);
-    }
-    if (s != nullptr) {
-      if (done > 0) detail::A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
-      detail::unpin(t, s);
-    }
+  if (lead && p != nullptr) {
+    if (done > 0) detail::A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
+    detail::unlock(p->producer_lock);
   }
   return done > 0 ? static_cast<int64_t>(done) : err;
 }
@@ -1085,11 +1158,14 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
   Socket* s = nullptr;
   int64_t err = 0;
   if (lead) {
-    s = detail::pin_fd(t, fd);
+    s = detail::lock_own(t, fd);
     if (s == nullptr) err = -EBADF;
     else if (detail::get(s->type) != SOCK_STREAM) err = -EOPNOTSUPP;
-    else if (detail::ld32(s->state) != kConnected) err = -ENOTCONN;
-    if (err == 0) detail::lock(s->consumer_lock);
+    else if (detail::get(s->state) != kConnected) err = -ENOTCONN;
+    if (err != 0 && s != nullptr) {
+      detail::unlock(s->consumer_lock);
+      s = nullptr;
+    }
   }
   err = warp::shfl(mask, err, leader);
   const uint32_t cap = t->ring_bytes;
@@ -1104,14 +1180,16 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
       n = static_cast<uint32_t>(len < avail ? len : avail);
       if (n == 0) {
-        if (len == 0 || (detail::ld32(s->shut) & kShutRd) != 0) {
+        const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
+        if (len == 0 || (shut & kShutRd) != 0) {
           stop = 1;
-        } else if (detail::ld32(s->eof) != 0) {
+        } else if (eof != 0) {
+          fence<Scope::kDevice>(Order::kAcquire);
           if (detail::A64(s->tail).load(Order::kAcquire) == head) stop = 1;
-        } else if (detail::ld32(s->reset) != 0) {
+        } else if (reset != 0) {
           stop = -ECONNRESET;
         } else {
-          stop = nb ? -EAGAIN : detail::wait_abort(s);
+          stop = nb ? -EAGAIN : detail::wait_check(s, i);
         }
       }
     }
@@ -1135,10 +1213,7 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
     }
     backoff(i++);
   }
-  if (lead && s != nullptr) {
-    if (err == 0) detail::unlock(s->consumer_lock);
-    detail::unpin(t, s);
-  }
+  if (lead && s != nullptr) detail::unlock(s->consumer_lock);
   return result;
 }
 
