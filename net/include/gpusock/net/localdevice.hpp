@@ -360,16 +360,17 @@ GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
   return s;
 }
 
-// Why a blocking wait on `s` must end, or 0 to keep waiting.
-GPUSOCK_HD inline int wait_abort(Socket* s) {
-  if (shutting_down()) return -ESHUTDOWN;
-  if (ld32(s->fd_state) == kFdClosed) return -EBADF;
+// The exits of a wait loop, checked sparingly: the descriptor's state (device memory) every
+// 64th pass, the runtime's shutdown flag every 4096th. The flag lives in mapped host
+// memory: every read is a PCIe round trip, and a thousand waiting warps reading it every
+// 64 passes (tens of millions of reads a second) slowed every warp on the GPU. With the
+// backoff's sleeps, 4096 passes are about a millisecond: how long shutdown takes to reach a
+// waiting call.
+GPUSOCK_HD inline int wait_check(Socket* s, uint32_t pass) {
+  if ((pass & 4095) == 4095 && shutting_down()) return -ESHUTDOWN;
+  if ((pass & 63) == 63 && ld32(s->fd_state) == kFdClosed) return -EBADF;
   return 0;
 }
-// wait_abort() on every 64th pass of a wait loop: the shutdown flag lives in host memory,
-// and reading it on every pass would put a PCIe round trip between a writer's store and
-// the reader noticing it.
-GPUSOCK_HD inline int wait_check(Socket* s, uint32_t pass) { return (pass & 63) == 63 ? wait_abort(s) : 0; }
 
 // Whether descriptor fd still names socket s (alive, same generation, descriptor open).
 GPUSOCK_HD inline bool names(Socket* s, int fd) {
