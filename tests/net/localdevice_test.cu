@@ -439,6 +439,112 @@ TEST_P(LdTest, GigabyteBetweenTwoWarpsArrivesWholeAndInOrder) {
               gpusock::to_string(GetParam()));
 }
 
+// ---- many lanes on one stream ----------------------------------------------------------
+
+// Warp 1's 32 lanes all send `records` records of 1000 bytes on one connection at once,
+// each record filled with (lane, sequence); warp 0's lane 0 reads them all and checks that
+// no record is torn by another lane's bytes. out[0]: records received whole, out[1]: torn
+// records, out[2]: records out of order per lane, out[3]: the receiver's last recv.
+struct SharedStream {
+  GPUSOCK_HD void operator()(int records, int64_t* out) const {
+    const uint32_t lane = warp::lane_id();
+    if (gpusock::global_warp_id() == 0) {
+      if (lane != 0) return;
+      int l = ld_listen(31, 1);
+      int c = raw::accept(l, nullptr, nullptr);
+      int next[32] = {};
+      uint8_t rec[1000];
+      int64_t whole = 0, torn = 0, disorder = 0, r = 0;
+      while ((r = raw::recv(c, rec, sizeof rec, MSG_WAITALL)) == static_cast<int64_t>(sizeof rec)) {
+        bool same = true;
+        for (uint32_t k = 2; k < sizeof rec; ++k) same &= rec[k] == rec[0];
+        if (!same || rec[0] >= 32) {
+          ++torn;
+          continue;
+        }
+        ++whole;
+        disorder += rec[1] != static_cast<uint8_t>(next[rec[0]]);
+        next[rec[0]] = rec[1] + 1;
+      }
+      out[0] = whole;
+      out[1] = torn;
+      out[2] = disorder;
+      out[3] = r;
+      raw::close(c);
+      raw::close(l);
+    } else {
+      int c = lane == 0 ? ld_connect(31) : 0;
+      c = warp::shfl(0xffffffffu, c, 0);
+      uint8_t rec[1000];
+      for (int i = 0; i < records; ++i) {
+        for (uint32_t k = 0; k < sizeof rec; ++k) rec[k] = static_cast<uint8_t>(lane);
+        rec[1] = static_cast<uint8_t>(i);
+        if (raw::send(c, rec, sizeof rec, 0) != static_cast<int64_t>(sizeof rec)) break;
+      }
+      warp::sync(0xffffffffu);
+      if (lane == 0) raw::close(c);
+    }
+  }
+};
+
+TEST_P(LdTest, ConcurrentSendsOnOneStreamNeverInterleaveInsideACall) {
+  Start();  // 16 KiB rings: senders wait for room while holding the peer's lock
+  auto out = Buffer<int64_t>(4);
+  auto k = Launch({2}, {32}, SharedStream{}, 50, out.data());
+  Finish(k);
+  auto o = out.to_host();
+  EXPECT_EQ(o[0], 32 * 50);
+  EXPECT_EQ(o[1], 0) << "records with another lane's bytes inside";
+  EXPECT_EQ(o[2], 0) << "one lane's records out of order";
+  EXPECT_EQ(o[3], 0) << "end of stream after the last record";
+  EXPECT_EQ(HostcallLanes(), 0u);
+}
+
+// Lane 0 sends without end into a connection nobody reads; lane 1 closes the descriptor
+// under it. The send must end (EBADF or EPIPE), and nothing may hang.
+struct CloseUnderSend {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    const uint32_t lane = warp::lane_id();
+    if (gpusock::global_warp_id() != 0 || lane > 1) return;
+    if (lane == 0) {
+      int l = ld_listen(32, 1);
+      int c = ld_connect(32);
+      gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[8]).store(static_cast<uint32_t>(c), gpusock::Order::kRelease);
+      char b[512] = {};
+      int64_t r;
+      while ((r = raw::send(c, b, sizeof b, 0)) > 0) {
+      }
+      out[0] = r;
+      out[2] = raw::close(l);
+    } else {
+      uint32_t c;
+      for (uint32_t i = 0; (c = gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[8]).load(gpusock::Order::kAcquire)) == 0; ++i) {
+        gpusock::backoff(i);
+      }
+      // Let the sender fill the ring and block.
+      const uint64_t until = gpusock::globaltimer_ns() + 20'000'000ull;
+      for (uint32_t i = 0; gpusock::globaltimer_ns() < until; ++i) gpusock::backoff(i);
+      out[1] = raw::close(static_cast<int>(c));
+    }
+  }
+};
+
+TEST_P(LdTest, CloseUnderABlockedSendEndsItWithEbadf) {
+  Start();
+  auto out = Buffer<int64_t>(4);
+  auto dbox = Buffer<uint32_t>(16);
+  auto k = Launch({1}, {32}, CloseUnderSend{}, dbox.data(), out.data());
+  Finish(k, std::chrono::seconds(60));
+  auto o = out.to_host();
+  EXPECT_EQ(o[0], -EBADF);
+  EXPECT_EQ(o[1], 0);
+  EXPECT_EQ(o[2], 0);
+  auto snap = ld_->snapshot();
+  ASSERT_TRUE(snap.ok());
+  // The client's slot is gone; the listener is closed; the queued server side was reset.
+  EXPECT_TRUE(snap->sockets.empty()) << snap->sockets.size() << " sockets left";
+}
+
 // ---- datagrams -------------------------------------------------------------------------
 
 // Lane 0: a receiver on localdevice:5 and a sender; message boundaries, sources,

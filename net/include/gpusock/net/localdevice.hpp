@@ -366,9 +366,12 @@ GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
 // 64 passes (tens of millions of reads a second) slowed every warp on the GPU. With the
 // backoff's sleeps, 4096 passes are about a millisecond: how long shutdown takes to reach a
 // waiting call.
-GPUSOCK_HD inline int wait_check(Socket* s, uint32_t pass) {
+GPUSOCK_HD inline bool names(Socket* s, int fd);
+GPUSOCK_HD inline int wait_check(Socket* s, int fd, uint32_t pass) {
   if ((pass & 4095) == 4095 && shutting_down()) return -ESHUTDOWN;
-  if ((pass & 63) == 63 && ld32(s->fd_state) == kFdClosed) return -EBADF;
+  // Not just "closed": a sender holds no reference on its own socket, so a close by another
+  // lane may already have freed the slot (and reset its state) under it.
+  if ((pass & 63) == 63 && !names(s, fd)) return -EBADF;
   return 0;
 }
 
@@ -469,8 +472,8 @@ GPUSOCK_HD inline bool nonblocking(Socket* s, int flags) {
 
 // Stream send into the ring of s's peer (index, generation gen), under the peer's producer
 // lock (free_slot takes it too, so the slot stays that socket while it is held).
-GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, uint32_t index, uint32_t gen, const uint8_t* buf, uint64_t len,
-                                      bool nb) {
+GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t index, uint32_t gen, const uint8_t* buf,
+                                      uint64_t len, bool nb) {
   if (index >= t->max_sockets) return -EPIPE;
   Socket* p = &t->sockets[index];
   const uint32_t cap = t->ring_bytes;
@@ -511,7 +514,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, uint32_t index, uint3
       err = -EAGAIN;
       break;
     }
-    if ((err = wait_check(s, i)) != 0) break;
+    if ((err = wait_check(s, fd, i)) != 0) break;
     backoff(i);
   }
   unlock(p->producer_lock);
@@ -520,7 +523,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, uint32_t index, uint3
 }
 
 // One datagram into d's ring (all of it or nothing).
-GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, Socket* d, const uint8_t* buf, uint64_t len, bool nb) {
+GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, int fd, Socket* d, const uint8_t* buf, uint64_t len, bool nb) {
   const uint32_t cap = t->ring_bytes;
   if (len > cap - kDgramHeader) return -EMSGSIZE;
   const uint64_t need = kDgramHeader + round8(len);
@@ -538,7 +541,7 @@ GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, Socket* d, const uint8
       err = -EAGAIN;
       break;
     }
-    if ((err = wait_check(s, i)) != 0) break;
+    if ((err = wait_check(s, fd, i)) != 0) break;
     backoff(i);
   }
   if (err == 0) {
@@ -668,7 +671,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
         break;
       }
       detail::unlock(l->producer_lock);
-      if ((r = detail::wait_check(c, i)) != 0) {
+      if ((r = detail::wait_check(c, fd, i)) != 0) {
         detail::lock(l->producer_lock);
         break;
       }
@@ -715,7 +718,7 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
       r = -EAGAIN;
       break;
     }
-    if ((r = detail::wait_check(l, i)) != 0) break;
+    if ((r = detail::wait_check(l, fd, i)) != 0) break;
     backoff(i);
   }
   detail::unpin(t, l);
@@ -747,7 +750,7 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
     if (dest != nullptr && st != kConnected) return -EOPNOTSUPP;  // no connect-on-send for streams
     if ((shut & kShutWr) != 0) return -EPIPE;
     if (st != kConnected) return -ENOTCONN;
-    return detail::stream_send(t, s, peer_index, peer_gen, p, len, (flags & MSG_DONTWAIT) != 0 || nbk != 0);
+    return detail::stream_send(t, s, fd, peer_index, peer_gen, p, len, (flags & MSG_DONTWAIT) != 0 || nbk != 0);
   }
   s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
@@ -763,7 +766,7 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
     if (d == nullptr) {
       r = -ECONNREFUSED;
     } else {
-      r = detail::dgram_send(t, s, d, p, len, nb);
+      r = detail::dgram_send(t, s, fd, d, p, len, nb);
       detail::unpin(t, d);
     }
   }
@@ -833,7 +836,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = -EAGAIN;
         break;
       }
-      if ((result = detail::wait_check(s, i)) != 0) break;
+      if ((result = detail::wait_check(s, fd, i)) != 0) break;
       backoff(i);
     }
     if (done > 0) {
@@ -861,7 +864,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = -EAGAIN;
         break;
       }
-      if ((result = detail::wait_check(s, i)) != 0) break;
+      if ((result = detail::wait_check(s, fd, i)) != 0) break;
       backoff(i);
     }
   }
@@ -1112,7 +1115,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
         const uint64_t room = cap - (tail - detail::A64(p->head).load(Order::kAcquire));
         const uint64_t left = len - done;
         n = static_cast<uint32_t>(left < room ? left : room);
-        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, i);
+        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
       }
     }
     n = warp::shfl(mask, n, leader);
@@ -1190,7 +1193,7 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
         } else if (reset != 0) {
           stop = -ECONNRESET;
         } else {
-          stop = nb ? -EAGAIN : detail::wait_check(s, i);
+          stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
         }
       }
     }
