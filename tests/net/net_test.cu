@@ -1167,6 +1167,52 @@ TEST_P(NetTest, PollReportsExactlyTheReadyDescriptors) {
   EXPECT_EQ(o[7], POLLIN);
 }
 
+// Lane 0 polls a listening socket: first with nothing pending (timeout), then while the
+// host connects (readable), then once the connection was accepted (not readable again).
+// The multishot accept takes connections off the socket as they arrive, so this is what
+// the listener's accept eventfd is for. out: {idle, revents, ready, revents, accepted,
+// after-accept ready}
+struct PollListener {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    uint16_t port;
+    int lfd = listen_loopback(&port);
+    pollfd p{lfd, POLLIN, 0};
+    out[0] = raw::poll(&p, 1, 50);
+    out[1] = p.revents;
+    publish(box, 0, port);  // the host connects now
+    p.revents = 0;
+    out[2] = raw::poll(&p, 1, 20000);
+    out[3] = p.revents;
+    int c = raw::accept(lfd, nullptr, nullptr);
+    out[4] = c >= 0 ? 1 : c;
+    p.revents = 0;
+    out[5] = raw::poll(&p, 1, 50);
+    raw::close(c);
+    raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, PollOnAListenerWakesWhenAConnectionArrives) {
+  Start();
+  auto out = Buffer<int64_t>(6);
+  auto k = Launch({1}, {32}, PollListener{}, box_.dev, out.data());
+  uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the poll start waiting
+  int fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_GE(fd, 0);
+  Finish(k);
+  ::close(fd);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0) << "nothing pending: timeout";
+  EXPECT_EQ(o[1], 0);
+  EXPECT_EQ(o[2], 1);
+  EXPECT_EQ(o[3], POLLIN);
+  EXPECT_EQ(o[4], 1);
+  EXPECT_EQ(o[5], 0) << "the one connection was taken";
+}
+
 // Lane 0 sets and reads back each option the API promises. out[i] = 0 when right.
 struct OptionRoundTrip {
   GPUSOCK_HD void operator()(int64_t* out) const {
