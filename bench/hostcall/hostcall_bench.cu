@@ -26,6 +26,7 @@
 #include "gpusock/hostcall/launch.hpp"
 #include "gpusock/hostcall/opcodes.hpp"
 #include "gpusock/hostcall/runtime.hpp"
+#include "common/bench_util.hpp"
 
 namespace {
 
@@ -125,25 +126,8 @@ struct NullThroughput {
   }
 };
 
-struct Percentiles {
-  double p50 = 0, p99 = 0, p999 = 0, min = 0, max = 0;
-  size_t n = 0;
-};
-
-Percentiles percentiles(std::vector<int64_t> v) {
-  v.erase(std::remove_if(v.begin(), v.end(), [](int64_t x) { return x < 0; }), v.end());
-  Percentiles p;
-  p.n = v.size();
-  if (v.empty()) return p;
-  std::sort(v.begin(), v.end());
-  auto at = [&](double q) { return v[std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5))] / 1000.0; };
-  p.p50 = at(0.5);
-  p.p99 = at(0.99);
-  p.p999 = at(0.999);
-  p.min = v.front() / 1000.0;
-  p.max = v.back() / 1000.0;
-  return p;
-}
+using gpusock::bench::Percentiles;
+using gpusock::bench::percentiles;
 
 std::unique_ptr<gpusock::Runtime> make_runtime(gpusock::DeviceKind device, uint32_t threads, uint32_t slots_per_warp,
                                                std::chrono::nanoseconds spin = std::chrono::milliseconds(50),
@@ -183,23 +167,11 @@ double run_timed(gpusock::Runtime& rt, gpusock::Dim3 grid, gpusock::Dim3 block, 
 }  // namespace
 
 int main(int argc, char** argv) {
-  gpusock::DeviceKind device = gpusock::DeviceKind::kAuto;
-  std::string json_path;
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--device" && i + 1 < argc) {
-      std::string d = argv[++i];
-      device = d == "cpu" ? gpusock::DeviceKind::kCpu : gpusock::DeviceKind::kCuda;
-    } else if (a == "--json" && i + 1 < argc) {
-      json_path = argv[++i];
-    } else if (a == "--quick") {
-      quick = true;
-    } else {
-      std::fprintf(stderr, "usage: %s [--device cpu|cuda] [--json FILE] [--quick]\n", argv[0]);
-      return 2;
-    }
-  }
+  gpusock::bench::BenchArgs args;
+  if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
+  gpusock::DeviceKind device = args.device;
+  const std::string json_path = args.json_path;
+  bool quick = args.quick;
   if (device == gpusock::DeviceKind::kAuto) device = gpusock::detect_device();
   if (device == gpusock::DeviceKind::kCpu) quick = true;
   std::string json = "{\n";

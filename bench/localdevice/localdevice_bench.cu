@@ -26,6 +26,7 @@
 #include "gpusock/iouring/backend.hpp"
 #include "gpusock/net/localdevice_host.hpp"
 #include "gpusock/net/socket.hpp"
+#include "common/bench_util.hpp"
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -212,20 +213,8 @@ struct Streams {
   }
 };
 
-struct Pct {
-  double p50 = 0, p99 = 0;
-  size_t n = 0;
-};
-Pct pct(std::vector<int64_t> v) {
-  v.erase(std::remove_if(v.begin(), v.end(), [](int64_t x) { return x <= 0; }), v.end());
-  Pct p;
-  p.n = v.size();
-  if (v.empty()) return p;
-  std::sort(v.begin(), v.end());
-  p.p50 = v[v.size() / 2] / 1000.0;
-  p.p99 = v[std::min(v.size() - 1, v.size() * 99 / 100)] / 1000.0;
-  return p;
-}
+using gpusock::bench::Percentiles;
+using gpusock::bench::percentiles;
 
 template <typename K, typename... A>
 bool run(gpusock::Runtime& rt, gpusock::Dim3 grid, gpusock::Dim3 block, K k, A... a) {
@@ -279,23 +268,12 @@ double memcpy_gbs(gpusock::Runtime& rt, size_t bytes) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  gpusock::bench::BenchArgs args;
+  if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
   gpusock::RuntimeOptions opts;
-  std::string json_path;
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--device" && i + 1 < argc) {
-      std::string d = argv[++i];
-      opts.device = d == "cpu" ? gpusock::DeviceKind::kCpu : gpusock::DeviceKind::kCuda;
-    } else if (a == "--json" && i + 1 < argc) {
-      json_path = argv[++i];
-    } else if (a == "--quick") {
-      quick = true;
-    } else {
-      std::fprintf(stderr, "usage: %s [--device cpu|cuda] [--json FILE] [--quick]\n", argv[0]);
-      return 2;
-    }
-  }
+  opts.device = args.device;
+  const std::string json_path = args.json_path;
+  const bool quick = args.quick;
   opts.service_threads = 1;
   auto rtr = gpusock::Runtime::create(opts);
   if (!rtr.ok()) {
@@ -323,7 +301,7 @@ int main(int argc, char** argv) {
 
   auto parts = gpusock::DeviceBuffer<int64_t>::create(rt, 3 * iters);
   run(rt, {2}, {32}, PingPong{}, false, warm, iters, box->data(), lat->data(), parts->data());
-  const Pct local = pct(lat->to_host());
+  const Percentiles local = percentiles(lat->to_host());
   {
     // Where a round trip goes: the client's send() call, the server's send() call.
     auto pv = parts->to_host();
@@ -332,24 +310,24 @@ int main(int argc, char** argv) {
       cs.push_back(pv[3 * i]);
       ss.push_back(pv[3 * i + 2]);
     }
-    std::printf("localdevice round trip parts: client send() p50 %.2f us, server send() p50 %.2f us\n", pct(cs).p50,
-                pct(ss).p50);
+    std::printf("localdevice round trip parts: client send() p50 %.2f us, server send() p50 %.2f us\n", percentiles(cs).p50,
+                percentiles(ss).p50);
   }
-  Pct floor;
+  Percentiles floor;
   if (gpu) {  // on the cpu device two spinning threads say nothing about the design
     auto flags = gpusock::DeviceBuffer<uint32_t>::create(rt, 64);
     run(rt, {2}, {32}, FlagPingPong{}, warm, iters, flags->data(), lat->data());
-    floor = pct(lat->to_host());
+    floor = percentiles(lat->to_host());
   }
   run(rt, {1}, {32}, NullLatency{}, warm, iters, lat->data());
-  const Pct null = pct(lat->to_host());
+  const Percentiles null = percentiles(lat->to_host());
   const int tcp_iters = std::min(iters, 5000);
   std::vector<int64_t> zero(iters, 0);
   (void)lat->from_host(zero);
   run(rt, {2}, {32}, PingPong{}, true, warm, tcp_iters, box->data(), lat->data(), parts->data());
   auto tv = lat->to_host();
   tv.resize(tcp_iters);
-  const Pct tcp = pct(tv);
+  const Percentiles tcp = percentiles(tv);
   std::printf("\nround trip of 64 B (us)             p50      p99       n\n");
   std::printf("localdevice, two warps         %8.2f %8.2f %7zu\n", local.p50, local.p99, local.n);
   std::printf("null hostcall, one lane        %8.2f %8.2f %7zu\n", null.p50, null.p99, null.n);

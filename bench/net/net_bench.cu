@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "baseline.hpp"
+#include "common/bench_util.hpp"
 #include "gpusock/hostcall/device_buffer.hpp"
 #include "gpusock/hostcall/launch.hpp"
 #include "gpusock/hostcall/runtime.hpp"
@@ -91,19 +92,24 @@ struct EchoServer {
   }
 };
 
+// Lane 0 connects to 127.0.0.1:port; every lane gets the descriptor (-1 on failure).
+GPUSOCK_HD inline int warp_connect_loopback(uint16_t port) {
+  int fd = -1;
+  if (gpusock::warp::lane_id() == 0) {
+    fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = gpusock::htons(port);
+    a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+    if (raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) fd = -1;
+  }
+  return gpusock::warp::shfl(0xffffffffu, fd, 0);
+}
+
 struct WarpSender {
   GPUSOCK_HD void operator()(uint16_t port, uint64_t total, const uint8_t* src, uint32_t chunk, int64_t* out) const {
     const uint32_t lane = gpusock::warp::lane_id();
-    int fd = -1;
-    if (lane == 0) {
-      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = gpusock::htons(port);
-      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
-      if (raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) fd = -1;
-    }
-    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    const int fd = warp_connect_loopback(port);
     if (fd < 0) return;
     uint64_t off = 0;
     const int64_t t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
@@ -124,16 +130,7 @@ struct WarpSender {
 struct WarpReceiver {
   GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out) const {
     const uint32_t lane = gpusock::warp::lane_id();
-    int fd = -1;
-    if (lane == 0) {
-      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = gpusock::htons(port);
-      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
-      if (raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) fd = -1;
-    }
-    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    const int fd = warp_connect_loopback(port);
     if (fd < 0) return;
     uint64_t off = 0, bad = 0;
     int64_t t0 = 0;
@@ -174,23 +171,12 @@ std::string num(double v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  gpusock::bench::BenchArgs args;
+  if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
   gpusock::RuntimeOptions opts;
-  std::string json_path;
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--device" && i + 1 < argc) {
-      std::string d = argv[++i];
-      opts.device = d == "cpu" ? gpusock::DeviceKind::kCpu : gpusock::DeviceKind::kCuda;
-    } else if (a == "--json" && i + 1 < argc) {
-      json_path = argv[++i];
-    } else if (a == "--quick") {
-      quick = true;
-    } else {
-      std::fprintf(stderr, "usage: %s [--device cpu|cuda] [--json FILE] [--quick]\n", argv[0]);
-      return 2;
-    }
-  }
+  opts.device = args.device;
+  const std::string json_path = args.json_path;
+  const bool quick = args.quick;
   rlimit rl{};
   getrlimit(RLIMIT_NOFILE, &rl);
   rl.rlim_cur = rl.rlim_max;

@@ -20,6 +20,7 @@
 #include "gpusock/iouring/backend.hpp"
 #include "gpusock/net/localdevice_host.hpp"
 #include "gpusock/net/socket.hpp"
+#include "kernel_test.hpp"
 
 namespace {
 
@@ -31,7 +32,9 @@ using gpusock::sockaddr_ld;
 namespace raw = gpusock::raw;
 namespace warp = gpusock::warp;
 
-constexpr auto kKernelTimeout = std::chrono::seconds(300);
+using gpusock::testing::await_box;
+using gpusock::testing::mix64;
+using gpusock::testing::publish;
 
 GPUSOCK_HD inline sockaddr_ld ld_addr(uint32_t port) {
   sockaddr_ld a{};
@@ -41,24 +44,6 @@ GPUSOCK_HD inline sockaddr_ld ld_addr(uint32_t port) {
 }
 GPUSOCK_HD inline sockaddr* sa(sockaddr_ld& a) { return reinterpret_cast<sockaddr*>(&a); }
 
-GPUSOCK_HD inline uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
-  gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).store(v, gpusock::Order::kRelease);
-}
-GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
-  uint32_t v;
-  for (uint32_t n = 0;
-       (v = gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire)) == 0; ++n) {
-    gpusock::backoff(n);
-  }
-  return v;
-}
 
 // A listener on `port` (0: ephemeral). Returns fd or -errno; *bound gets the port.
 GPUSOCK_HD inline int ld_listen(uint32_t port, int backlog, uint32_t* bound = nullptr) {
@@ -95,22 +80,26 @@ GPUSOCK_HD inline int ld_connect(uint32_t port, int type = SOCK_STREAM) {
   }
 }
 
+// A connection through a fresh listener on an ephemeral port: *l the listener, *c the
+// client, *s the accepted side.
+GPUSOCK_HD inline void ld_pair(int* l, int* c, int* s) {
+  uint32_t port = 0;
+  *l = ld_listen(0, 1, &port);
+  sockaddr_ld a = ld_addr(port);
+  *c = raw::socket(AF_LOCALDEVICE, SOCK_STREAM, 0);
+  raw::connect(*c, sa(a), sizeof a);
+  *s = raw::accept(*l, nullptr, nullptr);
+}
+
 GPUSOCK_HD inline int64_t send_all(int fd, const void* p, uint64_t n) { return raw::send(fd, p, n, 0); }
 
 // ---- fixture ------------------------------------------------------------------------
 
-class LdTest : public ::testing::TestWithParam<DeviceKind> {
+class LdTest : public gpusock::testing::KernelTest {
  protected:
-  void SetUp() override {
-    if (GetParam() == DeviceKind::kCuda && !gpusock::cuda_available()) {
-      GTEST_SKIP() << "no usable GPU here (cudaGetDeviceCount found none); the cpu-device run covers this test";
-    }
-    opts_.device = GetParam();
-  }
   void Start(gpusock::net::LocalDeviceOptions ld = small(), bool tcp = false) {
-    auto rt = Runtime::create(opts_);
-    ASSERT_TRUE(rt.ok()) << rt.status().to_string();
-    rt_ = std::move(rt.value());
+    StartRuntime();
+    if (HasFatalFailure()) return;
     auto l = gpusock::net::enable_localdevice(*rt_, ld);
     ASSERT_TRUE(l.ok()) << l.status().to_string();
     ld_ = *l;
@@ -118,11 +107,6 @@ class LdTest : public ::testing::TestWithParam<DeviceKind> {
       gpusock::Status s = gpusock::iouring::enable(*rt_);
       ASSERT_TRUE(s.ok()) << s.to_string();
     }
-    auto m = rt_->mapped_alloc(4096);
-    ASSERT_TRUE(m.ok());
-    rt_->mapped_free_at_exit(m->host);
-    box_host_ = static_cast<uint32_t*>(m->host);
-    box_ = static_cast<uint32_t*>(m->device);
     lanes_before_ = rt_->stats().lanes;
   }
   static gpusock::net::LocalDeviceOptions small() {
@@ -131,50 +115,15 @@ class LdTest : public ::testing::TestWithParam<DeviceKind> {
     o.ring_bytes = 16u << 10;
     return o;
   }
-  template <typename K, typename... A>
-  gpusock::Launch Launch(Dim3 grid, Dim3 block, K k, A... a) {
-    auto l = gpusock::launch(*rt_, grid, block, k, a...);
-    EXPECT_TRUE(l.ok()) << l.status().to_string();
-    return std::move(l.value());
-  }
-  void Finish(gpusock::Launch& l, std::chrono::seconds limit = kKernelTimeout) {
-    if (!l.wait_for(limit)) {
-      rt_->shutdown();
-      l.wait_for(std::chrono::seconds(60));
-      FAIL() << "kernel did not finish within " << limit.count() << " s";
-    }
-    gpusock::Status s = l.wait();
-    ASSERT_TRUE(s.ok()) << s.to_string();
-  }
-  uint32_t Await(uint32_t i, std::chrono::seconds limit = std::chrono::seconds(60)) {
-    auto end = std::chrono::steady_clock::now() + limit;
-    while (std::chrono::steady_clock::now() < end) {
-      uint32_t v = std::atomic_ref<uint32_t>(box_host_[i]).load(std::memory_order_acquire);
-      if (v != 0) return v;
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    return 0;
-  }
-  void Post(uint32_t i, uint32_t v) { std::atomic_ref<uint32_t>(box_host_[i]).store(v, std::memory_order_release); }
-  template <typename T>
-  DeviceBuffer<T> Buffer(size_t n) {
-    auto b = DeviceBuffer<T>::create(*rt_, n);
-    EXPECT_TRUE(b.ok()) << b.status().to_string();
-    return std::move(b.value());
-  }
   // Hostcalls answered since Start(): localdevice calls must make none.
   uint64_t HostcallLanes() { return rt_->stats().lanes - lanes_before_; }
 
-  gpusock::RuntimeOptions opts_;
-  std::unique_ptr<Runtime> rt_;
   std::shared_ptr<gpusock::net::LocalDevice> ld_;
-  uint32_t* box_host_ = nullptr;
-  uint32_t* box_ = nullptr;
   uint64_t lanes_before_ = 0;
 };
 
 INSTANTIATE_TEST_SUITE_P(BothDevices, LdTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
-                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+                         gpusock::testing::device_name);
 
 // ---- ping-pong ------------------------------------------------------------------------
 
@@ -712,13 +661,8 @@ struct ErrorProbe {
         break;
       }
       case kPipeAndEof: {
-        int l = ld_listen(0, 1);
-        sockaddr_ld a{};
-        socklen_t len = sizeof a;
-        raw::getsockname(l, sa(a), &len);
-        int c = raw::socket(AF_LOCALDEVICE, SOCK_STREAM, 0);
-        raw::connect(c, sa(a), sizeof a);
-        int s = raw::accept(l, nullptr, nullptr);
+        int l, c, s;
+        ld_pair(&l, &c, &s);
         out[0] = raw::send(c, "abc", 3, 0);
         raw::close(c);
         char b[8];
@@ -780,10 +724,9 @@ struct ErrorProbe {
       }
       case kReset: {
         // The listener closes with the connection still in its queue.
-        int l = ld_listen(0, 4);
-        sockaddr_ld a{};
-        socklen_t len = sizeof a;
-        raw::getsockname(l, sa(a), &len);
+        uint32_t port = 0;
+        int l = ld_listen(0, 4, &port);
+        sockaddr_ld a = ld_addr(port);
         int c = raw::socket(AF_LOCALDEVICE, SOCK_STREAM, 0);
         out[0] = raw::connect(c, sa(a), sizeof a);
         raw::close(l);
@@ -794,13 +737,8 @@ struct ErrorProbe {
         break;
       }
       case kShutWr: {
-        int l = ld_listen(0, 1);
-        sockaddr_ld a{};
-        socklen_t len = sizeof a;
-        raw::getsockname(l, sa(a), &len);
-        int c = raw::socket(AF_LOCALDEVICE, SOCK_STREAM, 0);
-        raw::connect(c, sa(a), sizeof a);
-        int s = raw::accept(l, nullptr, nullptr);
+        int l, c, s;
+        ld_pair(&l, &c, &s);
         raw::send(c, "hello", 5, 0);
         out[0] = raw::shutdown(c, SHUT_WR);
         out[1] = raw::send(c, "x", 1, 0);  // EPIPE: our side is shut
@@ -871,7 +809,7 @@ class LdErrorTest : public LdTest {
   }
 };
 INSTANTIATE_TEST_SUITE_P(BothDevices, LdErrorTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
-                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+                         gpusock::testing::device_name);
 
 TEST_P(LdErrorTest, ConnectWithNothingListeningIsRefused) {
   auto o = Run(kRefused);
@@ -1042,7 +980,7 @@ struct Blockers {
 TEST_P(LdTest, RuntimeShutdownEndsBlockedCallsWithAnError) {
   Start();
   auto out = Buffer<int64_t>(4);
-  auto k = Launch({4}, {32}, Blockers{}, box_, out.data());
+  auto k = Launch({4}, {32}, Blockers{}, box_.dev, out.data());
   for (uint32_t i = 0; i < 4; ++i) ASSERT_NE(Await(i), 0u) << "warp " << i << " never got to block";
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   rt_->shutdown();
@@ -1095,7 +1033,7 @@ struct MixedPoll {
 TEST_P(LdTest, PollMixesLocaldeviceAndTcpDescriptors) {
   Start(small(), /*tcp=*/true);
   auto out = Buffer<int64_t>(8);
-  auto k = Launch({2}, {32}, MixedPoll{}, box_, out.data());
+  auto k = Launch({2}, {32}, MixedPoll{}, box_.dev, out.data());
   uint32_t port = Await(0);
   ASSERT_NE(port, 0u);
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -1134,7 +1072,7 @@ struct HoldState {
 TEST_P(LdTest, HostSnapshotShowsListenersConnectionsAndQueuedBytes) {
   Start();
   auto out = Buffer<int64_t>(1);
-  auto k = Launch({1}, {32}, HoldState{}, box_, out.data());
+  auto k = Launch({1}, {32}, HoldState{}, box_.dev, out.data());
   ASSERT_NE(Await(0), 0u);
   auto snap = ld_->snapshot();
   Post(1, 1);

@@ -26,6 +26,7 @@
 #include "gpusock/iouring/backend.hpp"
 #include "gpusock/net/socket.hpp"
 #include "gpusock/net/tcp.hpp"
+#include "kernel_test.hpp"
 
 namespace {
 
@@ -36,41 +37,19 @@ using gpusock::Runtime;
 namespace hc = gpusock::hostcall;
 namespace raw = gpusock::raw;
 
-constexpr auto kKernelTimeout = std::chrono::seconds(300);
+using gpusock::testing::await_box;
+using gpusock::testing::kKernelTimeout;
+using gpusock::testing::mix64;
+using gpusock::testing::publish;
+using gpusock::testing::read_box;
 
 // ---- helpers shared by kernels and host ---------------------------------------------
 
 GPUSOCK_HD inline uint8_t pattern_byte(uint64_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); }
 
-GPUSOCK_HD inline uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 // Order-sensitive stream hash: the sum over bytes of mix(offset, byte). Lost, extra or
 // reordered bytes change it; lanes can add their shares in any order.
 GPUSOCK_HD inline uint64_t byte_hash(uint64_t offset, uint8_t b) { return mix64((offset << 8) | b); }
-
-// Words in mapped memory that kernels publish (ports, progress) and the host reads.
-struct Mailbox {
-  uint32_t* host = nullptr;
-  uint32_t* dev = nullptr;
-};
-GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
-  // Release, system scope: the host that sees the value sees what the kernel did before.
-  gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).store(v, gpusock::Order::kRelease);
-}
-GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
-  return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
-}
-// Waits for box[i] to become nonzero. The backoff matters on the cpu device, where every
-// lane is a thread: a thousand lanes spinning flat out starve the one lane they wait for.
-GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
-  uint32_t v;
-  for (uint32_t n = 0; (v = read_box(box, i)) == 0; ++n) gpusock::backoff(n);
-  return v;
-}
 
 GPUSOCK_HD inline sockaddr_in loopback4(uint16_t port) {
   sockaddr_in a{};
@@ -175,64 +154,17 @@ bool recv_all(int fd, void* p, size_t n) {
 
 // ---- fixture ------------------------------------------------------------------------
 
-class NetTest : public ::testing::TestWithParam<DeviceKind> {
+class NetTest : public gpusock::testing::KernelTest {
  protected:
   void SetUp() override {
-    if (GetParam() == DeviceKind::kCuda && !gpusock::cuda_available()) {
-      GTEST_SKIP() << "no usable GPU here (cudaGetDeviceCount found none); the cpu-device run covers this test";
-    }
-    opts_.device = GetParam();
+    KernelTest::SetUp();
     opts_.cpu_resident_warps = 64;
   }
   void Start(gpusock::iouring::Options io = {}) {
-    auto rt = Runtime::create(opts_);
-    ASSERT_TRUE(rt.ok()) << rt.status().to_string();
-    rt_ = std::move(rt.value());
+    StartRuntime();
+    if (HasFatalFailure()) return;
     gpusock::Status s = gpusock::iouring::enable(*rt_, io);
     ASSERT_TRUE(s.ok()) << s.to_string();
-    auto m = rt_->mapped_alloc(4096);
-    ASSERT_TRUE(m.ok());
-    // Freed with the runtime, after its kernels stop: a kernel left running by a failed
-    // assertion may still write here during TearDown.
-    rt_->mapped_free_at_exit(m->host);
-    box_.host = static_cast<uint32_t*>(m->host);
-    box_.dev = static_cast<uint32_t*>(m->device);
-  }
-  template <typename K, typename... A>
-  gpusock::Launch Launch(Dim3 grid, Dim3 block, K k, A... a) {
-    auto l = gpusock::launch(*rt_, grid, block, k, a...);
-    EXPECT_TRUE(l.ok()) << l.status().to_string();
-    return std::move(l.value());
-  }
-  void Finish(gpusock::Launch& l, std::chrono::seconds limit = kKernelTimeout) {
-    if (!l.wait_for(limit)) {
-      rt_->shutdown();
-      l.wait_for(std::chrono::seconds(60));
-      FAIL() << "kernel did not finish within " << limit.count() << " s";
-    }
-    gpusock::Status s = l.wait();
-    ASSERT_TRUE(s.ok()) << s.to_string();
-  }
-  // Waits for mailbox word i to become non-zero; returns it (0 on timeout).
-  uint32_t Await(uint32_t i, std::chrono::seconds limit = std::chrono::seconds(60)) {
-    auto end = std::chrono::steady_clock::now() + limit;
-    while (std::chrono::steady_clock::now() < end) {
-      uint32_t v = std::atomic_ref<uint32_t>(box_.host[i]).load(std::memory_order_acquire);
-      if (v != 0) return v;
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    return 0;
-  }
-  void Post(uint32_t i, uint32_t v) { std::atomic_ref<uint32_t>(box_.host[i]).store(v, std::memory_order_release); }
-  template <typename T>
-  DeviceBuffer<T> Buffer(size_t n) {
-    auto b = DeviceBuffer<T>::create(*rt_, n);
-    EXPECT_TRUE(b.ok()) << b.status().to_string();
-    return std::move(b.value());
-  }
-  template <typename T>
-  std::vector<T> Read(DeviceBuffer<T>& b) {
-    return b.to_host();
   }
   uint64_t Lanes(uint32_t opcode) {
     for (auto& o : rt_->stats().by_opcode) if (o.opcode == opcode) return o.lanes;
@@ -242,14 +174,10 @@ class NetTest : public ::testing::TestWithParam<DeviceKind> {
     for (auto& o : rt_->stats().by_opcode) if (o.opcode == opcode) return o.calls;
     return 0;
   }
-
-  gpusock::RuntimeOptions opts_;
-  std::unique_ptr<Runtime> rt_;
-  Mailbox box_;
 };
 
 INSTANTIATE_TEST_SUITE_P(BothDevices, NetTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
-                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+                         gpusock::testing::device_name);
 
 // ---- kernels ------------------------------------------------------------------------
 
@@ -886,7 +814,7 @@ class NetErrorTest : public NetTest {
   }
 };
 INSTANTIATE_TEST_SUITE_P(BothDevices, NetErrorTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
-                         [](const auto& info) { return std::string(gpusock::to_string(info.param)); });
+                         gpusock::testing::device_name);
 
 TEST_P(NetErrorTest, ConnectToAClosedPortIsRefused) {
   Start();

@@ -375,18 +375,32 @@ GPUSOCK_HD inline int wait_check(Socket* s, int fd, uint32_t pass) {
   return 0;
 }
 
-// Whether descriptor fd still names socket s (alive, same generation, descriptor open).
+// Whether a socket whose life word and fd_state read `life` and `fd_state` is alive in
+// generation `gen` (all its bits), or is what descriptor fd names (open, the generation
+// bits the descriptor carries).
+GPUSOCK_HD constexpr bool alive_as(uint64_t life, uint32_t gen) {
+  return static_cast<uint32_t>(life) != 0 && static_cast<uint32_t>(life >> 32) == gen;
+}
+GPUSOCK_HD constexpr bool fd_names(uint64_t life, uint32_t fd_state, int fd) {
+  return static_cast<uint32_t>(life) != 0 && ((life >> 32) & kGenMask) == fd_gen(fd) && fd_state == kFdOpen;
+}
+
+// Whether descriptor fd still names socket s.
 GPUSOCK_HD inline bool names(Socket* s, int fd) {
-  const uint64_t w = A64(s->life).load(Order::kRelaxed);
-  return static_cast<uint32_t>(w) != 0 && ((w >> 32) & kGenMask) == fd_gen(fd) &&
-         A32(s->fd_state).load(Order::kRelaxed) == kFdOpen;
+  return fd_names(A64(s->life).load(Order::kRelaxed), A32(s->fd_state).load(Order::kRelaxed), fd);
+}
+
+// The slot descriptor fd points at (nullptr when fd cannot name one), not yet validated.
+GPUSOCK_HD inline Socket* slot_of(Table* t, int fd) {
+  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
+  return &t->sockets[fd_index(fd)];
 }
 
 // The descriptor's socket with its consumer lock held (free_slot takes that lock, so the
 // slot stays this socket while it is held), or nullptr (EBADF).
 GPUSOCK_HD inline Socket* lock_own(Table* t, int fd) {
-  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
-  Socket* s = &t->sockets[fd_index(fd)];
+  Socket* s = slot_of(t, fd);
+  if (s == nullptr) return nullptr;
   lock(s->consumer_lock);
   if (!names(s, fd)) {
     unlock(s->consumer_lock);
@@ -398,9 +412,8 @@ GPUSOCK_HD inline Socket* lock_own(Table* t, int fd) {
 // The descriptor's socket, unpinned, for a send to validate again once it holds its peer's
 // lock; nullptr (EBADF) when it does not name one now.
 GPUSOCK_HD inline Socket* peek_fd(Table* t, int fd) {
-  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
-  Socket* s = &t->sockets[fd_index(fd)];
-  return names(s, fd) ? s : nullptr;
+  Socket* s = slot_of(t, fd);
+  return s != nullptr && names(s, fd) ? s : nullptr;
 }
 
 GPUSOCK_HD inline int parse_addr(const sockaddr* addr, socklen_t len, uint32_t* port) {
@@ -449,8 +462,7 @@ GPUSOCK_HD inline Socket* lock_peer(Table* t, uint32_t index, uint32_t gen) {
   if (index >= t->max_sockets) return nullptr;
   Socket* p = &t->sockets[index];
   lock(p->producer_lock);
-  const uint64_t w = A64(p->life).load(Order::kRelaxed);  // ordered by the lock's acquire
-  if (static_cast<uint32_t>(w) == 0 || static_cast<uint32_t>(w >> 32) != gen) {
+  if (!alive_as(A64(p->life).load(Order::kRelaxed), gen)) {  // ordered by the lock's acquire
     unlock(p->producer_lock);
     return nullptr;
   }
@@ -466,8 +478,9 @@ GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
   unpin(t, p);
 }
 
+GPUSOCK_HD constexpr bool nonblocking(int flags, uint32_t nonblock) { return (flags & MSG_DONTWAIT) != 0 || nonblock != 0; }
 GPUSOCK_HD inline bool nonblocking(Socket* s, int flags) {
-  return (flags & MSG_DONTWAIT) != 0 || A32(s->nonblock).load(Order::kRelaxed) != 0;
+  return nonblocking(flags, A32(s->nonblock).load(Order::kRelaxed));
 }
 
 // Stream send into the ring of s's peer (index, generation gen), under the peer's producer
@@ -489,7 +502,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
   for (uint32_t i = 0;; ++i) {
     const uint32_t fds = get(p->fd_state), shut = get(p->shut);
     const uint64_t head = A64(p->head).load(Order::kAcquire);
-    if (i == 0 && (static_cast<uint32_t>(life) == 0 || static_cast<uint32_t>(life >> 32) != gen)) {
+    if (i == 0 && !alive_as(life, gen)) {
       err = -EPIPE;  // the peer is gone (its slot freed, perhaps reused)
       break;
     }
@@ -737,20 +750,20 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
   const auto* p = static_cast<const uint8_t*>(buf);
   // Streams, the hot path: no pin. The peer's producer lock keeps the peer's slot, and
   // the check after it that fd still names s keeps the call honest about s.
-  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return -EBADF;
-  Socket* s = &t->sockets[fd_index(fd)];
+  Socket* s = detail::slot_of(t, fd);
+  if (s == nullptr) return -EBADF;
   // Every field the call needs, in one round of loads.
   const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
   const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
   const uint32_t shut = detail::get(s->shut), nbk = detail::get(s->nonblock);
   const uint32_t peer_index = detail::get(s->peer), peer_gen = detail::get(s->peer_gen);
-  if (static_cast<uint32_t>(life) == 0 || ((life >> 32) & kGenMask) != fd_gen(fd) || fds != kFdOpen) return -EBADF;
+  if (!detail::fd_names(life, fds, fd)) return -EBADF;
   if (type == SOCK_STREAM) {
     // A close of fd racing this send is ordered either way, as with two threads in POSIX.
     if (dest != nullptr && st != kConnected) return -EOPNOTSUPP;  // no connect-on-send for streams
     if ((shut & kShutWr) != 0) return -EPIPE;
     if (st != kConnected) return -ENOTCONN;
-    return detail::stream_send(t, s, fd, peer_index, peer_gen, p, len, (flags & MSG_DONTWAIT) != 0 || nbk != 0);
+    return detail::stream_send(t, s, fd, peer_index, peer_gen, p, len, detail::nonblocking(flags, nbk));
   }
   s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
@@ -779,15 +792,15 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
 GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
   if (len > 0 && buf == nullptr && (flags & MSG_TRUNC) == 0) return -EFAULT;
   Table* t = detail::table();
-  if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return -EBADF;
-  Socket* s = &t->sockets[fd_index(fd)];
+  Socket* s = detail::slot_of(t, fd);
+  if (s == nullptr) return -EBADF;
   detail::lock(s->consumer_lock);  // free_slot takes it too: the slot stays s while held
   // Every field the call needs, in one round of loads.
   const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
   const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
   const uint32_t nbk = detail::get(s->nonblock);
   uint64_t head = detail::A64(s->head).load(Order::kRelaxed);
-  if (static_cast<uint32_t>(life) == 0 || ((life >> 32) & kGenMask) != fd_gen(fd) || fds != kFdOpen) {
+  if (!detail::fd_names(life, fds, fd)) {
     detail::unlock(s->consumer_lock);
     return -EBADF;
   }
@@ -795,7 +808,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
     detail::unlock(s->consumer_lock);
     return -ENOTCONN;
   }
-  const bool nb = (flags & MSG_DONTWAIT) != 0 || nbk != 0;
+  const bool nb = detail::nonblocking(flags, nbk);
   const bool peek = (flags & MSG_PEEK) != 0;
   const uint32_t cap = t->ring_bytes;
   uint8_t* r = detail::ring(t, detail::index_of(t, s));
