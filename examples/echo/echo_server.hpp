@@ -1,0 +1,325 @@
+// examples/echo/echo_server.hpp — a TCP echo server that is a kernel.
+//
+//   EchoConfig cfg;                                   // port, limits
+//   auto state = EchoState::create(*rt, warps, cfg);  // per-warp tables and buffers
+//   launch(*rt, {blocks}, {threads}, EchoServer{}, state->view());
+//   ...                                               // state->request_stop() ends it
+//
+// Every warp is an independent server: it opens its own listening socket on the port
+// with SO_REUSEPORT (so the host kernel spreads new connections across warps) and owns up
+// to `conns_per_warp` connections. One pass of its event loop costs three hostcalls
+// whatever the number of connections:
+//
+//   1. poll: lane 0 polls the listener and every connection in one call (at most
+//      `poll_ms`, so a stop request is seen within that time).
+//   2. recv: the ready connections are handed out to the 32 lanes, which receive together
+//      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
+//      own, because lanes that call together are answered together.
+//   3. send: the lanes that received send the bytes back together (MSG_DONTWAIT). What a
+//      full socket buffer does not take stays in the connection's buffer; the connection
+//      then waits for POLLOUT and is not read until it is drained, so a client that does
+//      not read slows only itself, and no byte is dropped.
+//
+// Accepting: when the listener is readable, every lane with a free connection slot calls
+// accept4(SOCK_NONBLOCK) together — one hostcall accepts up to 32 connections.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "gpusock/hostcall/device_buffer.hpp"
+#include "gpusock/hostcall/runtime.hpp"
+#include "gpusock/hostcall/warp.hpp"
+#include "gpusock/net/socket.hpp"
+
+namespace gpusock::examples {
+
+inline constexpr uint32_t kMaxConnsPerWarp = 1024;
+
+struct EchoConfig {
+  uint16_t port = 7777;
+  uint32_t addr_be = 0;               // IPv4 address to listen on, network order (0: any)
+  uint32_t conns_per_warp = 64;       // connection slots per warp (<= kMaxConnsPerWarp)
+  uint32_t buffer_bytes = 16384;      // per-connection buffer: most bytes read at once
+  int poll_ms = 20;                   // longest poll; bounds how late a stop is seen
+  int backlog = 1024;
+};
+
+// Per-warp counters, written by lane 0 only; the host reads them after the kernel ends
+// (and, racy but harmless, while it runs, for progress lines).
+struct EchoCounters {
+  uint64_t accepted = 0;
+  uint64_t closed = 0;
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  uint64_t reads = 0;    // recv calls that returned bytes
+  uint64_t passes = 0;   // event-loop passes
+  int64_t error = 0;     // first fatal error (-errno) of this warp's listener, 0 if none
+  int64_t open = 0;      // connections open when the warp stopped
+};
+
+// One connection slot. `fd` < 0: free. `len` bytes of the buffer are waiting to be sent
+// from `off`; while len > off the connection waits for POLLOUT.
+struct EchoConn {
+  int fd;
+  uint32_t len;
+  uint32_t off;
+};
+
+// What one warp keeps between passes, in device memory.
+struct EchoWarp {
+  int listener;
+  uint32_t open;
+  uint32_t nready;
+  uint32_t nfree;
+  EchoCounters counters;
+  EchoConn conn[kMaxConnsPerWarp];
+  uint16_t ready[kMaxConnsPerWarp];   // slots with events, from this pass's poll
+  uint16_t free_slots[32];            // up to 32 free slots, for this pass's accepts
+  int16_t accepted_slot[32];          // lane i's accept lands in this slot (-1: none)
+  pollfd pfd[kMaxConnsPerWarp + 1];   // [0] listener, [1 + k] the k-th polled connection
+  uint16_t pfd_slot[kMaxConnsPerWarp + 1];
+};
+
+// The kernel's arguments: plain pointers and values, copied into the launch.
+struct EchoView {
+  EchoWarp* warps;
+  uint8_t* buffers;            // warps * conns_per_warp * buffer_bytes
+  // Mapped host memory: word 0 non-zero asks every warp to end; word 1 + w is warp w's
+  // listener: 0 not yet, 1 listening, or -errno (as int32) when it could not listen.
+  volatile uint32_t* flags;
+  EchoConfig cfg;
+  uint32_t nwarps;
+};
+
+namespace internal {
+
+GPUSOCK_HD inline bool stop_requested(const EchoView& v) { return v.flags[0] != 0; }
+
+// Lane 0: the warp's listening socket. Returns the descriptor or -errno.
+GPUSOCK_HD inline int open_listener(const EchoConfig& cfg) {
+  int fd = static_cast<int>(raw::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0));
+  if (fd < 0) return fd;
+  int one = 1;
+  raw::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  int r = raw::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(cfg.port);
+  a.sin_addr.s_addr = cfg.addr_be;
+  if (r == 0) r = raw::bind(fd, reinterpret_cast<const sockaddr*>(&a), sizeof a);
+  if (r == 0) r = raw::listen(fd, cfg.backlog);
+  if (r < 0) {
+    raw::close(fd);
+    return r;
+  }
+  return fd;
+}
+
+}  // namespace internal
+
+// The kernel. Launch it with whole warps (blockDim.x a multiple of 32); every warp serves
+// until stop is set, then closes its connections and its listener.
+struct EchoServer {
+  GPUSOCK_HD void operator()(EchoView v) const {
+    const uint64_t wid = global_warp_id();
+    if (wid >= v.nwarps) return;
+    const uint32_t lane = warp::lane_id();
+    const uint32_t all = warp::existing_mask();
+    const uint32_t cap = v.cfg.conns_per_warp;
+    EchoWarp& w = v.warps[wid];
+    uint8_t* bufs = v.buffers + wid * static_cast<uint64_t>(cap) * v.cfg.buffer_bytes;
+
+    if (lane == 0) {
+      w.listener = internal::open_listener(v.cfg);
+      if (w.listener < 0) w.counters.error = w.listener;
+      // Tell the host (a PCIe write, once).
+      v.flags[1 + wid] = w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u;
+      for (uint32_t i = 0; i < cap; ++i) w.conn[i] = {-1, 0, 0};
+      w.open = 0;
+    }
+    warp::sync(all);
+    if (w.listener < 0) return;
+
+    for (;;) {
+      // 1. poll (lane 0), then the ready list and the free list for this pass.
+      int stop = 0;
+      if (lane == 0) {
+        stop = internal::stop_requested(v) ? 1 : 0;
+        uint32_t n = 0;
+        if (!stop) {
+          w.pfd[n] = {w.listener, static_cast<short>(w.open < cap ? POLLIN : 0), 0};
+          w.pfd_slot[n++] = 0;
+          for (uint32_t i = 0; i < cap; ++i) {
+            const EchoConn& c = w.conn[i];
+            if (c.fd < 0) continue;
+            w.pfd[n] = {c.fd, static_cast<short>(c.len > c.off ? POLLOUT : POLLIN), 0};
+            w.pfd_slot[n++] = static_cast<uint16_t>(i);
+          }
+          int r = raw::poll(w.pfd, n, v.cfg.poll_ms);
+          if (r == -ESHUTDOWN) stop = 1;
+          w.nready = 0;
+          w.nfree = 0;
+          if (r > 0) {
+            for (uint32_t k = 1; k < n; ++k) {
+              if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
+            }
+            if ((w.pfd[0].revents & POLLIN) != 0) {
+              for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
+                if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
+              }
+            }
+          }
+          ++w.counters.passes;
+        }
+      }
+      stop = warp::shfl(all, stop, 0);
+      if (stop) break;
+      warp::sync(all);
+
+      // 2. accept: lane i takes free slot i.
+      const uint32_t nfree = w.nfree;
+      if (lane < nfree) {
+        int fd = static_cast<int>(raw::accept4(w.listener, nullptr, nullptr, SOCK_NONBLOCK));
+        const uint16_t slot = w.free_slots[lane];
+        w.accepted_slot[lane] = fd >= 0 ? static_cast<int16_t>(slot) : int16_t{-1};
+        if (fd >= 0) w.conn[slot] = {fd, 0, 0};
+      }
+      warp::sync(all);
+      if (lane == 0) {
+        for (uint32_t i = 0; i < nfree; ++i) {
+          if (w.accepted_slot[i] >= 0) {
+            ++w.open;
+            ++w.counters.accepted;
+          }
+        }
+      }
+
+      // 3. recv then send, 32 ready connections per round.
+      const uint32_t nready = w.nready;
+      uint32_t in = 0, out = 0, reads = 0, closed = 0;
+      for (uint32_t base = 0; base < nready; base += 32) {
+        const bool mine = base + lane < nready;
+        const uint32_t slot = mine ? w.ready[base + lane] : 0;
+        EchoConn* c = mine ? &w.conn[slot] : nullptr;
+        uint8_t* buf = bufs + static_cast<uint64_t>(slot) * v.cfg.buffer_bytes;
+        bool drop = false;
+        if (mine && c->len == c->off) {
+          int64_t r = raw::recv(c->fd, buf, v.cfg.buffer_bytes, MSG_DONTWAIT);
+          if (r > 0) {
+            c->len = static_cast<uint32_t>(r);
+            c->off = 0;
+            in += static_cast<uint32_t>(r);
+            ++reads;
+          } else if (r != -EAGAIN) {
+            drop = true;  // 0: the client closed; < 0: the connection failed
+          }
+        }
+        if (mine && !drop && c->len > c->off) {
+          int64_t r = raw::send(c->fd, buf + c->off, c->len - c->off, MSG_DONTWAIT | MSG_NOSIGNAL);
+          if (r > 0) {
+            c->off += static_cast<uint32_t>(r);
+            out += static_cast<uint32_t>(r);
+            if (c->off == c->len) c->len = c->off = 0;
+          } else if (r != -EAGAIN) {
+            drop = true;
+          }
+        }
+        if (drop) {
+          raw::close(c->fd);
+          *c = {-1, 0, 0};
+          ++closed;
+        }
+      }
+      // Lane 0 keeps the counters: sum the lanes' parts (one exchange each).
+      if (nready > 0) {
+        uint32_t t_in = 0, t_out = 0, t_reads = 0, t_closed = 0;
+        warp::exclusive_sum(all, static_cast<uint32_t>(in), t_in);
+        warp::exclusive_sum(all, static_cast<uint32_t>(out), t_out);
+        warp::exclusive_sum(all, static_cast<uint32_t>(reads), t_reads);
+        warp::exclusive_sum(all, static_cast<uint32_t>(closed), t_closed);
+        if (lane == 0) {
+          w.counters.bytes_in += t_in;
+          w.counters.bytes_out += t_out;
+          w.counters.reads += t_reads;
+          w.counters.closed += t_closed;
+          w.open -= t_closed;
+        }
+      }
+      warp::sync(all);
+    }
+
+    // Stop: every lane closes its share of the connections, lane 0 the listener.
+    warp::sync(all);
+    for (uint32_t i = lane; i < cap; i += 32) {
+      if (w.conn[i].fd >= 0) raw::close(w.conn[i].fd);
+    }
+    if (lane == 0) {
+      w.counters.open = w.open;
+      raw::close(w.listener);
+    }
+  }
+};
+
+// Host side: the memory one server launch needs, and its stop switch.
+class EchoState {
+ public:
+  // Returns the state for `nwarps` warps, or EINVAL (bad config), ENOMEM.
+  static Result<std::unique_ptr<EchoState>> create(Runtime& rt, uint32_t nwarps, const EchoConfig& cfg) {
+    if (nwarps == 0 || cfg.conns_per_warp == 0 || cfg.conns_per_warp > kMaxConnsPerWarp || cfg.buffer_bytes == 0 ||
+        cfg.conns_per_warp + 1 > net::kMaxPollFds) {
+      return Status(EINVAL, "echo: need warps > 0, 0 < conns_per_warp <= 1024, buffer_bytes > 0");
+    }
+    auto warps = DeviceBuffer<EchoWarp>::create(rt, nwarps);
+    if (!warps.ok()) return warps.status();
+    auto bufs = DeviceBuffer<uint8_t>::create(rt, uint64_t{nwarps} * cfg.conns_per_warp * cfg.buffer_bytes);
+    if (!bufs.ok()) return bufs.status();
+    auto stop = rt.mapped_alloc(sizeof(uint32_t) * (1 + uint64_t{nwarps}));
+    if (!stop.ok()) return stop.status();
+    return std::unique_ptr<EchoState>(
+        new EchoState(rt, std::move(*warps), std::move(*bufs), stop.value(), nwarps, cfg));
+  }
+  ~EchoState() { rt_.mapped_free(stop_.host); }
+  EchoState(const EchoState&) = delete;
+  EchoState& operator=(const EchoState&) = delete;
+
+  EchoView view() const {
+    return {warps_.data(), bufs_.data(), static_cast<volatile uint32_t*>(stop_.device), cfg_, nwarps_};
+  }
+  // Asks every warp to close its connections and end (seen within poll_ms).
+  void request_stop() { __atomic_store_n(static_cast<uint32_t*>(stop_.host), 1u, __ATOMIC_RELEASE); }
+  // How many warps listen (> 0 each), or the first warp's error (-errno); 0 while some
+  // warps have not tried yet.
+  int listening() const {
+    const volatile uint32_t* f = static_cast<const volatile uint32_t*>(stop_.host);
+    int n = 0;
+    for (uint32_t i = 0; i < nwarps_; ++i) {
+      const int32_t x = static_cast<int32_t>(f[1 + i]);
+      if (x < 0) return x;
+      if (x == 0) return 0;
+      ++n;
+    }
+    return n;
+  }
+  // Every warp's counters (a consistent copy once the kernel has ended).
+  std::vector<EchoCounters> counters() const {
+    std::vector<EchoWarp> w = warps_.to_host();
+    std::vector<EchoCounters> out;
+    for (const EchoWarp& x : w) out.push_back(x.counters);
+    return out;
+  }
+
+ private:
+  EchoState(Runtime& rt, DeviceBuffer<EchoWarp> w, DeviceBuffer<uint8_t> b, Runtime::Mapped stop, uint32_t n,
+            const EchoConfig& cfg)
+      : rt_(rt), warps_(std::move(w)), bufs_(std::move(b)), stop_(stop), nwarps_(n), cfg_(cfg) {}
+  Runtime& rt_;
+  DeviceBuffer<EchoWarp> warps_;
+  DeviceBuffer<uint8_t> bufs_;
+  Runtime::Mapped stop_;
+  uint32_t nwarps_;
+  EchoConfig cfg_;
+};
+
+}  // namespace gpusock::examples
