@@ -11,7 +11,9 @@
 // whatever the number of connections:
 //
 //   1. poll: lane 0 polls the listener and every connection in one call (at most
-//      `poll_ms`, so a stop request is seen within that time).
+//      `poll_ms`, so a stop request is seen within that time). While the warp is busy
+//      (bytes came in during the last `spin_passes` passes) it skips this wait and tries
+//      every connection instead (step 2 answers EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
 //      own, because lanes that call together are answered together.
@@ -43,6 +45,11 @@ struct EchoConfig {
   uint32_t conns_per_warp = 64;       // connection slots per warp (<= kMaxConnsPerWarp)
   uint32_t buffer_bytes = 16384;      // per-connection buffer: most bytes read at once
   int poll_ms = 20;                   // longest poll; bounds how late a stop is seen
+  // After a pass that received bytes, this many passes skip poll and try a non-blocking
+  // recv on every connection (busy polling, as SO_BUSY_POLL does for a socket): under
+  // load that saves the poll's hostcall and its wake-up; idle, the warp waits in poll.
+  // 0 turns it off.
+  uint32_t spin_passes = 8;
   int backlog = 1024;
 };
 
@@ -73,6 +80,7 @@ struct EchoWarp {
   uint32_t open;
   uint32_t nready;
   uint32_t nfree;
+  uint32_t spin_left;  // busy passes left before the warp waits in poll again
   EchoCounters counters;
   EchoConn conn[kMaxConnsPerWarp];
   uint16_t ready[kMaxConnsPerWarp];   // slots with events, from this pass's poll
@@ -157,20 +165,28 @@ struct EchoServer {
             w.pfd[n] = {c.fd, static_cast<short>(c.len > c.off ? POLLOUT : POLLIN), 0};
             w.pfd_slot[n++] = static_cast<uint16_t>(i);
           }
-          int r = raw::poll(w.pfd, n, v.cfg.poll_ms);
-          if (r == -ESHUTDOWN) stop = 1;
+          // Busy (bytes arrived within the last spin_passes passes): skip the wait and
+          // try every connection; the listener is looked at every 16th busy pass.
+          const bool busy = w.spin_left > 0;
           w.nready = 0;
           w.nfree = 0;
-          if (r > 0) {
-            for (uint32_t k = 1; k < n; ++k) {
-              if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
-            }
-            if ((w.pfd[0].revents & POLLIN) != 0) {
-              for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
-                if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
+          if (busy && (w.counters.passes & 15) != 0) {
+            for (uint32_t k = 1; k < n; ++k) w.ready[w.nready++] = w.pfd_slot[k];
+          } else {
+            int r = raw::poll(w.pfd, n, busy ? 0 : v.cfg.poll_ms);
+            if (r == -ESHUTDOWN) stop = 1;
+            if (r > 0) {
+              for (uint32_t k = 1; k < n; ++k) {
+                if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
+              }
+              if ((w.pfd[0].revents & POLLIN) != 0) {
+                for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
+                  if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
+                }
               }
             }
           }
+          if (busy) --w.spin_left;
           ++w.counters.passes;
         }
       }
@@ -184,7 +200,12 @@ struct EchoServer {
         int fd = static_cast<int>(raw::accept4(w.listener, nullptr, nullptr, SOCK_NONBLOCK));
         const uint16_t slot = w.free_slots[lane];
         w.accepted_slot[lane] = fd >= 0 ? static_cast<int16_t>(slot) : int16_t{-1};
-        if (fd >= 0) w.conn[slot] = {fd, 0, 0};
+        if (fd >= 0) {
+          // Replies go out as soon as they are written (lanes set it together: one call).
+          int one = 1;
+          raw::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+          w.conn[slot] = {fd, 0, 0};
+        }
       }
       warp::sync(all);
       if (lane == 0) {
@@ -240,6 +261,7 @@ struct EchoServer {
         warp::exclusive_sum(all, static_cast<uint32_t>(reads), t_reads);
         warp::exclusive_sum(all, static_cast<uint32_t>(closed), t_closed);
         if (lane == 0) {
+          if (t_in > 0) w.spin_left = v.cfg.spin_passes;
           w.counters.bytes_in += t_in;
           w.counters.bytes_out += t_out;
           w.counters.reads += t_reads;

@@ -5,6 +5,10 @@
 #   echo_test.sh SERVER LOADGEN DEVICE
 set -uo pipefail
 server=$1 load=$2 device=$3
+if [ "$device" = cuda ] && [ ! -e /dev/nvidia0 ] && [ ! -e /dev/nvidiactl ]; then
+  echo "SKIP: no GPU (no /dev/nvidia*): the cuda device cannot run here"
+  exit 77
+fi
 log=$(mktemp) && trap 'rm -f "$log"; [ -n "${pid:-}" ] && kill -9 "$pid" 2>/dev/null' EXIT
 start() {
   for try in 1 2 3 4 5; do

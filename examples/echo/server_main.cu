@@ -2,7 +2,7 @@
 //
 //   gpusock-echo [--device cpu|cuda] [--port 7777] [--address 0.0.0.0] [--blocks N]
 //                [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]
-//                [--service-threads N]
+//                [--service-threads N] [--spin-passes N]
 //
 // Runs until SIGINT or SIGTERM (or --duration seconds), then prints a summary:
 // connections, bytes, receives and receives per second. Prints "listening on ..." once
@@ -33,7 +33,7 @@ int usage(const char* why) {
                "gpusock-echo: %s\n"
                "usage: gpusock-echo [--device cpu|cuda] [--port P] [--address A] [--blocks N]\n"
                "                    [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]\n"
-               "                    [--service-threads N]\n",
+               "                    [--service-threads N] [--spin-passes N]\n",
                why);
   return 2;
 }
@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   long blocks = -1, wpb = 1;
   double duration = 0;
   long service_threads = 1;
+  bool cpw_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -62,9 +63,13 @@ int main(int argc, char** argv) {
     else if (a == "--port" && num && n > 0 && n < 65536) cfg.port = static_cast<uint16_t>(n);
     else if (a == "--blocks" && num && n > 0) blocks = n;
     else if (a == "--warps-per-block" && num && n > 0 && n <= 32) wpb = n;
-    else if (a == "--conns-per-warp" && num && n > 0 && n <= static_cast<long>(gpusock::examples::kMaxConnsPerWarp)) cfg.conns_per_warp = static_cast<uint32_t>(n);
+    else if (a == "--conns-per-warp" && num && n > 0 && n <= static_cast<long>(gpusock::examples::kMaxConnsPerWarp)) {
+      cfg.conns_per_warp = static_cast<uint32_t>(n);
+      cpw_given = true;
+    }
     else if (a == "--buffer" && num && n >= 64 && n <= (1 << 20)) cfg.buffer_bytes = static_cast<uint32_t>(n);
     else if (a == "--duration") duration = std::atof(v);
+    else if (a == "--spin-passes" && num && n >= 0 && n <= 1000000) cfg.spin_passes = static_cast<uint32_t>(n);
     else if (a == "--service-threads" && num && n > 0 && n <= 64) service_threads = n;
     else return usage(("bad option or value: " + a + " " + v).c_str());
   }
@@ -92,7 +97,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   const bool gpu = (*rt)->device() == gpusock::DeviceKind::kCuda;
-  if (blocks < 0) blocks = gpu ? 132 : 2;  // one warp per H100 SM; two lanes-as-threads warps on cpu
+  // Defaults measured on an H100 (bench/RESULTS.md): 16 warps of 256 connection slots
+  // served 64..256 connections better than one warp per SM; on the cpu device every lane
+  // is a host thread, so two warps.
+  if (blocks < 0) blocks = gpu ? 16 : 2;
+  if (gpu && !cpw_given) cfg.conns_per_warp = 256;
   const uint32_t nwarps = static_cast<uint32_t>(blocks * wpb);
   auto state = gpusock::examples::EchoState::create(**rt, nwarps, cfg);
   if (!state.ok()) {
