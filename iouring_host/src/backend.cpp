@@ -960,9 +960,21 @@ class IouringBackend final : public net::Backend {
     const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
     const uint32_t b = has_buf ? (flags >> IORING_CQE_BUFFER_SHIFT) : 0;
     if (res == -ENOBUFS && !op->sock->closed) {
-      // Every buffer is lent out: wait for the device to give one back (recycle()). The
-      // bytes stay in the kernel's socket buffer meanwhile; nothing is lost.
-      r.starved.push_back(op);
+      // Every buffer is taken; the bytes stay in the kernel's socket buffer, nothing is
+      // lost. While the device holds lent buffers, answer -ENOBUFS and let the device ask
+      // again: a lane must not wait here, because the buffers it waits for may be lent to
+      // other lanes of its own warp call, which copy out and give them back only once the
+      // whole call (this lane included) is answered. The device's recv retries on
+      // -ENOBUFS (net/socket.hpp), so the caller never sees it. With nothing lent, every
+      // buffer is back in the ring or in a completion this pass is reaping (the kernel
+      // failed this recv before recycle() put buffers back): submit it again at once.
+      // Parking it until the next recycle() would wait forever, since recycle() runs only
+      // while buffers are lent.
+      if (!r.lent.empty()) {
+        op->reply.finish(-ENOBUFS);
+        return retire(r, op);
+      }
+      submit_recv(r, op);
       return;
     }
     if (res <= 0) {

@@ -977,6 +977,65 @@ TEST_P(NetErrorTest, DescriptorLimitGivesEmfile) {
   EXPECT_EQ(o[2], 1);
 }
 
+// Every lane connects, then all 32 receive at once (one warp call) a message the host
+// has already sent: with fewer receive buffers than lanes, the call cannot get a buffer for
+// every lane in one go.
+struct AllLanesReceive {
+  GPUSOCK_HD void operator()(uint16_t port, uint32_t bytes, uint8_t* bufs, int64_t* out) const {
+    const uint64_t tid = gpusock::global_thread_id();
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int r = raw::connect(fd, sa(a), sizeof a);
+    uint64_t id = tid;
+    if (r == 0) r = raw::send(fd, &id, 8, 0) == 8 ? 0 : -EIO;
+    uint8_t* b = bufs + tid * bytes;
+    int64_t got = r == 0 ? raw::recv(fd, b, bytes, MSG_WAITALL) : r;
+    int64_t bad = 0;
+    for (uint32_t i = 0; got == bytes && i < bytes; ++i) bad += b[i] != pattern_byte(tid * 7919 + i);
+    out[tid] = got == bytes ? bad : (got < 0 ? got : -100000 - got);
+    raw::close(fd);
+  }
+};
+
+TEST_P(NetErrorTest, ReceiveBufferExhaustionInsideOneWarpCallResolves) {
+  // 16 buffers for 32 lanes that receive together: half the lanes find the pool empty
+  // while the other half hold buffers that only come back after the call is answered.
+  gpusock::iouring::Options io;
+  io.recv_buffers = 16;
+  io.recv_buffer_bytes = 4096;
+  Start(io);
+  constexpr int kLanes = 32;
+  constexpr uint32_t kBytes = 3000;
+  uint16_t port;
+  int l = host_listen(&port);
+  ASSERT_GE(l, 0);
+  std::thread peer([&] {
+    std::vector<int> cs;
+    for (int i = 0; i < kLanes; ++i) {
+      int c = ::accept(l, nullptr, nullptr);
+      uint64_t id = 0;
+      if (c < 0 || !recv_all(c, &id, sizeof id) || id >= kLanes) break;
+      std::vector<uint8_t> m(kBytes);
+      for (uint32_t k = 0; k < kBytes; ++k) m[k] = pattern_byte(id * 7919 + k);
+      send_all(c, m.data(), m.size());
+      cs.push_back(c);
+    }
+    for (int c : cs) {
+      char x;
+      ::recv(c, &x, 1, 0);  // until the kernel closes
+      ::close(c);
+    }
+  });
+  auto bufs = Buffer<uint8_t>(kLanes * kBytes);
+  auto out = Buffer<int64_t>(kLanes);
+  auto k = Launch({1}, {32}, AllLanesReceive{}, port, kBytes, bufs.data(), out.data());
+  Finish(k);
+  peer.join();
+  ::close(l);
+  auto o = Read(out);
+  for (int i = 0; i < kLanes; ++i) EXPECT_EQ(o[i], 0) << "lane " << i << " (0: every byte right)";
+}
+
 // Each lane connects and sends `per_lane` pattern bytes (offset by its id) in one send().
 struct ManySenders {
   GPUSOCK_HD void operator()(uint16_t port, uint32_t per_lane, uint8_t* bufs, int64_t* out) const {

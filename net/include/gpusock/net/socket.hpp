@@ -184,6 +184,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
   if (net::local::is_local_fd(fd)) return net::local::recvfrom(fd, buf, len, flags, src, src_len);
   uint8_t* p = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
+  uint32_t retries = 0;
   for (;;) {
     const uint64_t left = len - done;
     const uint32_t want = left < 0xffffffffull ? static_cast<uint32_t>(left) : 0xffffffffu;
@@ -199,6 +200,13 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
       // group copied together; the warp barrier in group_copy orders them) happen before
       // the host can see the flag and hand the buffer to the kernel's network stack again.
       AtomicRef<uint32_t, Scope::kSystem>(*reinterpret_cast<uint32_t*>(r[1])).store(0, Order::kRelease);
+    }
+    if (n == -ENOBUFS) {
+      // The host had no free receive buffer (those lent to this call's other lanes have
+      // just been given back above): ask again. Ends when a buffer frees, or with the
+      // runtime's -ESHUTDOWN.
+      backoff(retries++);
+      continue;
     }
     if (n < 0) return done > 0 ? static_cast<int64_t>(done) : n;
     if (done == 0) net::internal::addr_to_caller(r + 3, static_cast<uint32_t>(r[2]), src, src_len);
