@@ -1,20 +1,28 @@
 // bench/net — sockets from kernels, each figure beside its CPU io_uring baseline measured in
 // the same run with the same client and the same number of host threads.
 //
-//   rr:      request/response (64 B and 4 KiB), a kernel TCP echo server (one lane per
-//            connection, one hostcall service thread) vs CpuEchoServer (one io_uring
-//            thread: multishot accept, provided-buffer multishot recv), both driven by
-//            the same LoadClient. req/s and p50/p99; ratio = kernel / CPU.
+//   rr:      request/response (64 B and 4 KiB), the kernel echo server of examples/echo
+//            (4 warps x 256 connections, each warp a SO_REUSEPORT listener with a
+//            poll/recv/send event loop; one hostcall service thread) vs CpuEchoServer (one
+//            io_uring thread: multishot accept, provided-buffer multishot recv), both
+//            driven by the same LoadClient. req/s and p50/p99; ratio = kernel / CPU.
 //   bulk:    1 GiB GPU -> peer (a warp sends from device memory with warp_send) vs a CPU
 //            io_uring sender working from pinned memory, into the same sink; and peer ->
 //            GPU (warp_recv into device memory, every byte checked) vs cpu_recv into pinned
 //            memory (every byte checked). GB/s; ratio = kernel / CPU.
 //   send_zc: io_uring send vs send_zc by chunk size on loopback (the SEND_ZC threshold).
 //
-// Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick]
+// Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick] [--recv-buffer-kib N]
+//   --recv-buffer-kib: the backend's receive buffer size (its default, 64, if not given);
+//   one recv() returns at most one buffer, so it bounds how much a call can bring.
+#include <netinet/in.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +34,7 @@
 
 #include "baseline.hpp"
 #include "common/bench_util.hpp"
+#include "echo/echo_server.hpp"
 #include "gpusock/hostcall/device_buffer.hpp"
 #include "gpusock/hostcall/launch.hpp"
 #include "gpusock/hostcall/runtime.hpp"
@@ -39,58 +48,20 @@ namespace bn = gpusock::bench;
 
 GPUSOCK_HD inline uint8_t pattern(uint64_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); }
 
-GPUSOCK_HD inline void publish(uint32_t* box, uint32_t i, uint32_t v) {
-  gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).store(v, gpusock::Order::kRelease);
-}
-GPUSOCK_HD inline uint32_t read_box(uint32_t* box, uint32_t i) {
-  return gpusock::AtomicRef<uint32_t, gpusock::Scope::kSystem>(box[i]).load(gpusock::Order::kAcquire);
-}
-// Waits for box[i] to become nonzero. The backoff matters on the cpu device, where every
-// lane is a thread: a thousand lanes spinning flat out starve the one lane they wait for.
-GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
-  uint32_t v;
-  for (uint32_t n = 0; (v = read_box(box, i)) == 0; ++n) gpusock::backoff(n);
-  return v;
-}
-
-// One lane per connection: accept, then echo fixed-size requests until the peer closes.
-struct EchoServer {
-  GPUSOCK_HD void operator()(uint32_t* box, uint32_t req_bytes) const {
-    const uint64_t tid = gpusock::global_thread_id();
-    if (tid == 0) {
-      int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      int one = 1;
-      raw::setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
-      socklen_t len = sizeof a;
-      int r = raw::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-      if (r == 0) r = raw::listen(lfd, 4096);
-      if (r == 0) r = raw::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
-      publish(box, 1, static_cast<uint32_t>(lfd) + 1);
-      publish(box, 0, r == 0 ? gpusock::ntohs(a.sin_port) : 0xffffffffu);
-    }
-    uint32_t l1 = await_box(box, 1);
-    const int lfd = static_cast<int>(l1) - 1;
-    int c = raw::accept(lfd, nullptr, nullptr);
-    if (c >= 0) {
-      int one = 1;
-      raw::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      uint8_t buf[4096];
-      for (;;) {
-        int64_t n = raw::recv(c, buf, req_bytes, MSG_WAITALL);
-        if (n <= 0) break;
-        if (raw::send(c, buf, static_cast<uint64_t>(n), 0) != n) break;
-      }
-      raw::close(c);
-    }
-    if (gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[2]).fetch_add(1, gpusock::Order::kAcqRel) + 1 ==
-        gpusock::grid_dim().x * gpusock::block_dim().x) {
-      raw::close(lfd);
-    }
+// A loopback port nothing listens on right now (the kernel server binds it next).
+uint16_t free_loopback_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  uint16_t port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
   }
-};
+  ::close(fd);
+  return port;
+}
 
 // Lane 0 connects to 127.0.0.1:port; every lane gets the descriptor (-1 on failure).
 GPUSOCK_HD inline int warp_connect_loopback(uint16_t port) {
@@ -133,12 +104,22 @@ struct WarpReceiver {
     const int fd = warp_connect_loopback(port);
     if (fd < 0) return;
     uint64_t off = 0, bad = 0;
-    int64_t t0 = 0;
+    int64_t t0 = 0, in_recv = 0;
     for (;;) {
+      const int64_t r0 = static_cast<int64_t>(gpusock::globaltimer_ns());
       int64_t n = raw::warp_recv(0xffffffffu, fd, dst, chunk, 0);
       if (n <= 0) break;
-      if (off == 0) t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
-      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) bad += dst[i] != pattern(off + i);
+      const int64_t r1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+      if (off == 0) t0 = r0;
+      in_recv += r1 - r0;
+      // The check reads 16 bytes a lane at a time (dst is aligned; a tail byte by byte).
+      const uint32_t len = static_cast<uint32_t>(n), whole = len & ~15u;
+      for (uint32_t i = lane * 16; i < whole; i += 32 * 16) {
+        uint8_t v[16];
+        __builtin_memcpy(v, dst + i, 16);
+        for (uint32_t k = 0; k < 16; ++k) bad += v[k] != pattern(off + i + k);
+      }
+      for (uint32_t i = whole + lane; i < len; i += 32) bad += dst[i] != pattern(off + i);
       off += static_cast<uint64_t>(n);
       gpusock::warp::sync(0xffffffffu);
     }
@@ -149,6 +130,7 @@ struct WarpReceiver {
       out[0] = static_cast<int64_t>(off);
       out[1] = t1 - t0;
       out[2] = static_cast<int64_t>(bad);
+      out[3] = in_recv;  // of out[1], the time inside warp_recv (the rest is the check)
     }
   }
 };
@@ -171,6 +153,21 @@ std::string num(double v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  gpusock::iouring::Options bopts;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) != "--recv-buffer-kib") continue;
+    const long kib = std::atol(argv[i + 1]);
+    if (kib < 4 || kib > 4096) {
+      std::fprintf(stderr, "--recv-buffer-kib: 4..4096\n");
+      return 2;
+    }
+    bopts.recv_buffer_bytes = static_cast<uint32_t>(kib) * 1024;
+    // The same pinned memory per thread as the default (256 x 64 KiB), at least 16 buffers.
+    bopts.recv_buffers = std::max<uint32_t>(16, std::bit_floor((16u << 20) / bopts.recv_buffer_bytes));
+    for (int k = i; k + 2 < argc; ++k) argv[k] = argv[k + 2];
+    argc -= 2;
+    break;
+  }
   gpusock::bench::BenchArgs args;
   if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
   gpusock::RuntimeOptions opts;
@@ -189,7 +186,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto& rt = **rtr;
-  auto be = gpusock::iouring::create_backend(rt);
+  auto be = gpusock::iouring::create_backend(rt, bopts);
   if (!be.ok() || !gpusock::net::attach(rt, *be).ok()) {
     std::fprintf(stderr, "io_uring backend: %s\n", be.ok() ? "attach failed" : be.status().to_string().c_str());
     return 1;
@@ -197,9 +194,6 @@ int main(int argc, char** argv) {
   std::printf("device: %s\nbackend: %s\n", rt.device_name().c_str(), (*be)->describe().c_str());
   Json js;
   js.add("device", "\"" + rt.device_name() + "\"");
-  auto box = rt.mapped_alloc(4096);
-  uint32_t* box_h = static_cast<uint32_t*>(box->host);
-  uint32_t* box_d = static_cast<uint32_t*>(box->device);
   const auto duration = quick ? std::chrono::milliseconds(500) : std::chrono::milliseconds(3000);
 
   // ---- request/response ----
@@ -215,15 +209,17 @@ int main(int argc, char** argv) {
       lo.threads = 4;
       lo.request_bytes = size;
       lo.duration = duration;
-      // The kernel server.
-      std::memset(box_h, 0, 64);
-      auto k = gpusock::launch(rt, {static_cast<uint32_t>(conns / 32)}, {32}, EchoServer{}, box_d, size);
-      uint32_t port = 0;
-      for (int i = 0; i < 100000 && (port = std::atomic_ref<uint32_t>(box_h[0]).load()) == 0; ++i) {
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
-      }
-      lo.port = static_cast<uint16_t>(port);
+      // The kernel server: examples/echo's, on a port the host just saw free.
+      gpusock::examples::EchoConfig ecfg;
+      ecfg.port = free_loopback_port();
+      ecfg.addr_be = htonl(INADDR_LOOPBACK);
+      ecfg.conns_per_warp = 256;
+      auto es = gpusock::examples::EchoState::create(rt, 4, ecfg);
+      auto k = gpusock::launch(rt, {4}, {32}, gpusock::examples::EchoServer{}, (*es)->view());
+      for (int i = 0; i < 100000 && (*es)->listening() == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      lo.port = (*es)->listening() > 0 ? ecfg.port : 0;
       bn::LoadResult g = bn::LoadClient::run(lo);
+      (*es)->request_stop();
       k->wait_for(std::chrono::seconds(30));
       // The CPU io_uring server, same shape.
       bn::EchoServerOptions so;
@@ -294,12 +290,14 @@ int main(int argc, char** argv) {
   source2->wait(60000);
   source2.reset();
   const double recv_ratio = cr.gbps > 0 ? grecv / cr.gbps : 0;
-  std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n", grecv,
-              static_cast<long long>(o[0]), static_cast<long long>(o[2]), cr.gbps,
+  const double recv_share = o[1] > 0 ? static_cast<double>(o[3]) / static_cast<double>(o[1]) : 0;
+  std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong; %.0f%% of the time inside warp_recv, the rest "
+              "checking)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n",
+              grecv, static_cast<long long>(o[0]), static_cast<long long>(o[2]), 100.0 * recv_share, cr.gbps,
               cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
   js.add("bulk", "{\"bytes\":" + std::to_string(total) + ",\"gpu_to_peer_gbps\":" + num(gs.gbps) +
                      ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) +
-                     ",\"peer_to_gpu_gbps\":" + num(grecv) + ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(o[2]) +
+                     ",\"peer_to_gpu_gbps\":" + num(grecv) + ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(o[2]) + ",\"peer_to_gpu_recv_share\":" + num(recv_share) +
                      ",\"cpu_recv_gbps\":" + num(cr.gbps) + ",\"recv_ratio\":" + num(recv_ratio) + "}");
 
   // ---- SEND_ZC threshold ----
@@ -315,6 +313,5 @@ int main(int argc, char** argv) {
   js.s += "\n}\n";
   if (!json_path.empty()) std::ofstream(json_path) << js.s;
   rt.mapped_free(pinned->host);
-  rt.mapped_free(box->host);
   return 0;
 }
