@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -180,7 +181,8 @@ int main(int argc, char** argv) {
 
   cfg.limits.max_header_bytes = a.max_header_bytes;
   cfg.limits.max_body_bytes = a.max_body_bytes;
-  cfg.max_connections = a.max_connections;
+  // Past the slots a connection could not be served anyway: refuse it with a 503.
+  cfg.max_connections = static_cast<uint32_t>(std::min<uint64_t>(a.max_connections, slots));
   cfg.conns_per_lane = a.conns_per_lane;
   cfg.out_bytes = a.out_bytes < 4096 ? 4096 : a.out_bytes;
   cfg.backlog = a.backlog;
@@ -238,8 +240,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   const auto start = std::chrono::steady_clock::now();
-  std::printf("listening on %s port %u (device %s, %u x %u warps, %llu connection slots, %zu files, %zu bytes)\n",
-              a.address.c_str(), control->port, r.device_name().c_str(), grid, warps_per_block,
+  std::printf("listening on %s port %u (device %s: %s, %u x %u warps, %llu connection slots, %zu files, %zu bytes)\n",
+              a.address.c_str(), control->port, gpusock::to_string(r.device()), r.device_name().c_str(), grid, warps_per_block,
               static_cast<unsigned long long>(slots), files.entries.size(), files.entries.empty() ? 0 : files.blob.size());
   std::fflush(stdout);
 

@@ -34,7 +34,8 @@ namespace gpusock::http {
 
 inline constexpr uint32_t kMaxConnsPerLane = 32;
 inline constexpr uint32_t kMaxTypeLen = 64;
-inline constexpr const char* kServerName = "gpusock-http/0.1";
+// The Server header's value (a macro: device code cannot read a host pointer constant).
+#define GPUSOCK_HTTP_SERVER_NAME "gpusock-http/0.1"
 
 // A static file: its bytes are blob[offset, offset + size) in device memory.
 struct FileEntry {
@@ -224,7 +225,7 @@ GPUSOCK_HD inline void response_head(Out& o, uint16_t status, const char* date, 
   o.put(" ");
   o.put(reason(status));
   o.put("\r\nServer: ");
-  o.put(kServerName);
+  o.put(GPUSOCK_HTTP_SERVER_NAME);
   o.put("\r\nDate: ");
   o.put(date, kDateLen);
   o.put("\r\nContent-Type: ");
@@ -497,8 +498,8 @@ struct Server {
     const int listener = ready == 1 ? cfg.shared->listener : -1;
 
     while (ready == 1) {
-      const bool stop = warp::shfl(full, lane == 0 ? stop_requested(cfg) : false, 0);
-      if (stop) break;
+      const uint32_t stop = warp::shfl(full, lane == 0 && stop_requested(cfg) ? 1u : 0u, 0);
+      if (stop != 0) break;
       const uint64_t now = globaltimer_ns();
       // Timeouts, then this lane's part of the poll array.
       uint32_t free_slots = 0;
