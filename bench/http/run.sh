@@ -120,9 +120,9 @@ taskset -c "$server_cpus" "$server" --address 127.0.0.1 --port "$gpu_port" --roo
 gpu_pid=$!
 pids+=($gpu_pid)
 
-wait_port() {
+wait_port() {  # bash's /dev/tcp: no curl needed
   for _ in $(seq 1 300); do
-    if curl -s -o /dev/null "http://127.0.0.1:$1/healthz" 2>/dev/null; then return 0; fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.2
   done
   return 1

@@ -176,6 +176,11 @@ class HttpServer : public ::testing::Test {
     }
   }
   static void TearDownTestSuite() {
+    if (server_ != nullptr) {
+      // A clean stop: exit status 0 (a sanitizer's report would make it non-zero).
+      EXPECT_EQ(server_->stop(), 0) << server_->output();
+      EXPECT_NE(server_->output().find("summary: stopped by signal"), std::string::npos) << server_->output();
+    }
     delete server_;
     server_ = nullptr;
   }
