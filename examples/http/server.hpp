@@ -34,6 +34,8 @@ namespace gpusock::http {
 
 inline constexpr uint32_t kMaxConnsPerLane = 32;
 inline constexpr uint32_t kMaxTypeLen = 64;
+// How long a connection the server ends is drained before it is closed (16.2).
+inline constexpr uint64_t kLingerNs = 2000000000ull;
 // The Server header's value (a macro: device code cannot read a host pointer constant).
 #define GPUSOCK_HTTP_SERVER_NAME "gpusock-http/0.1"
 
@@ -86,6 +88,7 @@ struct Conn {
   uint32_t used;        // bytes waiting in the slot's input buffer
   uint64_t last_ns;     // last bytes received (keep-alive timeout)
   uint64_t request_ns;  // when the request now being read began (request timeout)
+  uint64_t linger_ns;   // != 0: answered and shut down for writing, draining until EOF
   Route route;
   uint16_t reject;      // 404 or 405 decided at the head; the body is read and dropped
   const FileEntry* file;
@@ -273,6 +276,17 @@ GPUSOCK_HD inline void close_conn(const ServerConfig& cfg, Conn& c) {
   AtomicRef<uint32_t, Scope::kDevice>(cfg.shared->open).fetch_sub(1, Order::kRelaxed);
 }
 
+// Ends a connection after its last response without losing that response: closing a
+// socket with unread input makes the kernel send a reset, which can destroy the response
+// before the client reads it (a client still uploading a body it was refused, say). So
+// the sending side is shut down, and the input is read and dropped until the client
+// closes or kLingerNs passes.
+GPUSOCK_HD inline void begin_linger(Conn& c, uint64_t now) {
+  gpusock::shutdown(c.fd, SHUT_WR);
+  c.linger_ns = now;
+  c.used = 0;
+}
+
 GPUSOCK_HD inline bool str_eq(const char* a, uint32_t n, const char* lit) {
   uint32_t i = 0;
   for (; i < n; ++i) {
@@ -355,7 +369,7 @@ GPUSOCK_HD inline void fail_request(Out& o, uint16_t status, const char* date, L
 // Parses what the connection holds and answers every complete request. Returns false
 // when the connection must be closed.
 GPUSOCK_HD inline bool process(const ServerConfig& cfg, Conn& c, uint8_t* in, uint8_t* out, LaneStats& st,
-                               uint64_t now) {
+                               uint64_t now, bool& sent) {
   Out o{out, cfg.out_bytes, 0, c.fd, true, 0};
   char date[kDateLen];
   current_date(date);
@@ -403,11 +417,22 @@ GPUSOCK_HD inline bool process(const ServerConfig& cfg, Conn& c, uint8_t* in, ui
   }
   o.flush();
   st.bytes_out += o.sent;
+  sent = o.ok;
   return keep && o.ok;
 }
 
 GPUSOCK_HD inline void serve_readable(const ServerConfig& cfg, Conn& c, uint8_t* in, uint8_t* out, LaneStats& st,
                                       uint64_t now) {
+  if (c.linger_ns != 0) {
+    const int64_t n = gpusock::recv(c.fd, in, cfg.limits.max_header_bytes, MSG_DONTWAIT);
+    if (n < 0 && gpusock::errno_value() == EAGAIN) return;
+    if (n <= 0) {
+      close_conn(cfg, c);
+    } else {
+      st.bytes_in += static_cast<uint64_t>(n);
+    }
+    return;
+  }
   const uint32_t room = cfg.limits.max_header_bytes - c.used;
   if (room == 0) {  // the parser answers 431 before this can happen; never recv 0 bytes
     close_conn(cfg, c);
@@ -423,7 +448,14 @@ GPUSOCK_HD inline void serve_readable(const ServerConfig& cfg, Conn& c, uint8_t*
   if (!in_request(c.parser, c.used)) c.request_ns = now;
   c.used += static_cast<uint32_t>(n);
   c.last_ns = now;
-  if (!process(cfg, c, in, out, st, now)) close_conn(cfg, c);
+  bool sent = true;
+  if (!process(cfg, c, in, out, st, now, sent)) {
+    if (sent) {
+      begin_linger(c, now);
+    } else {
+      close_conn(cfg, c);  // the peer is gone or broken: nothing to protect
+    }
+  }
 }
 
 // Warp 0, lane 0: opens the listener every warp polls and publishes it.
@@ -505,7 +537,9 @@ struct Server {
       uint32_t free_slots = 0;
       for (uint32_t k = 0; k < K; ++k) {
         Conn& c = conns[k];
-        if (c.fd >= 0) {
+        if (c.fd >= 0 && c.linger_ns != 0) {
+          if (now - c.linger_ns > kLingerNs) close_conn(cfg, c);
+        } else if (c.fd >= 0) {
           if (in_request(c.parser, c.used)) {
             if (now - c.request_ns > cfg.request_timeout_ns) {
               char date[kDateLen];
@@ -515,7 +549,11 @@ struct Server {
               o.flush();
               st.bytes_out += o.sent;
               ++st.timeouts;
-              close_conn(cfg, c);
+              if (o.ok) {
+                begin_linger(c, now);
+              } else {
+                close_conn(cfg, c);
+              }
             }
           } else if (now - c.last_ns > cfg.keepalive_timeout_ns) {
             close_conn(cfg, c);
@@ -575,6 +613,10 @@ struct Server {
         o.flush();
         st.bytes_out += o.sent;
         ++st.rejected;
+        // Take what the client sent already, so the close does not reset the connection
+        // under the 503 (see begin_linger); this connection has no slot to linger in.
+        gpusock::shutdown(fd, SHUT_WR);
+        gpusock::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
         gpusock::close(fd);
         AtomicRef<uint32_t, Scope::kDevice>(cfg.shared->open).fetch_sub(1, Order::kRelaxed);
         continue;
@@ -586,6 +628,7 @@ struct Server {
       c.used = 0;
       c.last_ns = t;
       c.request_ns = t;
+      c.linger_ns = 0;
       c.parser = Parser{};
       ++st.accepted;
     }

@@ -257,6 +257,21 @@ TEST_F(HttpServer, Sha256OfContentLengthAndChunkedBodies) {
   }
 }
 
+TEST_F(HttpServer, CurlUploadingTooMuchGets413) {
+  NEED("curl");
+  const std::string file = testing::TempDir() + "http_big_upload";
+  {
+    std::ofstream f(file, std::ios::binary);
+    f << std::string(3u << 20, 'x');  // 3 MiB, over the 1 MiB default
+  }
+  // Content-Length: refused at the head. Chunked: refused in the middle of the upload,
+  // and the 413 must still reach curl.
+  EXPECT_EQ(sh("curl -s -o /dev/null -w '%{http_code}' --data-binary @" + file + " " + server_->url("/sha256")), "413");
+  EXPECT_EQ(sh("curl -s -o /dev/null -w '%{http_code}' -H 'Transfer-Encoding: chunked' --data-binary @" + file + " " +
+               server_->url("/sha256")),
+            "413");
+}
+
 TEST_F(HttpServer, BadRequestsGetTheirStatusCodes) {
   const int port = server_->port();
   struct Case {
