@@ -65,7 +65,7 @@ void usage(const char* argv0) {
                "  --max-connections N     open connections; more are answered 503 (default 1024)\n"
                "  --max-header-bytes N    request line + fields (default 8192; over: 431)\n"
                "  --max-body-bytes N      request body (default 1048576; over: 413)\n"
-               "  --request-timeout-ms N  time to receive a whole request (default 10000; over: 408)\n"
+               "  --request-timeout-ms N  time to receive a head, and longest stall of a body (default 10000; over: 408)\n"
                "  --keepalive-timeout-ms N  idle keep-alive connections close after this (default 60000)\n"
                "  --poll-timeout-ms N     longest wait of one poll, how soon a stop is seen (default 50)\n"
                "  --service-threads N     host service threads (default 1)\n"

@@ -445,7 +445,10 @@ GPUSOCK_HD inline void serve_readable(const ServerConfig& cfg, Conn& c, uint8_t*
     return;
   }
   st.bytes_in += static_cast<uint64_t>(n);
-  if (!in_request(c.parser, c.used)) c.request_ns = now;
+  // The request timeout runs from a request's first byte until its head is complete;
+  // while a body arrives, it runs from the last receive, so a slow upload that keeps
+  // moving is not cut off.
+  if (!in_request(c.parser, c.used) || c.parser.phase != Phase::kHead) c.request_ns = now;
   c.used += static_cast<uint32_t>(n);
   c.last_ns = now;
   bool sent = true;
@@ -529,6 +532,7 @@ struct Server {
     warp::sync(full);  // orders lane 0's acquire before the other lanes read `listener`
     const int listener = ready == 1 ? cfg.shared->listener : -1;
 
+    uint32_t poll_errors = 0;
     while (ready == 1) {
       const uint32_t stop = warp::shfl(full, lane == 0 && stop_requested(cfg) ? 1u : 0u, 0);
       if (stop != 0) break;
@@ -577,7 +581,12 @@ struct Server {
       r = warp::shfl(full, r, 0);
       warp::sync(full);  // lane 0's revents are visible to every lane
       if (r == -ESHUTDOWN || r == -ECANCELED) break;
-      if (r <= 0) continue;
+      if (r < 0) {  // not expected; back off rather than spin on a failing poll
+        backoff(poll_errors++);
+        continue;
+      }
+      poll_errors = 0;
+      if (r == 0) continue;
 
       const uint64_t t = globaltimer_ns();
       uint32_t todo = 0;

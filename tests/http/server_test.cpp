@@ -337,13 +337,13 @@ TEST_F(HttpServer, PipelinedRequestsAreAnsweredInOrderOnOneConnection) {
 
 TEST_F(HttpServer, WrkLoadHasNoSocketErrors) {
   NEED("wrk");
-  const std::string out = sh("wrk -t2 -c32 -d3s --timeout 5s " + server_->url("/healthz"), true);
+  const std::string out = sh("wrk -t2 -c32 -d3s --timeout 10s " + server_->url("/healthz"), true);
   std::smatch m;
   ASSERT_TRUE(std::regex_search(out, m, std::regex("([0-9]+) requests in"))) << out;
   EXPECT_GT(std::stoll(m[1]), 0) << out;
   EXPECT_EQ(out.find("Socket errors"), std::string::npos) << out;
   EXPECT_EQ(out.find("Non-2xx"), std::string::npos) << out;
-  const std::string out4k = sh("wrk -t2 -c32 -d2s --timeout 5s " + server_->url("/4k.bin"), true);
+  const std::string out4k = sh("wrk -t2 -c32 -d2s --timeout 10s " + server_->url("/4k.bin"), true);
   EXPECT_EQ(out4k.find("Socket errors"), std::string::npos) << out4k;
   EXPECT_NE(out4k.find("requests in"), std::string::npos) << out4k;
 }
