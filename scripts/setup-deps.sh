@@ -9,11 +9,26 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if ((${#missing[@]})); then
-  echo "gpusock: installing ${missing[*]}"
+# Optional, taken when the archive has them (tests that need one skip without it):
+# curl and wrk drive the HTTP example's tests, clang builds its libFuzzer target, nginx is
+# the HTTP benchmark's baseline (nginx-light on Debian 12, nginx where that is gone).
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+optional=()
+for alts in curl wrk clang "nginx-light nginx"; do
+  have=0
+  for p in $alts; do installed "$p" && have=1; done
+  ((have)) || optional+=("$alts")
+done
+if ((${#missing[@]} + ${#optional[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
+  for alts in "${optional[@]}"; do
+    for p in $alts; do
+      if apt-cache show "$p" >/dev/null 2>&1; then missing+=("$p"); break; fi
+    done
+  done
+  echo "gpusock: installing ${missing[*]}"
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
