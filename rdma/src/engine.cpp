@@ -1060,10 +1060,20 @@ uint32_t Engine::progress() {
 }
 
 void Engine::wait(std::chrono::nanoseconds max) {
-  ibv_req_notify_cq(cq_, 0);
+  {
+    // Arm the CQ, then look once more: a completion that arrived after the caller's last
+    // progress() and before the arming raises no event, and would otherwise wait out `max`.
+    std::lock_guard lock(mu_);
+    if (torn_down_) return;
+    ibv_req_notify_cq(cq_, 0);
+    if (progress() > 0) return;
+  }
   pollfd p[2] = {{cc_->fd, POLLIN, 0}, {ec_->fd, POLLIN, 0}};
-  const int ms = static_cast<int>(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(max).count()));
-  if (::poll(p, 2, ms) > 0 && (p[0].revents & POLLIN)) {
+  // ppoll, not poll: the service threads park for park_interval (50 us by default), and
+  // poll(2)'s millisecond timeout would round that to 0 (a busy loop) or 1 ms.
+  const int64_t ns = std::max<int64_t>(0, max.count());
+  timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+  if (::ppoll(p, 2, &ts, nullptr) > 0 && (p[0].revents & POLLIN)) {
     std::lock_guard lock(mu_);
     ibv_cq* cq = nullptr;
     void* ctx = nullptr;
