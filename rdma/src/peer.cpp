@@ -14,10 +14,6 @@ namespace gpusock::rdma {
 
 using internal::Engine;
 
-namespace {
-// How long a blocking call polls the CQ before it sleeps on the completion channel.
-constexpr auto kSpin = std::chrono::microseconds(500);
-}  // namespace
 
 Result<std::unique_ptr<Peer>> Peer::create(const PeerOptions& options) {
   if (options.send_buffer_bytes < 4 * 4096) return Status(EINVAL, "rdma peer: send_buffer_bytes must be >= 16 KiB");
@@ -40,6 +36,7 @@ Result<std::unique_ptr<Peer>> Peer::create(const PeerOptions& options) {
   p->e_ = Engine::create(eo, &err, &msg);
   if (!p->e_) return Status(-err, msg);
   p->send_slot_bytes_ = (options.send_buffer_bytes / 4) & ~4095u;
+  p->spin_us_ = options.spin_us;
   p->send_buf_ = static_cast<uint8_t*>(std::aligned_alloc(4096, size_t{p->send_slot_bytes_} * 4));
   if (p->send_buf_ == nullptr) return Status(ENOMEM, "rdma peer: no memory for the send buffer");
   p->send_lkey_ = p->e_->register_memory(p->send_buf_, size_t{p->send_slot_bytes_} * 4);
@@ -72,10 +69,8 @@ bool Peer::run_until(Pred done, int timeout_ms) {
     if (timeout_ms >= 0 && now >= end) return false;
     if (n > 0) {
       last_event = now;
-    } else if (now - last_event > kSpin) {
+    } else if (now - last_event >= std::chrono::microseconds(spin_us_)) {
       // Idle past the spin time: sleep until a completion or connection event (or 1 ms).
-      // Waking from the completion channel costs a scheduler round trip, which is why
-      // the loop spins first, as ib_send_lat does all the time.
       e_->wait(std::chrono::milliseconds(1));
     }
   }
