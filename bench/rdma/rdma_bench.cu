@@ -161,6 +161,10 @@ int main(int argc, char** argv) {
   const double ib_rtt_us = lat_row.size() > 4 ? 2 * lat_row[4] : 0;
   // ib_send_bw: #bytes #iterations BW-peak BW-average MsgRate; MB/s with MB = 2^20.
   const double ib_bw = bw_row.size() > 3 ? bw_row[3] : 0;
+  if (ib_rtt_us == 0 || ib_bw == 0) {
+    std::fprintf(stderr, "rdma_bench: a perftest baseline did not run (ib_send_lat %s, ib_send_bw %s); its ratio is 0\n",
+                 ib_rtt_us ? "ok" : "failed", ib_bw ? "ok" : "failed");
+  }
 
   // ---- gpusock -------------------------------------------------------------------------
   gpusock::RuntimeOptions ro;
