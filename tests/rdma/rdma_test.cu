@@ -145,7 +145,7 @@ TEST_P(RdmaTest, KernelServerEchoesWhatAPeerSends) {
   const uint32_t port = Await(0);
   ASSERT_NE(port, 0u);
   ASSERT_NE(port, 0xffffffffu);
-  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port));
+  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
   ASSERT_GE(fd, 0) << std::strerror(-fd);
   size_t sent = 0;
   for (int i = 0; i < 40; ++i) {
@@ -366,7 +366,7 @@ TEST_P(RdmaTest, QuarterGigabyteFromPeerToKernelArrivesWholeAndInOrder) {
   const uint32_t port = Await(0);
   ASSERT_NE(port, 0u);
   ASSERT_NE(port, 0xffffffffu);
-  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port));
+  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
   ASSERT_GE(fd, 0) << std::strerror(-fd);
   std::vector<uint8_t> buf(4 << 20);
   for (uint64_t off = 0; off < kBulk; off += buf.size()) {
@@ -454,7 +454,7 @@ TEST_P(RdmaTest, SixtyFourConnectionsToOneKernelListener) {
   ASSERT_NE(port, 0xffffffffu);
   std::vector<int> fds;
   for (uint32_t i = 0; i < kConns; ++i) {
-    int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port));
+    int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
     ASSERT_GE(fd, 0) << "connection " << i << ": " << std::strerror(-fd);
     fds.push_back(fd);
   }
