@@ -2,6 +2,7 @@
 // hostcall service threads. One engine per runtime under one mutex: the thread that gets
 // the lock in its pass reaps completions and events for every connection; serve() takes
 // the same lock, so a call and the completions it waits for never race.
+#include <dlfcn.h>
 #include <infiniband/verbs.h>
 #include <sys/socket.h>
 
@@ -22,6 +23,30 @@ bool device_present() {
 }
 
 namespace internal {
+namespace {
+
+// Asks the CUDA driver (loaded at run time: rdma/ does not link CUDA) whether GPU `ordinal`
+// can export its memory as a dma-buf, the first half of what GPUDirect RDMA through
+// ibv_reg_dmabuf_mr needs. Returns 1 yes, 0 no, -1 could not ask.
+int cuda_dmabuf_supported(int ordinal) {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) return -1;
+  using Init = int (*)(unsigned);
+  using Get = int (*)(int*, int);
+  using Attr = int (*)(int*, int, int);
+  auto init = reinterpret_cast<Init>(dlsym(lib, "cuInit"));
+  auto get = reinterpret_cast<Get>(dlsym(lib, "cuDeviceGet"));
+  auto attr = reinterpret_cast<Attr>(dlsym(lib, "cuDeviceGetAttribute"));
+  constexpr int kDmaBufSupported = 124;  // CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED (CUDA 11.7)
+  int dev = 0, v = 0, r = -1;
+  if (init && get && attr && init(0) == 0 && get(&dev, ordinal) == 0 && attr(&v, kDmaBufSupported, dev) == 0) {
+    r = v != 0;
+  }
+  dlclose(lib);
+  return r;
+}
+
+}  // namespace
 
 RdmaBackend::RdmaBackend(Runtime& rt, std::unique_ptr<Engine> engine, uint32_t staging_lkey, std::string gpudirect)
     : rt_(rt),
@@ -168,15 +193,20 @@ Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options&
                   "rdma: could not register the staging arena as a memory region (ulimit -l too low? "
                   "memlock must cover the staging arena)");
   }
-  // GPUDirect RDMA would register GPU memory through a dmabuf (cuMemGetHandleForAddressRange
-  // + ibv_reg_dmabuf_mr). Nothing here can try it: the cpu device has no GPU memory, and
-  // no machine this is built on has a NIC that could reach a GPU. Say which case applies.
+  // GPUDirect RDMA would register GPU memory through a dma-buf (cuMemGetHandleForAddressRange
+  // + ibv_reg_dmabuf_mr). What can be known without trying is whether the GPU can export
+  // one; whether the NIC accepts it only a registration would tell, and no machine this is
+  // built on has a NIC that could reach a GPU, so it is never attempted. Say which case
+  // applies.
   std::string gd;
   if (rt.device() == DeviceKind::kCpu) {
     gd = "GPUDirect RDMA: not applicable (cpu device); host staging";
   } else {
-    gd = "GPUDirect RDMA: not attempted (dmabuf registration of GPU memory is untested; device " +
-         engine->device_name() + " is served from host staging)";
+    const int dmabuf = internal::cuda_dmabuf_supported(0);  // the runtime does not say which GPU: ask GPU 0
+    gd = std::string("GPUDirect RDMA: GPU 0 ") +
+         (dmabuf == 1 ? "can export dma-bufs" : dmabuf == 0 ? "cannot export dma-bufs" : "was not asked (no libcuda)") +
+         "; not attempted (GPU memory through ibv_reg_dmabuf_mr on " + engine->device_name() +
+         " is untested); host staging";
   }
   return std::shared_ptr<net::Backend>(std::make_shared<internal::RdmaBackend>(rt, std::move(engine), lkey, gd));
 }
