@@ -4,7 +4,9 @@
 # includes the cuda device, without it the cpu device only.
 set -euo pipefail
 # liburing-dev: the io_uring backend (linked statically); netcat-openbsd: the external-client test.
-pkgs=(cmake ninja-build g++ make pkg-config git libgtest-dev libgmock-dev googletest liburing-dev netcat-openbsd)
+# librdmacm-dev, libibverbs-dev, ibverbs-providers: the rdma backend (scripts/rdma-vm.sh installs what its VM needs).
+pkgs=(cmake ninja-build g++ make pkg-config git libgtest-dev libgmock-dev googletest liburing-dev netcat-openbsd
+      librdmacm-dev libibverbs-dev ibverbs-providers)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,6 +16,11 @@ struct CallGroup {
   std::atomic<uint32_t> remaining{0};
 };
 
+struct HostReply {
+  Reply::HostSink sink;
+  uint64_t words[hostcall::kMaxArgs] = {};
+};
+
 void lane_finished(CallGroup* g) {
   // acq_rel: the last finisher sees every other lane's result words before it answers.
   if (g->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
@@ -46,21 +51,33 @@ const char* to_string(Op op) {
   return "?";
 }
 
+Reply Reply::to_host(HostSink sink) {
+  Reply r;
+  r.host_ = new internal::HostReply{std::move(sink)};
+  return r;
+}
+
 Reply& Reply::operator=(Reply&& other) noexcept {
   if (this != &other) {
-    if (group_ != nullptr) finish(-ECANCELED);
+    if (group_ != nullptr || host_ != nullptr) finish(-ECANCELED);
     group_ = other.group_;
+    host_ = other.host_;
     lane_ = other.lane_;
     other.group_ = nullptr;
+    other.host_ = nullptr;
   }
   return *this;
 }
 
 Reply::~Reply() {
-  if (group_ != nullptr) finish(-ECANCELED);
+  if (group_ != nullptr || host_ != nullptr) finish(-ECANCELED);
 }
 
 void Reply::set_word(uint32_t k, uint64_t value) {
+  if (host_ != nullptr) {
+    if (k > 0 && k < hostcall::kMaxArgs) host_->words[k] = value;
+    return;
+  }
   // Result rows were sized for the opcode before the lanes were handed out, so writing a
   // word only touches this lane's column: lanes finishing on different threads never
   // write the same memory.
@@ -81,6 +98,14 @@ void Reply::set_addr(uint32_t len_word, const void* addr, uint32_t len, uint64_t
 }
 
 void Reply::finish(int64_t result) {
+  if (host_ != nullptr) {
+    internal::HostReply* h = host_;
+    host_ = nullptr;
+    h->words[0] = static_cast<uint64_t>(result);
+    if (h->sink) h->sink(result, h->words);
+    delete h;
+    return;
+  }
   if (group_ == nullptr) return;
   internal::CallGroup* g = group_;
   group_ = nullptr;

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -59,6 +60,7 @@ struct Request {
 
 namespace internal {
 struct CallGroup;
+struct HostReply;
 }
 
 // Answers one lane. Move-only; finish() exactly once. A Reply destroyed unfinished answers
@@ -67,13 +69,23 @@ class Reply {
  public:
   Reply() = default;
   Reply(internal::CallGroup* group, uint32_t lane) : group_(group), lane_(lane) {}
-  Reply(Reply&& other) noexcept : group_(other.group_), lane_(other.lane_) { other.group_ = nullptr; }
+  Reply(Reply&& other) noexcept : group_(other.group_), host_(other.host_), lane_(other.lane_) {
+    other.group_ = nullptr;
+    other.host_ = nullptr;
+  }
   Reply& operator=(Reply&& other) noexcept;
   Reply(const Reply&) = delete;
   Reply& operator=(const Reply&) = delete;
   ~Reply();
 
-  explicit operator bool() const { return group_ != nullptr; }
+  // A Reply that answers a host function instead of a lane, for a backend that serves a
+  // call through another backend and needs its answer (rdma/'s routing backend reads the
+  // descriptor socket() made). `sink` gets r[0] and the result words (words[0] == result)
+  // once, on the thread that finishes; unfinished, it gets -ECANCELED.
+  using HostSink = std::function<void(int64_t result, const uint64_t* words)>;
+  static Reply to_host(HostSink sink);
+
+  explicit operator bool() const { return group_ != nullptr || host_ != nullptr; }
   // Result word k (1..kMaxArgs-1) of this lane; word 0 is finish()'s.
   void set_word(uint32_t k, uint64_t value);
   // An address in result words: word `len_word` = len | extra, the bytes from len_word+1.
@@ -83,6 +95,7 @@ class Reply {
 
  private:
   internal::CallGroup* group_ = nullptr;
+  internal::HostReply* host_ = nullptr;
   uint32_t lane_ = 0;
 };
 

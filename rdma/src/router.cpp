@@ -1,0 +1,188 @@
+// The routing backend: each stream socket is served by the TCP (io_uring) backend or the
+// RDMA backend, chosen at bind/listen/connect by the socket's kSoTransport option or the
+// policy. A socket starts as a TCP socket, which reserves its descriptor number; when
+// RDMA is chosen, the RDMA backend adopts that number and the TCP socket stays open,
+// unused, until the descriptor is closed. So descriptor numbers never collide between
+// the two, and a kernel never sees a number change.
+#include <fcntl.h>
+#include <poll.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "backend_impl.hpp"
+#include "gpusock/rdma/backend.hpp"
+
+namespace gpusock::rdma {
+namespace {
+
+class Router : public net::Backend {
+ public:
+  Router(std::shared_ptr<net::Backend> tcp, std::shared_ptr<internal::RdmaBackend> rdma, Policy policy)
+      : tcp_(std::move(tcp)), rdma_(std::move(rdma)), policy_(std::move(policy)) {}
+
+  const char* name() const override { return "router"; }
+  std::string describe() const override {
+    return "router: policy \"" + policy_.to_string() + "\" (default tcp); " + tcp_->describe() + "; " +
+           rdma_->describe();
+  }
+
+  void serve(net::Request& req, net::Reply reply) override {
+    const int fd = req.fd;
+    if (req.op == net::Op::kSocket) return serve_socket(req, std::move(reply));
+    if (req.op == net::Op::kPoll) return serve_poll(req, std::move(reply));
+    if (rdma_->owns(fd)) {
+      if (req.op == net::Op::kClose) return close_rdma(req, std::move(reply));
+      return rdma_->serve(req, std::move(reply));
+    }
+    std::unique_lock lock(mu_);
+    auto it = pending_.find(fd);
+    if (it == pending_.end()) {
+      lock.unlock();
+      if (req.op == net::Op::kGetsockopt && req.a[0] == kSolGpusock && req.a[1] == kSoTransport) {
+        return answer_int(reply, static_cast<int>(Transport::kTcp));
+      }
+      return tcp_->serve(req, std::move(reply));
+    }
+    Pending& p = it->second;
+    switch (req.op) {
+      case net::Op::kSetsockopt:
+        if (req.a[0] == kSolGpusock && req.a[1] == kSoTransport) {
+          int v = -1;
+          if (req.data.size() >= sizeof v) std::memcpy(&v, req.data.data(), sizeof v);
+          if (v < 0 || v > static_cast<int>(Transport::kRdma)) return reply.finish(-EINVAL);
+          p.forced = static_cast<Transport>(v);
+          return reply.finish(0);
+        }
+        p.opts.emplace_back(static_cast<int>(req.a[0]), static_cast<int>(req.a[1]),
+                            std::vector<uint8_t>(req.data.begin(), req.data.end()));
+        break;
+      case net::Op::kGetsockopt:
+        if (req.a[0] == kSolGpusock && req.a[1] == kSoTransport) return answer_int(reply, static_cast<int>(p.forced));
+        break;
+      case net::Op::kFcntl:
+        if (req.a[0] == F_SETFL) p.nonblock = (req.a[1] & O_NONBLOCK) != 0;
+        break;
+      case net::Op::kBind:
+      case net::Op::kConnect:
+      case net::Op::kListen: {
+        Transport t = p.forced;
+        if (t == Transport::kAuto) {
+          sockaddr_in any{};
+          any.sin_family = AF_INET;
+          const bool has_addr = req.op != net::Op::kListen;
+          const auto* a = has_addr ? reinterpret_cast<const sockaddr*>(req.data.data()) : reinterpret_cast<sockaddr*>(&any);
+          const socklen_t len = has_addr ? static_cast<socklen_t>(req.data.size()) : sizeof any;
+          t = policy_.choose(a, len, req.op == net::Op::kConnect ? Direction::kConnect : Direction::kListen);
+        }
+        Pending moved = std::move(p);
+        pending_.erase(it);
+        lock.unlock();
+        if (t != Transport::kRdma) return tcp_->serve(req, std::move(reply));
+        if (int r = rdma_->adopt(fd, moved.domain, moved.nonblock); r < 0) return reply.finish(r);
+        for (auto& [level, name, v] : moved.opts) rdma_->replay_option(fd, level, name, v);
+        return rdma_->serve(req, std::move(reply));
+      }
+      case net::Op::kClose:
+        pending_.erase(it);
+        break;
+      default:
+        break;
+    }
+    lock.unlock();
+    tcp_->serve(req, std::move(reply));
+  }
+
+  uint32_t poll(uint32_t thread) override { return tcp_->poll(thread) + rdma_->poll(thread); }
+  // Parks in the TCP backend (io_uring_enter); RDMA completions are reaped on the next
+  // pass, at most park_interval later.
+  void park(uint32_t thread, std::chrono::nanoseconds max) override { tcp_->park(thread, max); }
+  void thread_stop(uint32_t thread) override {
+    rdma_->thread_stop(thread);
+    tcp_->thread_stop(thread);
+  }
+
+ private:
+  struct Pending {
+    int domain = AF_INET;
+    bool nonblock = false;
+    Transport forced = Transport::kAuto;
+    std::vector<std::tuple<int, int, std::vector<uint8_t>>> opts;  // replayed on the RDMA socket
+  };
+
+  static void answer_int(net::Reply& reply, int v) {
+    reply.set_addr(1, &v, sizeof v);
+    reply.finish(0);
+  }
+
+  void serve_socket(net::Request& req, net::Reply reply) {
+    const int domain = static_cast<int>(req.a[0]);
+    const int type = static_cast<int>(req.a[1]);
+    if ((type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) != SOCK_STREAM) return tcp_->serve(req, std::move(reply));
+    auto outer = std::make_shared<net::Reply>(std::move(reply));
+    tcp_->serve(req, net::Reply::to_host([this, outer, domain, type](int64_t r, const uint64_t*) {
+      if (r >= 0) {
+        std::lock_guard lock(mu_);
+        pending_[static_cast<int>(r)] = Pending{domain, (type & SOCK_NONBLOCK) != 0, Transport::kAuto, {}};
+      }
+      outer->finish(r);
+    }));
+  }
+
+  void close_rdma(net::Request& req, net::Reply reply) {
+    const int fd = req.fd;
+    auto outer = std::make_shared<net::Reply>(std::move(reply));
+    // RDMA first: it lets go of the number; then the TCP socket that reserved it.
+    rdma_->serve(req, net::Reply::to_host([this, fd, outer](int64_t r, const uint64_t*) {
+      net::Request c;
+      c.op = net::Op::kClose;
+      c.fd = fd;
+      tcp_->serve(c, net::Reply::to_host(nullptr));
+      outer->finish(r);
+    }));
+  }
+
+  void serve_poll(net::Request& req, net::Reply reply) {
+    const size_t n = req.data.size() / sizeof(pollfd);
+    const auto* fds = reinterpret_cast<const pollfd*>(req.data.data());
+    size_t on_rdma = 0, on_tcp = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (fds[i].fd < 0 || fds[i].fd >= net::kDeviceFdFirst) continue;
+      (rdma_->owns(fds[i].fd) ? on_rdma : on_tcp) += 1;
+    }
+    if (on_rdma > 0 && on_tcp > 0) return reply.finish(-EOPNOTSUPP);  // section 14: one transport per poll
+    if (on_rdma > 0) return rdma_->serve(req, std::move(reply));
+    tcp_->serve(req, std::move(reply));
+  }
+
+  std::shared_ptr<net::Backend> tcp_;
+  std::shared_ptr<internal::RdmaBackend> rdma_;
+  Policy policy_;
+  std::mutex mu_;
+  std::unordered_map<int, Pending> pending_;  // stream sockets whose transport is not chosen yet
+};
+
+}  // namespace
+
+Result<std::shared_ptr<net::Backend>> create_router(std::shared_ptr<net::Backend> tcp, std::shared_ptr<net::Backend> rdma,
+                                                    Policy policy) {
+  auto r = std::dynamic_pointer_cast<internal::RdmaBackend>(rdma);
+  if (!tcp || !r) return Status(EINVAL, "rdma: create_router needs a TCP backend and a backend from rdma::create_backend");
+  return std::shared_ptr<net::Backend>(std::make_shared<Router>(std::move(tcp), std::move(r), std::move(policy)));
+}
+
+Status enable_with_policy(Runtime& rt, Policy policy, const Options& options, const iouring::Options& tcp_options) {
+  auto tcp = iouring::create_backend(rt, tcp_options);
+  if (!tcp.ok()) return tcp.status();
+  auto rdma = create_backend(rt, options);
+  if (!rdma.ok()) return rdma.status();
+  auto router = create_router(*tcp, *rdma, std::move(policy));
+  if (!router.ok()) return router.status();
+  return net::attach(rt, *router);
+}
+
+}  // namespace gpusock::rdma

@@ -1,0 +1,686 @@
+// Sockets for kernels over RDMA, against the host-side peer (gpusock::rdma::Peer and the
+// gpusock-rdma-peer tool) on a real RDMA device. Where ibv_get_device_list finds none the
+// cases skip, saying so; scripts/rdma-vm.sh runs them against soft-RoCE (rdma_rxe) in a VM.
+// The device address comes from GPUSOCK_RDMA_ADDR (default 10.77.0.1, the VM's).
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gpusock/hostcall/launch.hpp"
+#include "gpusock/net/socket.hpp"
+#include "gpusock/rdma/backend.hpp"
+#include "gpusock/rdma/peer.hpp"
+#include "gpusock/rdma/policy.hpp"
+#include "../net/kernel_test.hpp"
+
+extern char** environ;
+
+namespace {
+
+using gpusock::DeviceKind;
+using gpusock::testing::mix64;
+using gpusock::testing::publish;
+namespace raw = gpusock::raw;
+namespace rdma = gpusock::rdma;
+
+GPUSOCK_HD inline uint8_t pattern_byte(uint64_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); }
+GPUSOCK_HD inline uint64_t byte_hash(uint64_t offset, uint8_t b) { return mix64((offset << 8) | b); }
+uint64_t stream_hash(uint64_t total) {
+  uint64_t h = 0;
+  for (uint64_t i = 0; i < total; ++i) h += byte_hash(i, pattern_byte(i));
+  return h;
+}
+
+GPUSOCK_HD inline sockaddr_in addr4(uint32_t ip, uint16_t port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = gpusock::htons(port);
+  a.sin_addr.s_addr = gpusock::htonl(ip);
+  return a;
+}
+GPUSOCK_HD inline sockaddr* sa(sockaddr_in& a) { return reinterpret_cast<sockaddr*>(&a); }
+
+std::string rdma_addr() {
+  const char* e = std::getenv("GPUSOCK_RDMA_ADDR");
+  return e && *e ? e : "10.77.0.1";
+}
+uint32_t rdma_ip() {
+  in_addr a{};
+  inet_pton(AF_INET, rdma_addr().c_str(), &a);
+  return ntohl(a.s_addr);
+}
+
+class RdmaTest : public gpusock::testing::KernelTest {
+ protected:
+  void SetUp() override {
+    KernelTest::SetUp();
+    if (IsSkipped()) return;
+    if (!rdma::device_present()) {
+      GTEST_SKIP() << "no RDMA device (ibv_get_device_list found none); scripts/rdma-vm.sh runs this test "
+                      "against soft-RoCE (rdma_rxe) in a VM";
+    }
+    opts_.cpu_resident_warps = 16;
+  }
+  void Start(const rdma::Options& o = {}) {
+    StartRuntime();
+    if (HasFatalFailure()) return;
+    auto be = rdma::create_backend(*rt_, o);
+    ASSERT_TRUE(be.ok()) << be.status().to_string();
+    std::printf("%s\n", (*be)->describe().c_str());
+    ASSERT_TRUE(gpusock::net::attach(*rt_, *be).ok());
+    MakePeer();
+  }
+  void MakePeer() {
+    auto p = rdma::Peer::create();
+    ASSERT_TRUE(p.ok()) << p.status().to_string();
+    peer_ = std::move(p.value());
+  }
+  std::unique_ptr<rdma::Peer> peer_;
+};
+
+INSTANTIATE_TEST_SUITE_P(BothDevices, RdmaTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         gpusock::testing::device_name);
+
+// Lane 0 listens on ip:0, publishes the port in box[0], serves one connection: echoes
+// until the peer closes. out[0]: bytes echoed or -errno.
+struct EchoServerOnce {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, uint32_t ip) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = addr4(ip, 0);
+    int r = lfd < 0 ? lfd : raw::bind(lfd, sa(a), sizeof a);
+    if (r == 0) r = raw::listen(lfd, 16);
+    socklen_t len = sizeof a;
+    if (r == 0) r = raw::getsockname(lfd, sa(a), &len);
+    if (r < 0) {
+      out[0] = r;
+      publish(box, 0, 0xffffffffu);
+      return;
+    }
+    publish(box, 0, gpusock::ntohs(a.sin_port));
+    int c = raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      out[0] = c;
+      return;
+    }
+    int one = 1;
+    raw::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // TCP code runs unchanged
+    static char buf[200000];
+    int64_t total = 0;
+    for (;;) {
+      int64_t n = raw::recv(c, buf, sizeof buf, 0);
+      if (n <= 0) {
+        if (n < 0) total = n;
+        break;
+      }
+      int64_t w = raw::send(c, buf, static_cast<uint64_t>(n), 0);
+      if (w != n) {
+        total = w < 0 ? w : -EIO;
+        break;
+      }
+      total += n;
+    }
+    raw::close(c);
+    raw::close(lfd);
+    out[0] = total;
+  }
+};
+
+TEST_P(RdmaTest, KernelServerEchoesWhatAPeerSends) {
+  Start();
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, EchoServerOnce{}, box_.dev, out.data(), rdma_ip());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
+  ASSERT_GE(fd, 0) << std::strerror(-fd);
+  size_t sent = 0;
+  for (int i = 0; i < 40; ++i) {
+    // From one byte to three receive buffers' worth (64 KiB each).
+    std::string msg(1 + (i * 4999) % 200000, static_cast<char>('a' + i % 26));
+    ASSERT_EQ(peer_->send(fd, msg.data(), msg.size()), static_cast<int64_t>(msg.size()));
+    std::string back(msg.size(), '\0');
+    ASSERT_EQ(peer_->recv(fd, back.data(), back.size(), true, 30000), static_cast<int64_t>(back.size()));
+    ASSERT_EQ(back, msg) << "message " << i;
+    sent += msg.size();
+  }
+  peer_->close(fd);
+  Finish(k);
+  EXPECT_EQ(Read(out)[0], static_cast<int64_t>(sent));
+}
+
+// Lanes 0..n-1 each connect to ip:port, send their id, read id * 7 back (MSG_WAITALL).
+// out[lane] = 0 when right, else a code naming the step that failed.
+struct ClientPerLane {
+  GPUSOCK_HD void operator()(uint32_t ip, uint16_t port, uint32_t n, int64_t* out) const {
+    const uint32_t tid = static_cast<uint32_t>(gpusock::global_thread_id());
+    if (tid >= n) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+      out[tid] = 1000 - fd;
+      return;
+    }
+    sockaddr_in a = addr4(ip, port);
+    int r = raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) {
+      out[tid] = 2000 - r;
+      raw::close(fd);
+      return;
+    }
+    uint64_t id = tid, answer = 0;
+    int64_t w = raw::send(fd, &id, sizeof id, 0);
+    int64_t got = raw::recv(fd, &answer, sizeof answer, MSG_WAITALL);
+    out[tid] = (w == 8 && got == 8 && answer == id * 7) ? 0 : 3000 + (w != 8) * 100 + (got != 8) * 10 + (answer != id * 7);
+    raw::close(fd);
+  }
+};
+
+// Serves `n` connections on `peer`: each sends a u64, gets it back times 7.
+void serve_times7(rdma::Peer& peer, int lfd, int n, std::atomic<int>* served) {
+  std::vector<int> fds;
+  for (int i = 0; i < n; ++i) {
+    int c = peer.accept(lfd, 60000);
+    if (c < 0) break;
+    fds.push_back(c);
+  }
+  for (int c : fds) {
+    uint64_t id = 0;
+    if (peer.recv(c, &id, sizeof id, true, 60000) != 8) continue;
+    uint64_t a = id * 7;
+    if (peer.send(c, &a, sizeof a) == 8) served->fetch_add(1);
+  }
+  for (int c : fds) peer.close(c);
+  peer.drain(500);
+}
+
+TEST_P(RdmaTest, KernelClientsTalkToAPeerServer) {
+  Start();
+  uint16_t port = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 128, &port);
+  ASSERT_GE(lfd, 0) << std::strerror(-lfd);
+  constexpr uint32_t kClients = 8;
+  std::atomic<int> served{0};
+  std::thread server([&] { serve_times7(*peer_, lfd, kClients, &served); });
+  auto out = Buffer<int64_t>(32);
+  auto k = Launch({1}, {32}, ClientPerLane{}, rdma_ip(), port, kClients, out.data());
+  Finish(k);
+  server.join();
+  auto o = Read(out);
+  for (uint32_t i = 0; i < kClients; ++i) EXPECT_EQ(o[i], 0) << "lane " << i;
+  EXPECT_EQ(served.load(), static_cast<int>(kClients));
+}
+
+// The whole warp sends `total` pattern bytes with warp_send to ip:port. out[0]: bytes or -errno.
+struct BulkSender {
+  GPUSOCK_HD void operator()(uint32_t ip, uint16_t port, uint64_t total, uint8_t* chunk, uint32_t chunk_bytes,
+                             int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = addr4(ip, port);
+      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+      if (r < 0) fd = r;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) {
+      if (lane == 0) out[0] = fd;
+      return;
+    }
+    uint64_t off = 0;
+    int64_t err = 0;
+    while (off < total && err == 0) {
+      const uint32_t n = static_cast<uint32_t>(total - off < chunk_bytes ? total - off : chunk_bytes);
+      for (uint32_t i = lane; i < n; i += 32) chunk[i] = pattern_byte(off + i);
+      gpusock::warp::sync(0xffffffffu);
+      int64_t w = raw::warp_send(0xffffffffu, fd, chunk, n, 0);
+      if (w != static_cast<int64_t>(n)) err = w < 0 ? w : -EIO;
+      off += n;
+    }
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = err != 0 ? err : static_cast<int64_t>(off);
+    }
+  }
+};
+
+// Lane 0 listens (port into box[0]) and accepts one connection; the whole warp receives
+// until EOF or an error, hashing. out: {bytes, hash, mismatches, last result}.
+struct BulkReceiverServer {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t ip, uint8_t* chunk, uint32_t chunk_bytes, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = addr4(ip, 0);
+      int r = lfd < 0 ? lfd : raw::bind(lfd, sa(a), sizeof a);
+      if (r == 0) r = raw::listen(lfd, 4);
+      socklen_t len = sizeof a;
+      if (r == 0) r = raw::getsockname(lfd, sa(a), &len);
+      publish(box, 0, r < 0 ? 0xffffffffu : gpusock::ntohs(a.sin_port));
+      fd = r < 0 ? r : raw::accept(lfd, nullptr, nullptr);
+      if (lfd >= 0) raw::close(lfd);
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) {
+      if (lane == 0) out[3] = fd;
+      return;
+    }
+    uint64_t off = 0, hash = 0, bad = 0;
+    int64_t n = 0;
+    for (;;) {
+      n = raw::warp_recv(0xffffffffu, fd, chunk, chunk_bytes, 0);
+      if (n <= 0) break;
+      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
+        hash += byte_hash(off + i, chunk[i]);
+        bad += chunk[i] != pattern_byte(off + i);
+      }
+      off += static_cast<uint64_t>(n);
+      gpusock::warp::sync(0xffffffffu);
+    }
+    for (uint32_t d = 16; d > 0; d /= 2) {
+      hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
+      bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+    }
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = static_cast<int64_t>(hash);
+      out[2] = static_cast<int64_t>(bad);
+      out[3] = n;
+    }
+  }
+};
+
+constexpr uint64_t kBulk = 256ull << 20;
+
+// Receives everything on a new connection from `lfd`, hashing; `slow_us` sleeps per recv.
+struct Sink {
+  uint64_t got = 0, hash = 0, bad = 0;
+  int64_t last = 0;
+  void run(rdma::Peer& peer, int lfd, uint32_t slow_us, size_t piece) {
+    int c = peer.accept(lfd, 60000);
+    if (c < 0) {
+      last = c;
+      return;
+    }
+    std::vector<uint8_t> buf(piece);
+    for (;;) {
+      int64_t r = peer.recv(c, buf.data(), buf.size(), false, 120000);
+      last = r;
+      if (r <= 0) break;
+      for (int64_t i = 0; i < r; ++i) {
+        hash += byte_hash(got + i, buf[i]);
+        bad += buf[i] != pattern_byte(got + i);
+      }
+      got += static_cast<uint64_t>(r);
+      if (slow_us) usleep(slow_us);
+    }
+    peer.close(c);
+  }
+};
+
+TEST_P(RdmaTest, QuarterGigabyteFromKernelToPeerArrivesWholeAndInOrder) {
+  Start();
+  uint16_t port = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &port);
+  ASSERT_GE(lfd, 0);
+  Sink sink;
+  std::thread t([&] { sink.run(*peer_, lfd, 0, 1 << 20); });
+  constexpr uint32_t kChunk = 256 * 1024;
+  auto chunk = Buffer<uint8_t>(kChunk);
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, BulkSender{}, rdma_ip(), port, kBulk, chunk.data(), kChunk, out.data());
+  Finish(k);
+  t.join();
+  EXPECT_EQ(Read(out)[0], static_cast<int64_t>(kBulk));
+  EXPECT_EQ(sink.last, 0) << "the stream should end with EOF";
+  EXPECT_EQ(sink.got, kBulk);
+  EXPECT_EQ(sink.bad, 0u);
+  EXPECT_EQ(sink.hash, stream_hash(kBulk));
+}
+
+TEST_P(RdmaTest, QuarterGigabyteFromPeerToKernelArrivesWholeAndInOrder) {
+  // 256 KiB receive buffers: warp_recv takes one buffer per call, so a quarter of the
+  // hostcalls of the 64 KiB default.
+  rdma::Options big;
+  big.recv_buffer_bytes = 256 * 1024;
+  Start(big);
+  constexpr uint32_t kChunk = 256 * 1024;
+  auto chunk = Buffer<uint8_t>(kChunk);
+  auto out = Buffer<int64_t>(4);
+  auto k = Launch({1}, {32}, BulkReceiverServer{}, box_.dev, rdma_ip(), chunk.data(), kChunk, out.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
+  ASSERT_GE(fd, 0) << std::strerror(-fd);
+  std::vector<uint8_t> buf(4 << 20);
+  for (uint64_t off = 0; off < kBulk; off += buf.size()) {
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
+    ASSERT_EQ(peer_->send(fd, buf.data(), buf.size()), static_cast<int64_t>(buf.size()));
+  }
+  peer_->close(fd);
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[3], 0) << "the stream should end with EOF";
+  EXPECT_EQ(o[0], static_cast<int64_t>(kBulk));
+  EXPECT_EQ(o[2], 0);
+  EXPECT_EQ(static_cast<uint64_t>(o[1]), stream_hash(kBulk));
+}
+
+TEST_P(RdmaTest, SlowReaderHoldsTheSenderBackAndLosesNothing) {
+  Start();
+  uint16_t port = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &port);
+  ASSERT_GE(lfd, 0);
+  // 16 MiB read 4 KiB at a time with a pause after each: the kernel's sends outrun the
+  // reader many times over, so they wait for credits (16 buffers of 64 KiB at the peer).
+  constexpr uint64_t kBytes = 16ull << 20;
+  Sink sink;
+  std::thread t([&] { sink.run(*peer_, lfd, 200, 4096); });
+  constexpr uint32_t kChunk = 256 * 1024;
+  auto chunk = Buffer<uint8_t>(kChunk);
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, BulkSender{}, rdma_ip(), port, kBytes, chunk.data(), kChunk, out.data());
+  Finish(k);
+  t.join();
+  EXPECT_EQ(Read(out)[0], static_cast<int64_t>(kBytes));
+  EXPECT_EQ(sink.got, kBytes);
+  EXPECT_EQ(sink.bad, 0u);
+  EXPECT_EQ(sink.hash, stream_hash(kBytes));
+}
+
+// Lane 0 listens; every lane of the block accepts one connection, reads its id, answers
+// id * 7, then waits for EOF. out[tid]: 0 when right.
+struct ManyConnectionServer {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t ip, int* lfd_slot, int64_t* out) const {
+    const uint32_t tid = static_cast<uint32_t>(gpusock::global_thread_id());
+    if (tid == 0) {
+      int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = addr4(ip, 0);
+      int r = lfd < 0 ? lfd : raw::bind(lfd, sa(a), sizeof a);
+      if (r == 0) r = raw::listen(lfd, 256);
+      socklen_t len = sizeof a;
+      if (r == 0) r = raw::getsockname(lfd, sa(a), &len);
+      gpusock::AtomicRef<int, gpusock::Scope::kDevice>(*lfd_slot).store(r < 0 ? r : lfd, gpusock::Order::kRelease);
+      publish(box, 0, r < 0 ? 0xffffffffu : gpusock::ntohs(a.sin_port));
+    }
+    int lfd;
+    for (uint32_t i = 0; (lfd = gpusock::AtomicRef<int, gpusock::Scope::kDevice>(*lfd_slot).load(gpusock::Order::kAcquire)) == 0; ++i) {
+      gpusock::backoff(i);
+    }
+    if (lfd < 0) {
+      out[tid] = 100;
+      return;
+    }
+    int c = raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      out[tid] = 1000 - c;
+      return;
+    }
+    uint64_t id = 0;
+    int64_t r = raw::recv(c, &id, sizeof id, MSG_WAITALL);
+    uint64_t a = id * 7;
+    int64_t w = r == 8 ? raw::send(c, &a, sizeof a, 0) : -1;
+    char x;
+    int64_t eof = raw::recv(c, &x, 1, 0);
+    out[tid] = (r == 8 && w == 8 && eof == 0) ? 0 : 2000 + (r != 8) * 100 + (w != 8) * 10 + (eof != 0);
+    raw::close(c);
+  }
+};
+
+TEST_P(RdmaTest, SixtyFourConnectionsToOneKernelListener) {
+  Start();
+  constexpr uint32_t kConns = 64;
+  auto slot = Buffer<int>(1);
+  auto out = Buffer<int64_t>(kConns);
+  auto k = Launch({1}, {kConns}, ManyConnectionServer{}, box_.dev, rdma_ip(), slot.data(), out.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  std::vector<int> fds;
+  for (uint32_t i = 0; i < kConns; ++i) {
+    int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 60000);
+    ASSERT_GE(fd, 0) << "connection " << i << ": " << std::strerror(-fd);
+    fds.push_back(fd);
+  }
+  std::vector<uint64_t> ids(kConns);
+  for (uint32_t i = 0; i < kConns; ++i) {
+    uint64_t id = 1000 + i;
+    ASSERT_EQ(peer_->send(fds[i], &id, sizeof id), 8);
+  }
+  for (uint32_t i = 0; i < kConns; ++i) {
+    uint64_t a = 0;
+    ASSERT_EQ(peer_->recv(fds[i], &a, sizeof a, true, 60000), 8) << "connection " << i;
+    EXPECT_EQ(a, (1000 + i) * 7);
+  }
+  for (int fd : fds) peer_->close(fd);
+  Finish(k);
+  auto o = Read(out);
+  for (uint32_t i = 0; i < kConns; ++i) EXPECT_EQ(o[i], 0) << "thread " << i;
+}
+
+// Lane 0 listens (port in box[0]), accepts one connection and reads until the read
+// fails or ends. out: {bytes, last result}.
+struct ReadUntilEnd {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t ip, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = addr4(ip, 0);
+    int r = lfd < 0 ? lfd : raw::bind(lfd, sa(a), sizeof a);
+    if (r == 0) r = raw::listen(lfd, 4);
+    socklen_t len = sizeof a;
+    if (r == 0) r = raw::getsockname(lfd, sa(a), &len);
+    publish(box, 0, r < 0 ? 0xffffffffu : gpusock::ntohs(a.sin_port));
+    int c = r < 0 ? r : raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      out[1] = c;
+      return;
+    }
+    static char buf[65536];
+    int64_t total = 0, n;
+    while ((n = raw::recv(c, buf, sizeof buf, 0)) > 0) total += n;
+    out[0] = total;
+    out[1] = n;
+    raw::close(c);
+    raw::close(lfd);
+  }
+};
+
+std::string peer_tool() {
+  if (const char* e = std::getenv("GPUSOCK_RDMA_PEER"); e && *e) return e;
+  if (access(GPUSOCK_RDMA_PEER_PATH, X_OK) == 0) return GPUSOCK_RDMA_PEER_PATH;
+  return "gpusock-rdma-peer";  // on PATH (the VM puts it in /bin)
+}
+
+TEST_P(RdmaTest, PeerDeathMidStreamGivesTheKernelConnectionReset) {
+  Start();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, ReadUntilEnd{}, box_.dev, rdma_ip(), out.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  // A separate process (verbs state must not be shared through fork): it sends 3 MB and
+  // exits without closing, so its QP goes away with no FIN.
+  const std::string tool = peer_tool(), ps = std::to_string(port), addr = rdma_addr();
+  const char* argv[] = {tool.c_str(), "connect", addr.c_str(), ps.c_str(), "--send", "0", "--die-after", "3000000", nullptr};
+  pid_t pid = 0;
+  ASSERT_EQ(posix_spawnp(&pid, tool.c_str(), nullptr, nullptr, const_cast<char**>(argv), environ), 0) << tool;
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 3) << "the peer tool should have died on purpose after sending";
+  Finish(k);
+  auto o = Read(out);
+  EXPECT_EQ(o[1], -ECONNRESET);
+  EXPECT_LE(o[0], 3000000);
+}
+
+struct ConnectOnce {
+  GPUSOCK_HD void operator()(uint32_t ip, uint16_t port, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = addr4(ip, port);
+    out[0] = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+    if (fd >= 0) raw::close(fd);
+  }
+};
+
+TEST_P(RdmaTest, ConnectToAPortNobodyListensOnIsRefused) {
+  Start();
+  uint16_t port = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &port);  // find a free port, then free it
+  ASSERT_GE(lfd, 0);
+  peer_->close(lfd);
+  auto out = Buffer<int64_t>(1);
+  auto k = Launch({1}, {32}, ConnectOnce{}, rdma_ip(), port, out.data());
+  Finish(k);
+  EXPECT_EQ(Read(out)[0], -ECONNREFUSED);
+}
+
+// ---- transport policy ------------------------------------------------------------------
+
+// Unchanged socket code: connect, send a u64, read the answer; optionally force the
+// transport first. out: {0 or error code, transport reported by getsockopt}.
+struct PolicyClient {
+  GPUSOCK_HD void operator()(uint32_t ip, uint16_t port, int force, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) {
+      out[0] = 1000 - fd;
+      return;
+    }
+    if (force != 0) raw::setsockopt(fd, rdma::kSolGpusock, rdma::kSoTransport, &force, sizeof force);
+    sockaddr_in a = addr4(ip, port);
+    int r = raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) {
+      out[0] = 2000 - r;
+      raw::close(fd);
+      return;
+    }
+    int t = -1;
+    socklen_t tl = sizeof t;
+    raw::getsockopt(fd, rdma::kSolGpusock, rdma::kSoTransport, &t, &tl);
+    out[1] = t;
+    uint64_t id = 6, answer = 0;
+    int64_t w = raw::send(fd, &id, sizeof id, 0);
+    int64_t g = raw::recv(fd, &answer, sizeof answer, MSG_WAITALL);
+    out[0] = (w == 8 && g == 8 && answer == 42) ? 0 : 3000;
+    raw::close(fd);
+  }
+};
+
+class RdmaPolicyTest : public RdmaTest {
+ protected:
+  void StartWithPolicy(const std::string& rules) {
+    StartRuntime();
+    if (HasFatalFailure()) return;
+    auto p = rdma::Policy::parse(rules);
+    ASSERT_TRUE(p.ok()) << p.status().to_string();
+    gpusock::Status s = rdma::enable_with_policy(*rt_, *p);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    MakePeer();
+  }
+  // A host TCP server on 127.0.0.1 that answers one u64 times 7.
+  int TcpServer(uint16_t* port, std::thread* t) {
+    int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = addr4(0x7f000001u, 0);
+    if (::bind(lfd, sa(a), sizeof a) != 0 || ::listen(lfd, 4) != 0) return -1;
+    socklen_t len = sizeof a;
+    ::getsockname(lfd, sa(a), &len);
+    *port = ntohs(a.sin_port);
+    *t = std::thread([lfd] {
+      int c = ::accept(lfd, nullptr, nullptr);
+      uint64_t id = 0;
+      if (c >= 0 && ::recv(c, &id, sizeof id, MSG_WAITALL) == 8) {
+        uint64_t a = id * 7;
+        ::send(c, &a, sizeof a, 0);
+        char x;
+        ::recv(c, &x, 1, 0);
+      }
+      if (c >= 0) ::close(c);
+      ::close(lfd);
+    });
+    return 0;
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(BothDevices, RdmaPolicyTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         gpusock::testing::device_name);
+
+TEST_P(RdmaPolicyTest, RulesSendTheSameKernelOverRdmaOrTcp) {
+  StartWithPolicy("rdma connect " + rdma_addr() + "/32; tcp *");
+  // RDMA: the peer library serves the RDMA address.
+  uint16_t rport = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &rport);
+  ASSERT_GE(lfd, 0);
+  std::atomic<int> served{0};
+  std::thread rs([&] { serve_times7(*peer_, lfd, 1, &served); });
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, PolicyClient{}, rdma_ip(), rport, 0, out.data());
+  Finish(k);
+  rs.join();
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], static_cast<int>(rdma::Transport::kRdma));
+  EXPECT_EQ(served.load(), 1);
+  // TCP: a plain host socket on loopback, the same kernel.
+  uint16_t tport = 0;
+  std::thread ts;
+  ASSERT_EQ(TcpServer(&tport, &ts), 0);
+  auto out2 = Buffer<int64_t>(2);
+  auto k2 = Launch({1}, {32}, PolicyClient{}, 0x7f000001u, tport, 0, out2.data());
+  Finish(k2);
+  ts.join();
+  auto o2 = Read(out2);
+  EXPECT_EQ(o2[0], 0);
+  EXPECT_EQ(o2[1], static_cast<int>(rdma::Transport::kTcp));
+}
+
+TEST_P(RdmaPolicyTest, SocketOptionOverridesThePolicy) {
+  StartWithPolicy("tcp *");
+  uint16_t rport = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &rport);
+  ASSERT_GE(lfd, 0);
+  std::atomic<int> served{0};
+  std::thread rs([&] { serve_times7(*peer_, lfd, 1, &served); });
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, PolicyClient{}, rdma_ip(), rport, static_cast<int>(rdma::Transport::kRdma), out.data());
+  Finish(k);
+  rs.join();
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], static_cast<int>(rdma::Transport::kRdma));
+}
+
+// Where there is no RDMA device the backend says so (the VM run skips this one).
+TEST(RdmaBackend, WithoutADeviceCreateSaysENODEV) {
+  if (rdma::device_present()) GTEST_SKIP() << "an RDMA device is present; this case is for machines without one";
+  gpusock::RuntimeOptions o;
+  o.device = DeviceKind::kCpu;
+  auto rt = gpusock::Runtime::create(o);
+  ASSERT_TRUE(rt.ok());
+  auto be = rdma::create_backend(**rt);
+  ASSERT_FALSE(be.ok());
+  EXPECT_EQ(be.status().code(), ENODEV);
+  EXPECT_NE(be.status().message().find("no RDMA device"), std::string::npos) << be.status().message();
+  auto peer = rdma::Peer::create();
+  ASSERT_FALSE(peer.ok());
+  EXPECT_EQ(peer.status().code(), ENODEV);
+}
+
+}  // namespace
