@@ -260,4 +260,58 @@ TEST(IouringControlHooks, ListAbortStopAcceptingAndEvents) {
   backend->set_observer(nullptr);
 }
 
+// Lane 0: connects to a port nobody listens on; out[0] = connect's result.
+struct RefusedConnect {
+  GPUSOCK_HD void operator()(uint16_t port, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = gpusock::htons(port);
+    a.sin_addr.s_addr = gpusock::htonl(0x7f000001u);
+    out[0] = raw::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    out[1] = fd;
+    raw::close(fd);
+  }
+};
+
+TEST(IouringControlHooks, AFailedConnectIsAnErrorEvent) {
+  gpusock::RuntimeOptions o;
+  o.device = gpusock::DeviceKind::kCpu;
+  o.cpu_resident_warps = 4;
+  auto rt = gpusock::Runtime::create(o);
+  ASSERT_TRUE(rt.ok());
+  auto be = gpusock::iouring::create_backend(**rt);
+  ASSERT_TRUE(be.ok()) << be.status().to_string();
+  std::shared_ptr<gpusock::net::Backend> backend = *be;
+  ASSERT_TRUE(gpusock::net::attach(**rt, backend).ok());
+  auto rec = std::make_shared<Recorder>();
+  backend->set_observer(rec);
+  // A port that was free a moment ago and has no listener.
+  int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ::getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(probe);
+  auto out = (*rt)->mapped_alloc(64);
+  ASSERT_TRUE(out.ok());
+  (*rt)->mapped_free_at_exit(out->host);
+  auto k = gpusock::launch(**rt, {1}, {32}, RefusedConnect{}, ntohs(a.sin_port), static_cast<int64_t*>(out->device));
+  ASSERT_TRUE(k.ok());
+  ASSERT_TRUE(k->wait_for(std::chrono::seconds(60)));
+  const int64_t* r = static_cast<const int64_t*>(out->host);
+  ASSERT_EQ(r[0], -ECONNREFUSED);
+  std::lock_guard<std::mutex> lock(rec->mu);
+  ASSERT_EQ(rec->events.size(), 3u);
+  EXPECT_EQ(rec->events[0].kind, gpusock::net::SocketEvent::Kind::kOpened);
+  EXPECT_EQ(rec->events[1].kind, gpusock::net::SocketEvent::Kind::kError);
+  EXPECT_EQ(rec->events[1].error, ECONNREFUSED);
+  EXPECT_EQ(rec->events[1].fd, r[1]);
+  EXPECT_STREQ(rec->events[1].backend, "io_uring");
+  EXPECT_EQ(rec->events[2].kind, gpusock::net::SocketEvent::Kind::kClosed);
+}
+
 }  // namespace
