@@ -186,7 +186,11 @@ class Ctl {
     if (a_.json) return std::printf("%s", json_of(r, true).c_str()), kOk;
     std::printf("version      %s\ndevice       %s (%s)\npid          %" PRId64 "\nlocaldevice  %s\n", r.version().c_str(),
                 r.device().c_str(), r.device_name().c_str(), r.pid(), r.localdevice() ? "enabled" : "off");
-    for (const auto& b : r.backends()) std::printf("backend      %s: %s\n", b.name().c_str(), b.description().c_str());
+    for (const auto& b : r.backends()) {
+      // describe() usually starts with the backend's name already.
+      const bool named = b.description().rfind(b.name() + ":", 0) == 0;
+      std::printf("backend      %s%s%s\n", named ? "" : b.name().c_str(), named ? "" : ": ", b.description().c_str());
+    }
     std::map<std::string, std::string> cfg(r.config().begin(), r.config().end());
     for (const auto& [k, v] : cfg) std::printf("config       %s = %s\n", k.c_str(), v.c_str());
     return kOk;
