@@ -171,7 +171,8 @@ std::string n(uint64_t v) { return std::to_string(v); }
 
 class Ctl {
  public:
-  Ctl(const Args& a, std::shared_ptr<grpc::Channel> ch) : a_(a), stub_(v1::Control::NewStub(ch)) {}
+  // Without a channel, each command only checks its arguments (returns kOk or kUsage).
+  Ctl(const Args& a, std::shared_ptr<grpc::Channel> ch) : a_(a), stub_(ch ? v1::Control::NewStub(ch) : nullptr) {}
 
   void prepare(grpc::ClientContext& c, int extra_s = 0) {
     if (!a_.token.empty()) c.AddMetadata("authorization", "Bearer " + a_.token);
@@ -238,6 +239,7 @@ class Ctl {
       else if (a_.rest[i] == "--state" && i + 1 < a_.rest.size()) req.set_state(a_.rest[++i]);
       else return usage("sockets: unknown argument " + a_.rest[i]);
     }
+    if (!stub_) return kOk;
     v1::ListSocketsResponse all;
     for (;;) {
       grpc::ClientContext c;
@@ -285,6 +287,7 @@ class Ctl {
     char* end = nullptr;
     long fd = std::strtol(a_.rest[0].c_str(), &end, 10);
     if (end == a_.rest[0].c_str() || *end != '\0' || fd < 0 || fd > INT32_MAX) return usage("close: bad descriptor " + a_.rest[0]);
+    if (!stub_) return kOk;
     grpc::ClientContext c;
     prepare(c);
     v1::CloseSocketRequest req;
@@ -309,6 +312,7 @@ class Ctl {
         return usage("drain: unknown argument " + a_.rest[i]);
       }
     }
+    if (!stub_) return kOk;
     grpc::ClientContext c;
     prepare(c, static_cast<int>(req.deadline_ms() / 1000 + 1));
     v1::DrainResponse r;
@@ -336,6 +340,7 @@ class Ctl {
         return usage("watch: unknown argument " + a_.rest[i]);
       }
     }
+    if (!stub_) return kOk;
     grpc::ClientContext c;
     if (!a_.token.empty()) c.AddMetadata("authorization", "Bearer " + a_.token);
     if (duration_ms >= 0) c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(duration_ms));
@@ -446,6 +451,7 @@ class Ctl {
 
   int log_level() {
     if (a_.rest.size() != 1) return usage("log-level takes one level");
+    if (!stub_) return kOk;
     grpc::ClientContext c;
     prepare(c);
     v1::SetLogLevelRequest req;
@@ -497,6 +503,19 @@ int main(int argc, char** argv) {
   static const char* known[] = {"info", "stats", "sockets", "localdevice", "close", "drain", "watch", "metrics", "log-level"};
   if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return a.command == k; }) == std::end(known)) {
     return usage("unknown command " + a.command);
+  }
+  // Arguments are checked before anything is looked for or connected to.
+  if ((a.command == "info" || a.command == "stats" || a.command == "localdevice" || a.command == "metrics") && !a.rest.empty()) {
+    return usage(a.command + " takes no arguments");
+  }
+  if (a.command != "info" && a.command != "stats" && a.command != "localdevice" && a.command != "metrics") {
+    Ctl check(a, nullptr);
+    int code = a.command == "sockets" ? check.sockets()
+               : a.command == "close" ? check.close()
+               : a.command == "drain" ? check.drain()
+               : a.command == "watch" ? check.watch()
+                                      : check.log_level();
+    if (code != kOk) return code;
   }
   if (a.endpoint.empty()) {
     auto found = discover();

@@ -1016,6 +1016,8 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   EXPECT_EQ(ctl(ep + " close notanumber").code, 2);                  // usage
   EXPECT_EQ(ctl(ep + " frobnicate").code, 2);                        // usage
   EXPECT_EQ(ctl("--bogus info").code, 2);                            // usage
+  EXPECT_EQ(ctl("--endpoint unix:" + dir_ + "/nothing.sock sockets --nope").code, 2);  // checked before connecting
+  EXPECT_EQ(ctl(ep + " stats extra").code, 2);
   EXPECT_EQ(ctl(ep + " log-level loud").code, 2);                    // INVALID_ARGUMENT
   EXPECT_EQ(ctl("--endpoint unix:" + dir_ + "/nothing.sock --timeout 1 info").code, 3);  // unreachable
   const std::string tcp = "--endpoint 127.0.0.1:" + std::to_string(server_->tcp_port());
