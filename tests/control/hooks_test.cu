@@ -1,6 +1,7 @@
 // The hooks the control plane reads, tested at their own interfaces and without gRPC:
-// RuntimeStats' service-time histogram and occupancy (hostcall/), and the io_uring
-// backend's list_sockets / abort_socket / stop_accepting / observer (net::Backend).
+// RuntimeStats' service-time histogram and occupancy (hostcall/; on the cpu device and on
+// a GPU), and the io_uring backend's list_sockets / abort_socket / stop_accepting /
+// observer (net::Backend; on the cpu device).
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -20,6 +21,7 @@
 #include "gpusock/hostcall/runtime.hpp"
 #include "gpusock/iouring/backend.hpp"
 #include "gpusock/net/socket.hpp"
+#include "../net/kernel_test.hpp"
 
 namespace {
 
@@ -68,12 +70,16 @@ struct HeldCaller {
   }
 };
 
-TEST(RuntimeStats, HeldCallsShowAsInFlightAndTheirServiceTimeIsRecorded) {
-  gpusock::RuntimeOptions o;
-  o.device = gpusock::DeviceKind::kCpu;
-  o.cpu_resident_warps = 4;
-  auto rt = gpusock::Runtime::create(o);
-  ASSERT_TRUE(rt.ok());
+class RuntimeStatsTest : public gpusock::testing::KernelTest {};
+INSTANTIATE_TEST_SUITE_P(BothDevices, RuntimeStatsTest,
+                         ::testing::Values(gpusock::DeviceKind::kCpu, gpusock::DeviceKind::kCuda),
+                         gpusock::testing::device_name);
+
+TEST_P(RuntimeStatsTest, HeldCallsShowAsInFlightAndTheirServiceTimeIsRecorded) {
+  opts_.cpu_resident_warps = 4;
+  StartRuntime();
+  if (HasFatalFailure()) return;
+  auto* rt = &rt_;
   std::mutex mu;
   std::vector<gpusock::hostcall::DeferredCall> held;
   ASSERT_TRUE((*rt)->register_handler(kOpHeld, "test.held", [&](gpusock::hostcall::Call& c) {
@@ -224,7 +230,9 @@ TEST(IouringControlHooks, ListAbortStopAcceptingAndEvents) {
   EXPECT_EQ(::recv(client, &b, 1, 0), 0);
   socks = backend->list_sockets();
   for (const auto& s : socks) {
-    if (s.fd == conn.fd) EXPECT_EQ(s.state, "aborted");
+    if (s.fd == conn.fd) {
+      EXPECT_EQ(s.state, "aborted");
+    }
   }
   // stop_accepting: the listener is aborted (the kernel's accept answers ECONNABORTED)
   // and a later listen() is refused.
