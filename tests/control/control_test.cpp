@@ -201,7 +201,7 @@ uint16_t local_port(int fd) {
 }
 
 template <typename F>
-bool eventually(F f, std::chrono::milliseconds limit = std::chrono::milliseconds(20000)) {
+bool eventually(F f, std::chrono::milliseconds limit = std::chrono::milliseconds(60000)) {
   auto end = std::chrono::steady_clock::now() + limit;
   while (std::chrono::steady_clock::now() < end) {
     if (f()) return true;
@@ -263,11 +263,20 @@ class ControlTest : public ::testing::Test {
     auto k = gpusock::launch(*rt_, {1}, {32}, EchoKernel{}, box_dev_);
     ASSERT_TRUE(k.ok()) << k.status().to_string();
     kernel_ = std::make_unique<gpusock::Launch>(std::move(k.value()));
-    ASSERT_TRUE(eventually([&] { return Box(kPort) != 0 || Box(kExit) != 0; }));
+    ASSERT_TRUE(eventually([&] { return Box(kPort) != 0 || Box(kExit) != 0; })) << Calls();
     ASSERT_EQ(Box(kExit), 0u) << "echo kernel failed to listen: errno " << Box(kExit) - 1;
     port_ = static_cast<uint16_t>(Box(kPort));
   }
 
+  // What the runtime has answered so far, for failure messages.
+  std::string Calls() {
+    gpusock::RuntimeStats st = rt_->stats();
+    std::string r = "in flight " + std::to_string(st.calls_in_flight) + ", slots owned " + std::to_string(st.slots_owned) + ";";
+    for (const auto& o : st.by_opcode) {
+      if (o.calls != 0) r += " " + o.name + "=" + std::to_string(o.calls) + "/" + std::to_string(o.latency.count);
+    }
+    return r;
+  }
   uint32_t Box(uint32_t i) { return std::atomic_ref<uint32_t>(box_host_[i]).load(std::memory_order_acquire); }
   void Post(uint32_t i, uint32_t v) { std::atomic_ref<uint32_t>(box_host_[i]).store(v, std::memory_order_release); }
 
@@ -504,7 +513,7 @@ TEST_F(ControlTest, ListLocalDeviceShowsListenersConnectionsAndQueuedBytes) {
   auto k = gpusock::launch(*rt_, {1}, {32}, LocalDeviceKernel{}, box_dev_);
   ASSERT_TRUE(k.ok());
   kernel_ = std::make_unique<gpusock::Launch>(std::move(k.value()));
-  ASSERT_TRUE(eventually([&] { return Box(kPort) != 0; }));
+  ASSERT_TRUE(eventually([&] { return Box(kPort) != 0; })) << Calls();
   ASSERT_EQ(Box(kPort), 1u) << "the kernel's localdevice calls failed";
 
   grpc::ClientContext c;
@@ -709,8 +718,9 @@ TEST_F(ControlTest, WatchEventsArriveInOrder) {
   }
 
   // Expected, in this order: opened a, closed a, opened b, aborted b, closed b, the
-  // listener's abort (Drain stops accepting first), drain started; then drain done and the
-  // kernel's close of the listener, in either order (nothing was left to wait for).
+  // listener's abort (Drain stops accepting first); then drain started before drain done,
+  // and the kernel's close of the listener anywhere among them (the kernel closes it when
+  // its accept answers ECONNABORTED, while the drain runs on another thread).
   v1::Event ev;
   bool done = false, listener_closed = false;
   while (!(done && listener_closed) && reader->Read(&ev)) {
@@ -749,10 +759,12 @@ TEST_F(ControlTest, WatchEventsArriveInOrder) {
   EXPECT_EQ(seen[3], "aborted " + b_name);
   EXPECT_EQ(seen[4], "closed " + b_name);
   EXPECT_EQ(seen[5], "aborted listener");
-  EXPECT_EQ(seen[6], "drain started");
   ASSERT_EQ(seen.size(), 9u);
-  EXPECT_TRUE((seen[7] == "drain done" && seen[8] == "closed listener") ||
-              (seen[7] == "closed listener" && seen[8] == "drain done"));
+  std::vector<std::string> rest(seen.begin() + 6, seen.end());
+  auto at = [&](const std::string& x) { return std::find(rest.begin(), rest.end(), x) - rest.begin(); };
+  EXPECT_LT(at("drain started"), at("drain done"));
+  EXPECT_LT(at("drain done"), 3);
+  EXPECT_LT(at("closed listener"), 3);
   for (const auto& e : got) {
     if (e.has_socket()) {
       EXPECT_EQ(e.socket().backend(), "io_uring");
@@ -847,7 +859,7 @@ grpc::Status list_services(std::shared_ptr<grpc::Channel> ch, const std::string&
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
   if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
   void* tag;
   bool ok;
@@ -897,7 +909,7 @@ TEST_F(ControlTest, TcpListenerRequiresTheBearerToken) {
   auto call = [&](const std::string& auth) {
     grpc::ClientContext c;
     if (!auth.empty()) c.AddMetadata("authorization", auth);
-    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
     v1::Info info;
     return stub->GetInfo(&c, {}, &info);
   };
@@ -969,7 +981,8 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   int c = connect_to(port_);
   ASSERT_GE(c, 0);
   ASSERT_TRUE(echo(c, "hello gpusockctl"));
-  const std::string ep = "--endpoint " + server_->endpoint();
+  // Generous call deadlines: the machine running the tests may be heavily loaded.
+  const std::string ep = "--timeout 60 --endpoint " + server_->endpoint();
 
   // info --json parses back into the message, and says what the runtime is.
   CtlRun r = ctl(ep + " info --json");
@@ -980,7 +993,7 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   EXPECT_EQ(info.pid(), ::getpid());
 
   // Auto-discovery: the one live gpusock-<pid>.sock in $XDG_RUNTIME_DIR.
-  r = ctl("stats");
+  r = ctl("--timeout 60 stats");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("net.recv"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("OPCODE"), std::string::npos);
@@ -1020,7 +1033,7 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   EXPECT_EQ(ctl(ep + " stats extra").code, 2);
   EXPECT_EQ(ctl(ep + " log-level loud").code, 2);                    // INVALID_ARGUMENT
   EXPECT_EQ(ctl("--endpoint unix:" + dir_ + "/nothing.sock --timeout 1 info").code, 3);  // unreachable
-  const std::string tcp = "--endpoint 127.0.0.1:" + std::to_string(server_->tcp_port());
+  const std::string tcp = "--timeout 60 --endpoint 127.0.0.1:" + std::to_string(server_->tcp_port());
   EXPECT_EQ(ctl(tcp + " info").code, 4);                             // no token
   EXPECT_EQ(ctl(tcp + " --token wrong info").code, 4);
   EXPECT_EQ(ctl(tcp + " --token tok info").code, 0);
@@ -1032,20 +1045,22 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   EXPECT_TRUE(eventually([&] { return Box(kAborted) == 1; }));
   ::close(c);
 
-  // watch: --count ends it; events are JSON lines.
+  // watch: --count ends it; events are JSON lines. Connections come and go until the
+  // watcher has seen two events (it may take a while to start on a loaded machine).
   CtlRun watched;
-  std::thread watcher([&] { watched = ctl(ep + " watch --json --count 2 --duration-ms 20000"); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(2000));  // let it subscribe
-  int d = connect_to(port_);
-  ASSERT_GE(d, 0);
-  ASSERT_TRUE(echo(d, "x"));
-  // drain with a live connection and a short deadline: 6.
-  r = ctl(ep + " drain --deadline-ms 100 --json");
-  EXPECT_EQ(r.code, 6);
-  v1::DrainResponse dr;
-  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(r.out, &dr).ok()) << r.out;
-  EXPECT_FALSE(dr.drained());
-  EXPECT_EQ(dr.left_size(), 1);
+  std::atomic<bool> watch_done{false};
+  std::thread watcher([&] {
+    watched = ctl(ep + " watch --json --count 2 --duration-ms 60000");
+    watch_done = true;
+  });
+  while (!watch_done) {
+    int e = connect_to(port_);
+    if (e >= 0) {
+      echo(e, "w");
+      ::close(e);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   watcher.join();
   EXPECT_EQ(watched.code, 0);
   size_t lines = 0;
@@ -1054,8 +1069,21 @@ TEST_F(ControlTest, GpusockctlEndToEnd) {
   for (size_t pos = 0, next; (next = watched.out.find('\n', pos)) != std::string::npos; pos = next + 1) {
     v1::Event ev;
     EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(watched.out.substr(pos, next - pos), &ev).ok()) << watched.out;
-    EXPECT_TRUE(ev.has_socket() || ev.has_drain());
+    EXPECT_TRUE(ev.has_socket());
   }
+
+  // drain with a live connection and a short deadline: 6.
+  int d = connect_to(port_);
+  ASSERT_GE(d, 0);
+  ASSERT_TRUE(echo(d, "x"));
+  r = ctl(ep + " drain --deadline-ms 100 --json");
+  EXPECT_EQ(r.code, 6);
+  v1::DrainResponse dr;
+  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(r.out, &dr).ok()) << r.out;
+  EXPECT_FALSE(dr.drained());
+  const std::string d_peer = "127.0.0.1:" + std::to_string(local_port(d));
+  EXPECT_TRUE(std::any_of(dr.left().begin(), dr.left().end(), [&](const v1::SocketInfo& x) { return x.peer() == d_peer; }))
+      << r.out;
   ::close(d);
   // drain again, nothing left: 0.
   EXPECT_TRUE(eventually([&] { return ctl(ep + " drain --deadline-ms 5000").code == 0; }));

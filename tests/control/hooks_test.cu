@@ -33,7 +33,7 @@ using gpusock::Scope;
 constexpr uint32_t kOpHeld = gpusock::hostcall::kTestFirst + 0x61;
 
 template <typename F>
-bool eventually(F f, std::chrono::milliseconds limit = std::chrono::milliseconds(20000)) {
+bool eventually(F f, std::chrono::milliseconds limit = std::chrono::milliseconds(60000)) {
   auto end = std::chrono::steady_clock::now() + limit;
   while (std::chrono::steady_clock::now() < end) {
     if (f()) return true;
