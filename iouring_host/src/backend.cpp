@@ -649,11 +649,11 @@ class IouringBackend final : public net::Backend {
         r.free_fixed.pop_back();
       }
     }
-    {
-      std::lock_guard<std::mutex> lock(table_mu_);
-      table_[fd] = s;
-    }
+    // Told before the socket can be found (and so aborted or closed): its other events
+    // come after this one.
     notify({net::SocketEvent::Kind::kOpened, fd, domain, type, 0, name()});
+    std::lock_guard<std::mutex> lock(table_mu_);
+    table_[fd] = s;
     return s;
   }
 
@@ -1194,11 +1194,12 @@ class IouringBackend final : public net::Backend {
       r.free_fixed.push_back(s->fixed);
       s->fixed = -1;
     }
+    // Told while the number is still ours: a socket that reuses it opens after this.
+    notify({net::SocketEvent::Kind::kClosed, s->fd, s->domain, s->type, 0, name()});
     // Ops still in flight hold their own reference to the file; the descriptor number is
     // free for reuse now, as after close(2).
     ::close(s->fd);
     nsockets_.fetch_sub(1, std::memory_order_relaxed);
-    notify({net::SocketEvent::Kind::kClosed, s->fd, s->domain, s->type, 0, name()});
     reply.finish(0);
   }
 

@@ -436,6 +436,16 @@ TEST_F(ControlTest, ListSocketsPagesAndFilters) {
     ASSERT_TRUE(echo(c, "hello " + std::to_string(i)));
     clients.push_back(c);
   }
+  // A send is counted when its completion is reaped, which may be just after the client
+  // already has the bytes: wait for the counters to settle.
+  ASSERT_TRUE(eventually([&] {
+    grpc::ClientContext c;
+    v1::ListSocketsRequest q;
+    q.set_state("connected");
+    v1::ListSocketsResponse r;
+    if (!stub_->ListSockets(&c, q, &r).ok() || r.sockets_size() != 5) return false;
+    return std::all_of(r.sockets().begin(), r.sockets().end(), [](const v1::SocketInfo& x) { return x.bytes_out() == 7; });
+  }));
   // Pages of two: three pages, every socket once, ascending.
   v1::ListSocketsRequest req;
   req.set_page_size(2);
