@@ -3,10 +3,12 @@
 # CUDA is not installed here: with nvcc on PATH (or in /usr/local/cuda/bin) the build
 # includes the cuda device, without it the cpu device only.
 set -euo pipefail
-# liburing-dev: the io_uring backend (linked statically); netcat-openbsd: the external-client test.
-# librdmacm-dev, libibverbs-dev, ibverbs-providers: the rdma backend (scripts/rdma-vm.sh installs what its VM needs).
+# liburing-dev: the io_uring backend (linked statically); netcat-openbsd: the external-client test;
+# librdmacm-dev, libibverbs-dev, ibverbs-providers: the rdma backend (scripts/rdma-vm.sh installs what its VM needs);
+# gRPC and protobuf: the control plane and gpusockctl (control/).
 pkgs=(cmake ninja-build g++ make pkg-config git libgtest-dev libgmock-dev googletest liburing-dev netcat-openbsd
-      librdmacm-dev libibverbs-dev ibverbs-providers)
+      librdmacm-dev libibverbs-dev ibverbs-providers
+      libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -76,6 +76,7 @@ Status Core::init() {
   const uint64_t word_bytes = uint64_t{hostcall::kStagingPageBytes} * 64;
   staging_bytes_ = std::max<uint64_t>(word_bytes, align_up(options_.staging_bytes, word_bytes));
   const uint32_t staging_pages = static_cast<uint32_t>(staging_bytes_ / hostcall::kStagingPageBytes);
+  staging_pages_ = staging_pages;
 
   // One mapped block: control line, slots, ring, staging (page aligned).
   const size_t off_slots = 64;
@@ -125,6 +126,8 @@ Status Core::init() {
   c.control = reinterpret_cast<hostcall::ControlBlock*>(db);
   c.staging = db + off_staging;
   c.state.slot_bitmap = reinterpret_cast<uint32_t*>(dd + d_bitmap);
+  slot_bitmap_dev_ = c.state.slot_bitmap;
+  staging_bitmap_dev_ = reinterpret_cast<uint64_t*>(dd + d_staging);
   c.state.ring_pos = reinterpret_cast<uint32_t*>(dd + d_ringpos);
   c.state.staging_bitmap = reinterpret_cast<uint64_t*>(dd + d_staging);
   c.state.errno_slots = reinterpret_cast<int32_t*>(dd + d_errno);
@@ -388,6 +391,9 @@ bool Core::claim_and_run(uint32_t slot, uint64_t st) {
   call.origin_ = hdr.origin;
   call.staging_first_ = hdr.staging_first;
   call.staging_count_ = hdr.staging_count;
+  // One vDSO clock read here and one at commit() (tens of ns against a microseconds round
+  // trip) give the service-time histogram.
+  call.claimed_ns_ = now_ns();
   run(call, hdr);
   return true;
 }
@@ -478,6 +484,14 @@ bool Core::commit(Call& call) {
   // Release, system scope (on x86 a plain store): the results above are visible to the
   // device before it can see the reply. This is the host's last access to the slot.
   state_of(s).store(reply, std::memory_order_release);
+  if (call.claimed_ns_ != 0 && call.opcode_ < hostcall::kOpcodeLimit) {
+    if (HandlerEntry* h = handlers_[call.opcode_].load(std::memory_order_acquire)) {
+      const uint64_t ns = static_cast<uint64_t>(std::max<int64_t>(0, now_ns() - call.claimed_ns_));
+      const uint32_t b = ns < 2 ? 0 : std::min<uint32_t>(63 - __builtin_clzll(ns), LatencyHistogram::kBuckets - 1);
+      h->latency[b].fetch_add(1, std::memory_order_relaxed);
+      h->latency_sum_ns.fetch_add(ns, std::memory_order_relaxed);
+    }
+  }
   return true;
 }
 
@@ -570,6 +584,11 @@ RuntimeStats Core::stats() const {
       o.calls = e->calls.load(std::memory_order_relaxed);
       o.lanes = e->lanes.load(std::memory_order_relaxed);
       o.errors = e->errors.load(std::memory_order_relaxed);
+      for (uint32_t b = 0; b < LatencyHistogram::kBuckets; ++b) {
+        o.latency.buckets[b] = e->latency[b].load(std::memory_order_relaxed);
+        o.latency.count += o.latency.buckets[b];
+      }
+      o.latency.sum_ns = e->latency_sum_ns.load(std::memory_order_relaxed);
       r.calls += o.calls;
       r.lanes += o.lanes;
       r.errors += o.errors;
@@ -586,8 +605,65 @@ RuntimeStats Core::stats() const {
   r.shutdown_failed = shutdown_failed_.load(std::memory_order_relaxed);
   r.parks = parks_.load(std::memory_order_relaxed);
   r.early_doorbells = early_doorbells_.load(std::memory_order_relaxed);
+  occupancy(r);
   return r;
 }
+
+void Core::occupancy(RuntimeStats& r) const {
+  r.slots = nslots_;
+  r.staging_pages = staging_pages_;
+  if (slots_h_ == nullptr) return;
+  for (uint32_t i = 0; i < nslots_; ++i) {
+    const hostcall::Phase p = hostcall::state_phase(
+        std::atomic_ref<uint64_t>(const_cast<Slot&>(slots_h_[i]).hdr.state).load(std::memory_order_relaxed));
+    r.calls_in_flight += p == hostcall::kRequest || p == hostcall::kClaimed || p == hostcall::kCompleting;
+  }
+  // The bitmaps live in device memory: a diagnostic copy on a GPU (besides shutdown, the
+  // host's only read of it). On the cpu device the words are host memory that lanes
+  // change with atomics, so they are read with atomic loads, word by word.
+  const uint32_t slot_words = (nslots_ + 31) / 32;
+  const uint32_t page_words = staging_pages_ / 64;
+  std::vector<uint32_t> sw(slot_words);
+  std::vector<uint64_t> pw(page_words);
+  if (device_->kind() == DeviceKind::kCpu) {
+    for (uint32_t w = 0; w < slot_words; ++w) sw[w] = std::atomic_ref<uint32_t>(slot_bitmap_dev_[w]).load(std::memory_order_relaxed);
+    for (uint32_t w = 0; w < page_words; ++w) pw[w] = std::atomic_ref<uint64_t>(staging_bitmap_dev_[w]).load(std::memory_order_relaxed);
+  } else if (!device_->copy_from_device(sw.data(), slot_bitmap_dev_, 4ull * slot_words).ok() ||
+             !device_->copy_from_device(pw.data(), staging_bitmap_dev_, 8ull * page_words).ok()) {
+    return;
+  }
+  for (uint32_t w = 0; w < slot_words; ++w) {
+    uint32_t v = sw[w];
+    if (w + 1 == slot_words && nslots_ % 32 != 0) v &= (1u << (nslots_ % 32)) - 1;  // preset filler bits
+    r.slots_owned += static_cast<uint32_t>(__builtin_popcount(v));
+  }
+  for (uint64_t v : pw) r.staging_pages_used += static_cast<uint32_t>(__builtin_popcountll(v));
+}
+
+}  // namespace gpusock::internal
+
+namespace gpusock {
+
+uint64_t LatencyHistogram::quantile_ns(double q) const {
+  if (count == 0) return 0;
+  const double want = q * static_cast<double>(count);
+  uint64_t seen = 0;
+  for (uint32_t b = 0; b < kBuckets; ++b) {
+    seen += buckets[b];
+    if (buckets[b] != 0 && static_cast<double>(seen) >= want) return b + 1 >= 64 ? UINT64_MAX : (uint64_t{1} << (b + 1));
+  }
+  return uint64_t{1} << kBuckets;
+}
+
+void LatencyHistogram::merge(const LatencyHistogram& other) {
+  for (uint32_t b = 0; b < kBuckets; ++b) buckets[b] += other.buckets[b];
+  count += other.count;
+  sum_ns += other.sum_ns;
+}
+
+}  // namespace gpusock
+
+namespace gpusock::internal {
 
 // ---- builtin handlers -------------------------------------------------------------
 

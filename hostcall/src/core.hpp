@@ -58,6 +58,11 @@ struct HandlerEntry {
   std::string name;
   hostcall::Handler fn;
   std::atomic<uint64_t> calls{0}, lanes{0}, errors{0};
+  // Service time per call (LatencyHistogram's buckets). Relaxed increments on the thread
+  // that answers; stats() reads them without a lock, so a reader may see a call in its
+  // bucket before it is in `latency_sum_ns`, which is harmless for a histogram.
+  std::array<std::atomic<uint64_t>, LatencyHistogram::kBuckets> latency{};
+  std::atomic<uint64_t> latency_sum_ns{0};
 };
 
 class Core : public std::enable_shared_from_this<Core> {
@@ -69,6 +74,8 @@ class Core : public std::enable_shared_from_this<Core> {
   void shutdown();
   bool is_shut_down() const { return stopping_.load(std::memory_order_acquire); }
   RuntimeStats stats() const;
+  // Fills the occupancy fields of `r` (slots, staging) from a look at the region.
+  void occupancy(RuntimeStats& r) const;
 
   // Answers a claimed call with the results set on it. Returns false if someone else
   // (shutdown) answered it first.
@@ -133,10 +140,13 @@ class Core : public std::enable_shared_from_this<Core> {
   void* mapped_block_ = nullptr;
   uint32_t nslots_ = 0;
   uint32_t ring_cap_ = 0;
+  uint32_t staging_pages_ = 0;
   uint64_t staging_bytes_ = 0;
   // Device memory.
   void* device_block_ = nullptr;
   hostcall::DeviceContext* ctx_dev_ = nullptr;
+  uint32_t* slot_bitmap_dev_ = nullptr;     // device addresses, read by occupancy()
+  uint64_t* staging_bitmap_dev_ = nullptr;
 
   // Handlers, readable without a lock from service threads; written under handlers_mu_.
   std::array<std::atomic<HandlerEntry*>, hostcall::kOpcodeLimit> handlers_{};

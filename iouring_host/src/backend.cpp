@@ -88,11 +88,17 @@ struct Sock {
   bool stream = false;
   std::atomic<bool> nonblock{false};
   bool closed = false;        // home thread only
+  // Aborted by the control plane (abort_socket): every call but close answers
+  // -ECONNABORTED. Set by any thread; a relaxed load on the hot path.
+  std::atomic<bool> aborted{false};
+  // Bytes kernels received and sent; written only on the home thread, read by listings.
+  std::atomic<uint64_t> bytes_in{0}, bytes_out{0};
   // Decides SEND_ZC. Set by connect (a non-blocking one runs on any service thread).
   std::atomic<bool> loopback_peer{false};
   uint32_t inflight = 0;      // home thread only: ops on this socket not yet completed
-  // Listener state, home thread only.
-  bool listening = false, accept_armed = false;
+  // Listener state, home thread only (listening is also read by listings).
+  std::atomic<bool> listening{false};
+  bool accept_armed = false;
   uint32_t accept_cap = 0;
   std::deque<int> accepted;
   // Readable while `accepted` is not empty (a semaphore eventfd: one count per queued
@@ -297,6 +303,10 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EBADF);
       return;
     }
+    if (s->aborted.load(std::memory_order_relaxed) && req.op != net::Op::kClose) {
+      reply.finish(-ECONNABORTED);
+      return;
+    }
     switch (req.op) {
       case net::Op::kBind:
         reply.finish(sock_err(::bind(s->fd, reinterpret_cast<const sockaddr*>(req.data.data()),
@@ -383,8 +393,131 @@ class IouringBackend final : public net::Backend {
     }
   }
 
+  // ---- control (net::Backend) ----
+  std::vector<net::SocketInfo> list_sockets() override {
+    std::vector<net::SocketInfo> out;
+    // Under table_mu_: do_close() removes a socket from the table before it closes the
+    // descriptor, so every descriptor looked at here is still the socket's own.
+    std::lock_guard<std::mutex> lock(table_mu_);
+    out.reserve(table_.size());
+    for (const auto& [fd, s] : table_) {
+      net::SocketInfo i;
+      i.fd = fd;
+      i.family = s->domain;
+      i.type = s->type;
+      i.backend = name();
+      i.bytes_in = s->bytes_in.load(std::memory_order_relaxed);
+      i.bytes_out = s->bytes_out.load(std::memory_order_relaxed);
+      socklen_t len = sizeof i.local;
+      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&i.local), &len) == 0 && !is_unbound(i.local)) {
+        i.local_len = len;
+      }
+      len = sizeof i.peer;
+      if (::getpeername(fd, reinterpret_cast<sockaddr*>(&i.peer), &len) == 0) i.peer_len = len;
+      i.listener = s->listening.load(std::memory_order_relaxed);
+      i.state = s->aborted.load(std::memory_order_relaxed) ? "aborted"
+                : s->listening.load(std::memory_order_relaxed) ? "listening"
+                : i.peer_len > 0 ? "connected"
+                                 : "open";
+      out.push_back(std::move(i));
+    }
+    std::sort(out.begin(), out.end(), [](const net::SocketInfo& a, const net::SocketInfo& b) { return a.fd < b.fd; });
+    return out;
+  }
+
+  int abort_socket(int fd) override {
+    std::shared_ptr<Sock> s = lookup(fd);
+    if (s == nullptr) return -EBADF;
+    abort(s);
+    return 0;
+  }
+
+  int stop_accepting() override {
+    draining_.store(true, std::memory_order_relaxed);
+    std::vector<std::shared_ptr<Sock>> listeners;
+    {
+      std::lock_guard<std::mutex> lock(table_mu_);
+      for (const auto& [fd, s] : table_) {
+        if (s->listening.load(std::memory_order_relaxed)) listeners.push_back(s);
+      }
+    }
+    int n = 0;
+    for (auto& s : listeners) n += abort(s) ? 1 : 0;
+    return n;
+  }
+
  private:
   friend struct Ring;
+
+  static bool is_unbound(const sockaddr_storage& a) {
+    if (a.ss_family == AF_INET) return reinterpret_cast<const sockaddr_in&>(a).sin_port == 0;
+    if (a.ss_family == AF_INET6) return reinterpret_cast<const sockaddr_in6&>(a).sin6_port == 0;
+    return true;
+  }
+
+  // Marks `s` aborted (the next call on it sees -ECONNABORTED at once) and wakes what waits
+  // on it from its home thread. Returns false when it was aborted already.
+  bool abort(const std::shared_ptr<Sock>& s) {
+    if (s->aborted.exchange(true, std::memory_order_relaxed)) return false;
+    notify({net::SocketEvent::Kind::kAborted, s->fd, s->domain, s->type, ECONNABORTED, name()});
+    Ring* home = rings_[s->home].get();
+    home->post([this, home, s] { on_abort(*home, s); });
+    return true;
+  }
+
+  void on_abort(Ring& r, const std::shared_ptr<Sock>& s) {
+    if (s->closed) return;
+    // The peer sees the connection end; io_uring operations on the socket complete (a
+    // recv with 0, a send with EPIPE, an accept with EINVAL) and are answered
+    // -ECONNABORTED below. A listener stops listening: new connections are refused.
+    ::shutdown(s->fd, SHUT_RDWR);
+    for (int fd : s->accepted) ::close(fd);
+    while (!s->accepted.empty()) {
+      s->accepted.pop_front();
+      count_accepted(*s, -1);
+    }
+    while (!s->waiters.empty()) {
+      s->waiters.front().reply.finish(-ECONNABORTED);
+      s->waiters.pop_front();
+    }
+    for (auto it = r.starved.begin(); it != r.starved.end();) {
+      if ((*it)->sock == s) {
+        (*it)->reply.finish(-ECONNABORTED);
+        Op* op = *it;
+        it = r.starved.erase(it);
+        retire(r, op);
+      } else {
+        ++it;
+      }
+    }
+    if (s->inflight > 0) {
+      if (io_uring_sqe* sqe = r.sqe()) {
+        if (s->fixed >= 0) {
+          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
+        } else {
+          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
+        }
+        io_uring_sqe_set_data64(sqe, kIgnore);
+      }
+    }
+    // A poll waiting on a listener watches its eventfd: make it readable, so the kernel's
+    // poll ends and its accept() sees ECONNABORTED.
+    if (const int e = s->accept_efd.load(std::memory_order_relaxed); e >= 0) {
+      uint64_t v = 1;
+      ssize_t n = ::write(e, &v, sizeof v);
+      (void)n;
+    }
+  }
+
+  // Tells the observer that an operation on `s` failed with `res` for a reason about the
+  // connection (not EAGAIN, a cancel, or a close of our own).
+  void maybe_error(const Sock& s, int res) {
+    if (res >= 0 || res == -EAGAIN || res == -ECANCELED || res == -EBADF || res == -EINTR ||
+        res == -ENOBUFS || res == -ECONNABORTED || res == -EALREADY || res == -EINPROGRESS) {
+      return;
+    }
+    notify({net::SocketEvent::Kind::kError, s.fd, s.domain, s.type, -res, name()});
+  }
 
   Ring* ring_for(uint32_t thread) {
     if (thread >= rings_.size()) return nullptr;
@@ -516,6 +649,9 @@ class IouringBackend final : public net::Backend {
         r.free_fixed.pop_back();
       }
     }
+    // Told before the socket can be found (and so aborted or closed): its other events
+    // come after this one.
+    notify({net::SocketEvent::Kind::kOpened, fd, domain, type, 0, name()});
     std::lock_guard<std::mutex> lock(table_mu_);
     table_[fd] = s;
     return s;
@@ -614,6 +750,8 @@ class IouringBackend final : public net::Backend {
       case Kind::kAccept: return on_accept(r, op, res, flags);
       case Kind::kConnect:
         if (res == -ECANCELED && op->sock->closed) res = -EBADF;
+        if (op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) res = -ECONNABORTED;
+        maybe_error(*op->sock, res);
         op->reply.finish(res);
         return retire(r, op);
       case Kind::kSend: return on_send(r, op, res, flags);
@@ -676,6 +814,10 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EOPNOTSUPP);
       return;
     }
+    if (draining_.load(std::memory_order_relaxed)) {
+      reply.finish(-ECONNABORTED);  // stop_accepting(): no new listeners
+      return;
+    }
     const int backlog = static_cast<int>(req.a[0]);
     int rc = sock_err(::listen(s->fd, backlog));
     if (rc == 0 && s->accept_efd.load(std::memory_order_relaxed) < 0) {
@@ -692,7 +834,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void arm_accept(Ring& r, const std::shared_ptr<Sock>& s) {
-    if (s->accept_armed || s->closed) return;
+    if (s->accept_armed || s->closed || s->aborted.load(std::memory_order_relaxed)) return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;  // re-armed by the next accept() call
     Op* op = new_op(r, Kind::kAccept, s);
@@ -709,7 +851,7 @@ class IouringBackend final : public net::Backend {
       l->accept_armed = false;
       retire(r, op);
     }
-    if (l->closed) {
+    if (l->closed || l->aborted.load(std::memory_order_relaxed)) {
       if (res >= 0) ::close(res);
       return;
     }
@@ -891,6 +1033,8 @@ class IouringBackend final : public net::Backend {
     }
     int result = op->done > 0 ? static_cast<int>(op->done) : res;
     if (result == -ECANCELED && op->sock->closed) result = -EBADF;
+    if (result <= 0 && op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) result = -ECONNABORTED;
+    maybe_error(*op->sock, result);
     if (notif_follows) {
       op->zc_result = result;
       return;
@@ -905,6 +1049,10 @@ class IouringBackend final : public net::Backend {
       op->zc_result = 0;
       submit_send(r, op);
       return;
+    }
+    if (result > 0) {
+      auto& out = op->sock->bytes_out;  // home thread is the only writer
+      out.store(out.load(std::memory_order_relaxed) + static_cast<uint64_t>(result), std::memory_order_relaxed);
     }
     op->reply.finish(result);
     retire(r, op);
@@ -977,9 +1125,14 @@ class IouringBackend final : public net::Backend {
       submit_recv(r, op);
       return;
     }
+    if (res > 0 && op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) {
+      res = -ECONNABORTED;  // aborted while the bytes were on their way; buffer goes back below
+    }
     if (res <= 0) {
       if (has_buf) return_buffer_now(r, b);
       if (res == -ECANCELED && op->sock->closed) res = -EBADF;
+      if (res <= 0 && op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) res = -ECONNABORTED;
+      maybe_error(*op->sock, res);
       // An empty datagram still has a source.
       const uint32_t alen = (res == 0 && !op->sock->stream) ? std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes) : 0;
       op->reply.set_addr(3, &op->addr, alen, op->sock->stream ? (1ull << 32) : 0);
@@ -989,6 +1142,10 @@ class IouringBackend final : public net::Backend {
     if (!has_buf || b >= r.nbufs) {
       op->reply.finish(-EIO);
       return retire(r, op);
+    }
+    if ((op->flags & MSG_PEEK) == 0) {
+      auto& in = op->sock->bytes_in;  // home thread is the only writer
+      in.store(in.load(std::memory_order_relaxed) + static_cast<uint64_t>(res), std::memory_order_relaxed);
     }
     // Lend the buffer: flag first (plain store; the reply's release store publishes it).
     std::atomic_ref<uint32_t>(r.flags_host[b]).store(1, std::memory_order_relaxed);
@@ -1049,6 +1206,8 @@ class IouringBackend final : public net::Backend {
       r.free_fixed.push_back(s->fixed);
       s->fixed = -1;
     }
+    // Told while the number is still ours: a socket that reuses it opens after this.
+    notify({net::SocketEvent::Kind::kClosed, s->fd, s->domain, s->type, 0, name()});
     // Ops still in flight hold their own reference to the file; the descriptor number is
     // free for reuse now, as after close(2).
     ::close(s->fd);
@@ -1191,6 +1350,7 @@ class IouringBackend final : public net::Backend {
   std::mutex table_mu_;
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};
+  std::atomic<bool> draining_{false};  // stop_accepting() was called
 };
 
 const char* op_name(int op) {

@@ -57,6 +57,16 @@ Reply Reply::to_host(HostSink sink) {
   return r;
 }
 
+const char* to_string(SocketEvent::Kind kind) {
+  switch (kind) {
+    case SocketEvent::Kind::kOpened: return "opened";
+    case SocketEvent::Kind::kClosed: return "closed";
+    case SocketEvent::Kind::kAborted: return "aborted";
+    case SocketEvent::Kind::kError: return "error";
+  }
+  return "?";
+}
+
 Reply& Reply::operator=(Reply&& other) noexcept {
   if (this != &other) {
     if (group_ != nullptr || host_ != nullptr) finish(-ECANCELED);

@@ -96,6 +96,7 @@ class Call {
   uint32_t staging_first_ = 0;
   uint32_t staging_count_ = 0;
   int64_t all_ = 0;
+  int64_t claimed_ns_ = 0;  // when a service thread claimed the slot (0: not timed)
   bool deferred_ = false;
   uint64_t args_[kMaxArgs][kWarpSize];
   uint64_t results_[kMaxArgs][kWarpSize];

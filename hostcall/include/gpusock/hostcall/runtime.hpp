@@ -9,6 +9,7 @@
 //   k->wait();
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -62,6 +63,21 @@ struct RuntimeOptions {
   uint32_t cpu_resident_warps = 64;
 };
 
+// Host service time of calls, from the moment a service thread claims the slot to the
+// reply's publication (a deferred call's I/O included), in power-of-two buckets: bucket 0
+// counts calls under 2 ns, bucket i >= 1 those in [2^i, 2^(i+1)) ns, the last everything
+// from 2^(kBuckets-1) ns (about 9 minutes) up.
+struct LatencyHistogram {
+  static constexpr uint32_t kBuckets = 40;
+  std::array<uint64_t, kBuckets> buckets{};
+  uint64_t count = 0;
+  uint64_t sum_ns = 0;
+  // The upper edge (exclusive) of the bucket holding the q-quantile (0 < q <= 1), so the
+  // true value is at most this and more than half of it; 0 when nothing was counted.
+  uint64_t quantile_ns(double q) const;
+  void merge(const LatencyHistogram& other);
+};
+
 // Counters of calls the host has served. Cheap to read; no lock on the hot path.
 struct OpcodeStats {
   uint32_t opcode = 0;
@@ -69,6 +85,7 @@ struct OpcodeStats {
   uint64_t calls = 0;   // slots answered (one per warp group)
   uint64_t lanes = 0;   // lane calls answered
   uint64_t errors = 0;  // lane results < 0
+  LatencyHistogram latency;  // per call (warp group)
 };
 struct RuntimeStats {
   std::vector<OpcodeStats> by_opcode;  // registered opcodes, ascending
@@ -81,6 +98,13 @@ struct RuntimeStats {
   uint64_t shutdown_failed = 0; // calls answered ESHUTDOWN at shutdown
   uint64_t parks = 0;           // times a service thread parked
   uint64_t early_doorbells = 0; // doorbells that arrived before their slot's state
+  // Occupancy, read when stats() is called (a diagnostic copy of device state; on a GPU
+  // one small cudaMemcpy each, never on the hot path). A value may be a moment old.
+  uint32_t slots = 0;              // slots in the region
+  uint32_t slots_owned = 0;        // slots a warp holds (slot bitmap in device memory)
+  uint32_t calls_in_flight = 0;    // slots published and not yet answered
+  uint32_t staging_pages = 0;      // 4 KiB pages in the staging arena
+  uint32_t staging_pages_used = 0; // pages held by calls (staging bitmap)
 };
 
 namespace internal {

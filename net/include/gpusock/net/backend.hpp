@@ -13,12 +13,16 @@
 // finished, in whatever order and on whatever threads they finish.
 #pragma once
 
+#include <sys/socket.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "gpusock/hostcall/handler.hpp"
 #include "gpusock/hostcall/runtime.hpp"
@@ -99,8 +103,48 @@ class Reply {
   uint32_t lane_ = 0;
 };
 
+// One socket as an operator sees it (Backend::list_sockets()).
+struct SocketInfo {
+  int fd = -1;                // the descriptor kernels use
+  int family = 0;             // AF_INET, AF_INET6, ...
+  int type = 0;               // SOCK_STREAM, SOCK_DGRAM
+  std::string state;          // "open", "listening", "connected" or "aborted"
+  bool listener = false;      // listen() succeeded on it (still true once aborted)
+  sockaddr_storage local{};   // local_len 0: unbound
+  socklen_t local_len = 0;
+  sockaddr_storage peer{};    // peer_len 0: no peer
+  socklen_t peer_len = 0;
+  uint64_t bytes_in = 0;      // received by kernels so far
+  uint64_t bytes_out = 0;     // sent by kernels so far
+  std::string backend;        // Backend::name()
+};
+
+// Something that happened to a socket, for observers (the control plane's event stream).
+struct SocketEvent {
+  enum class Kind : uint8_t { kOpened, kClosed, kAborted, kError };
+  Kind kind = Kind::kOpened;
+  int fd = -1;
+  int family = 0;
+  int type = 0;
+  int error = 0;              // kError: the errno an operation failed with
+  const char* backend = "";   // Backend::name()
+};
+const char* to_string(SocketEvent::Kind kind);
+
+class SocketObserver {
+ public:
+  virtual ~SocketObserver() = default;
+  // Called on the thread where the event happened (often a hostcall service thread):
+  // must be quick and must not call back into the backend.
+  virtual void on_socket_event(const SocketEvent& event) = 0;
+};
+
 // A transport. serve() runs on hostcall service threads (several at once when the runtime
 // has several); the ServiceHook methods let the backend run its event loop on them.
+//
+// The control methods (list_sockets, abort_socket, stop_accepting, set_observer) are
+// called from other threads (the control plane's), never on the hot path. Their defaults
+// suit a backend without a socket table; a backend that composes others forwards them.
 class Backend : public hostcall::ServiceHook {
  public:
   ~Backend() override = default;
@@ -109,6 +153,41 @@ class Backend : public hostcall::ServiceHook {
   virtual std::string describe() const = 0;
   // Serves one lane's request: calls reply.finish() now or later, from any thread.
   virtual void serve(Request& req, Reply reply) = 0;
+
+  // The sockets open now, ascending by descriptor. Default: none.
+  virtual std::vector<SocketInfo> list_sockets() { return {}; }
+  // Aborts socket `fd` from outside the kernel: calls waiting on it and every later call
+  // on it except close() answer -ECONNABORTED; close() still frees it. Returns 0, -EBADF
+  // when `fd` is not one of this backend's sockets, -ENOTSUP (the default).
+  virtual int abort_socket(int fd) { return -ENOTSUP; }
+  // Stops accepting connections: open listeners are aborted (as abort_socket) and later
+  // listen() calls answer -ECONNABORTED; connections already accepted go on. Returns the
+  // number of listeners aborted, or -ENOTSUP (the default).
+  virtual int stop_accepting() { return -ENOTSUP; }
+  // Installs the observer told about sockets opened, closed, aborted and failing (one at a
+  // time; null removes it). A composing backend forwards it to its parts.
+  virtual void set_observer(std::shared_ptr<SocketObserver> observer) {
+    std::lock_guard<std::mutex> lock(observer_mu_);
+    observer_ = std::move(observer);
+    has_observer_.store(observer_ != nullptr, std::memory_order_release);
+  }
+
+ protected:
+  // Tells the observer, if there is one. Without one it costs a single atomic load.
+  void notify(const SocketEvent& event) {
+    if (!has_observer_.load(std::memory_order_acquire)) return;
+    std::shared_ptr<SocketObserver> o;
+    {
+      std::lock_guard<std::mutex> lock(observer_mu_);
+      o = observer_;
+    }
+    if (o) o->on_socket_event(event);
+  }
+
+ private:
+  std::mutex observer_mu_;
+  std::shared_ptr<SocketObserver> observer_;
+  std::atomic<bool> has_observer_{false};
 };
 
 // Registers the socket hostcalls on `rt` and installs `backend` as its service hook.
