@@ -106,6 +106,22 @@ class Router : public net::Backend {
     tcp_->thread_stop(thread);
   }
 
+  // The control plane's view goes to both parts. A socket the RDMA backend adopted keeps
+  // its TCP placeholder open (see the top of this file), so list_sockets() shows it as
+  // the TCP backend's; aborting it reaches whichever part owns the descriptor.
+  std::vector<net::SocketInfo> list_sockets() override { return tcp_->list_sockets(); }
+  int abort_socket(int fd) override { return rdma_->owns(fd) ? rdma_->abort_socket(fd) : tcp_->abort_socket(fd); }
+  int stop_accepting() override {
+    const int t = tcp_->stop_accepting();
+    const int r = rdma_->stop_accepting();
+    if (t < 0 && r < 0) return t;
+    return (t > 0 ? t : 0) + (r > 0 ? r : 0);
+  }
+  void set_observer(std::shared_ptr<net::SocketObserver> observer) override {
+    tcp_->set_observer(observer);
+    rdma_->set_observer(std::move(observer));
+  }
+
  private:
   struct Pending {
     int domain = AF_INET;
