@@ -20,10 +20,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "echo/echo_server.hpp"
 #include "gpusock/control/server.hpp"
 #include "gpusock/control/v1/control.grpc.pb.h"
 #include "gpusock/hostcall/launch.hpp"
@@ -335,6 +337,99 @@ class ControlTest : public ::testing::Test {
 };
 
 // ---- the RPCs -----------------------------------------------------------------------
+
+// The echo example itself (examples/echo, 2 warps) under the control plane: its sockets
+// are listed, its traffic counted, and a connection closed by the operator is dropped by
+// the example's event loop while the other connection keeps echoing.
+TEST_F(ControlTest, ServesTheEchoExample) {
+  Start();
+  gpusock::examples::EchoConfig cfg;
+  cfg.addr_be = htonl(INADDR_LOOPBACK);
+  cfg.conns_per_warp = 8;
+  std::unique_ptr<gpusock::examples::EchoState> echo_state;
+  for (int attempt = 0; attempt < 20 && !echo_state; ++attempt) {
+    int probe = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    cfg.port = local_port(probe);
+    ::close(probe);
+    auto st = gpusock::examples::EchoState::create(*rt_, 2, cfg);
+    ASSERT_TRUE(st.ok()) << st.status().to_string();
+    auto k = gpusock::launch(*rt_, {2}, {32}, gpusock::examples::EchoServer{}, (*st)->view());
+    ASSERT_TRUE(k.ok()) << k.status().to_string();
+    ASSERT_TRUE(eventually([&] { return (*st)->listening() != 0; })) << Calls();
+    if ((*st)->listening() > 0) {
+      kernel_ = std::make_unique<gpusock::Launch>(std::move(k.value()));
+      echo_state = std::move(st.value());
+    } else {
+      k->wait();  // the port was taken meanwhile: every warp has ended; try another
+    }
+  }
+  ASSERT_TRUE(echo_state) << "no free port for the echo example";
+  int a = connect_to(cfg.port), b = connect_to(cfg.port);
+  ASSERT_GE(a, 0);
+  ASSERT_GE(b, 0);
+  const std::string text(700, 'e');
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(echo(a, text));
+    ASSERT_TRUE(echo(b, text));
+  }
+
+  // Both warps' listeners and both connections are listed, with their bytes.
+  int listeners = 0, connected = 0;
+  ASSERT_TRUE(eventually([&] {
+    grpc::ClientContext ctx;
+    v1::ListSocketsRequest req;
+    v1::ListSocketsResponse r;
+    if (!stub_->ListSockets(&ctx, req, &r).ok()) return false;
+    listeners = connected = 0;
+    for (const auto& s : r.sockets()) {
+      if (s.state() == "listening" && s.local() == "127.0.0.1:" + std::to_string(cfg.port)) ++listeners;
+      if (s.state() == "connected" && s.bytes_in() >= 7000 && s.bytes_out() >= 7000) ++connected;
+    }
+    return listeners == 2 && connected == 2;
+  })) << listeners << " listeners, " << connected << " connections with their bytes";
+
+  // The event loop's three calls are all counted.
+  grpc::ClientContext sctx;
+  v1::Stats st;
+  ASSERT_TRUE(stub_->GetStats(&sctx, {}, &st).ok());
+  std::map<std::string, uint64_t> calls;
+  for (const auto& o : st.opcodes()) calls[o.name()] = o.calls();
+  EXPECT_GT(calls["net.poll"], 0u);
+  EXPECT_GE(calls["net.recv"], 10u);
+  EXPECT_GE(calls["net.send"], 10u);
+
+  // CloseSocket on a's connection: the example's next call on it answers ECONNABORTED,
+  // it closes the descriptor, and a sees the end of the stream; b goes on.
+  const int fd_a = KernelFdOf(a);
+  ASSERT_GE(fd_a, 0);
+  grpc::ClientContext cctx;
+  v1::CloseSocketRequest creq;
+  creq.set_fd(fd_a);
+  v1::CloseSocketResponse cresp;
+  ASSERT_TRUE(stub_->CloseSocket(&cctx, creq, &cresp).ok());
+  EXPECT_FALSE(echo(a, text)) << "the closed connection still echoes";
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(echo(b, text));
+  ::close(a);
+  ::close(b);
+
+  echo_state->request_stop();
+  ASSERT_TRUE(kernel_->wait_for(std::chrono::seconds(60)));
+  ASSERT_TRUE(kernel_->wait().ok());
+  kernel_.reset();
+  uint64_t accepted = 0, in = 0;
+  for (const auto& c : echo_state->counters()) {
+    accepted += c.accepted;
+    in += c.bytes_in;
+    EXPECT_EQ(c.error, 0);
+  }
+  EXPECT_EQ(accepted, 2u);
+  EXPECT_GE(in, 25u * 700);
+}
+
 
 TEST_F(ControlTest, GetInfoReportsDeviceBackendsAndConfigOverAPrivateUnixSocket) {
   Start();
