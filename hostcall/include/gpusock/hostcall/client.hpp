@@ -305,13 +305,19 @@ GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t ma
 // form one group and share one slot. Each lane contributes `nargs` words and, if
 // `payload_len` > 0, that many bytes copied into staging; the payload's (offset, length)
 // within the staging arena are appended as two more argument words.
+//
+// `group` is what lanes must agree on to share the call: the opcode, unless the caller
+// keeps some calls of one opcode apart (a recv that asks again after a partial or refused
+// answer must not share a call with other lanes' first recvs, which may block on peers
+// that wait for this very lane; lanes that call together are answered together).
 GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint32_t nargs,
-                                    const void* payload, uint32_t payload_len, bool has_payload) {
+                                    const void* payload, uint32_t payload_len, bool has_payload,
+                                    uint64_t group) {
   const DeviceContext* c = context();
   Ticket t;
   const uint32_t me = warp::lane_id();
-  // Lanes that arrive together and ask for the same opcode share one slot.
-  uint32_t mask = warp::converge_match(opcode);
+  // Lanes that arrive together and agree on `group` share one slot.
+  uint32_t mask = warp::converge_match(group);
 
   // Lay the group's payloads out back to back, each 16-byte aligned. A group whose payloads
   // do not fit one staging run splits: the lanes whose payloads fit, in lane order, go
@@ -416,7 +422,16 @@ template <typename... A>
 GPUSOCK_HD inline Ticket submit(uint32_t opcode, A... args) {
   static_assert(sizeof...(A) <= kMaxArgs, "too many hostcall arguments");
   uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
-  return internal::submit_raw(opcode, words, sizeof...(A), nullptr, 0, false);
+  return internal::submit_raw(opcode, words, sizeof...(A), nullptr, 0, false, opcode);
+}
+
+// As submit(), grouped by `group` instead of the opcode: lanes share a call only with
+// lanes that pass the same group (submit_raw() says why one would).
+template <typename... A>
+GPUSOCK_HD inline Ticket submit_grouped(uint64_t group, uint32_t opcode, A... args) {
+  static_assert(sizeof...(A) <= kMaxArgs, "too many hostcall arguments");
+  uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
+  return internal::submit_raw(opcode, words, sizeof...(A), nullptr, 0, false, group);
 }
 
 // As submit(), plus `len` bytes at `data` copied into staging for the host to read. The
@@ -425,7 +440,7 @@ template <typename... A>
 GPUSOCK_HD inline Ticket submit_with_payload(uint32_t opcode, const void* data, uint32_t len, A... args) {
   static_assert(sizeof...(A) + 2 <= kMaxArgs, "too many hostcall arguments");
   uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
-  return internal::submit_raw(opcode, words, sizeof...(A), data, len, true);
+  return internal::submit_raw(opcode, words, sizeof...(A), data, len, true, opcode);
 }
 
 namespace internal {

@@ -185,11 +185,17 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
   uint8_t* p = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
   uint32_t retries = 0;
+  bool again = false;
   for (;;) {
     const uint64_t left = len - done;
     const uint32_t want = left < 0xffffffffull ? static_cast<uint32_t>(left) : 0xffffffffu;
     uint64_t r[7];
-    hostcall::Ticket t = hostcall::submit(net::op::kRecv, fd, flags, want);
+    // A second ask (after a partial MSG_WAITALL answer or -ENOBUFS) goes in a call of its
+    // own kind: sharing one with other lanes' first recvs could make it wait for a
+    // blocking recv whose data depends on this lane's progress.
+    const uint64_t group = net::op::kRecv | (again ? uint64_t{1} << 32 : 0);
+    hostcall::Ticket t = hostcall::submit_grouped(group, net::op::kRecv, fd, flags, want);
+    again = true;
     int64_t n = hostcall::wait(t, r, 7);
     uint8_t* data = n > 0 ? reinterpret_cast<uint8_t*>(r[0]) : nullptr;
     const uint32_t take = n > 0 ? static_cast<uint32_t>(n < static_cast<int64_t>(want) ? n : want) : 0;
