@@ -96,14 +96,18 @@ struct EchoView {
   uint8_t* buffers;            // warps * conns_per_warp * buffer_bytes
   // Mapped host memory: word 0 non-zero asks every warp to end; word 1 + w is warp w's
   // listener: 0 not yet, 1 listening, or -errno (as int32) when it could not listen.
-  volatile uint32_t* flags;
+  // Read and written with system-scope atomics: the host and the kernel share them.
+  uint32_t* flags;
   EchoConfig cfg;
   uint32_t nwarps;
 };
 
 namespace internal {
 
-GPUSOCK_HD inline bool stop_requested(const EchoView& v) { return v.flags[0] != 0; }
+GPUSOCK_HD inline bool stop_requested(const EchoView& v) {
+  // Acquire, system scope: the host's release store of the stop word comes over PCIe.
+  return AtomicRef<uint32_t, Scope::kSystem>(v.flags[0]).load(Order::kAcquire) != 0;
+}
 
 // Lane 0: the warp's listening socket. Returns the descriptor or -errno.
 GPUSOCK_HD inline int open_listener(const EchoConfig& cfg) {
@@ -143,7 +147,8 @@ struct EchoServer {
       w.listener = internal::open_listener(v.cfg);
       if (w.listener < 0) w.counters.error = w.listener;
       // Tell the host (a PCIe write, once).
-      v.flags[1 + wid] = w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u;
+      AtomicRef<uint32_t, Scope::kSystem>(v.flags[1 + wid])
+          .store(w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u, Order::kRelease);
       for (uint32_t i = 0; i < cap; ++i) w.conn[i] = {-1, 0, 0};
       w.open = 0;
     }
@@ -307,17 +312,17 @@ class EchoState {
   EchoState& operator=(const EchoState&) = delete;
 
   EchoView view() const {
-    return {warps_.data(), bufs_.data(), static_cast<volatile uint32_t*>(stop_.device), cfg_, nwarps_};
+    return {warps_.data(), bufs_.data(), static_cast<uint32_t*>(stop_.device), cfg_, nwarps_};
   }
   // Asks every warp to close its connections and end (seen within poll_ms).
   void request_stop() { __atomic_store_n(static_cast<uint32_t*>(stop_.host), 1u, __ATOMIC_RELEASE); }
   // How many warps listen (> 0 each), or the first warp's error (-errno); 0 while some
   // warps have not tried yet.
   int listening() const {
-    const volatile uint32_t* f = static_cast<const volatile uint32_t*>(stop_.host);
+    uint32_t* f = static_cast<uint32_t*>(stop_.host);
     int n = 0;
     for (uint32_t i = 0; i < nwarps_; ++i) {
-      const int32_t x = static_cast<int32_t>(f[1 + i]);
+      const int32_t x = static_cast<int32_t>(__atomic_load_n(&f[1 + i], __ATOMIC_ACQUIRE));
       if (x < 0) return x;
       if (x == 0) return 0;
       ++n;
