@@ -394,12 +394,18 @@ class Ctl {
       }
       return e;
     };
-    help("gpusock_hostcalls_total", "counter", "Hostcalls answered (one per warp group), by opcode.");
-    for (const auto& p : r.opcodes()) line("gpusock_hostcalls_total", "opcode=\"" + esc(p.name()) + "\"", n(p.calls()));
-    help("gpusock_hostcall_lanes_total", "counter", "Lane calls answered, by opcode.");
-    for (const auto& p : r.opcodes()) line("gpusock_hostcall_lanes_total", "opcode=\"" + esc(p.name()) + "\"", n(p.lanes()));
-    help("gpusock_hostcall_errors_total", "counter", "Lane calls answered with an error, by opcode.");
-    for (const auto& p : r.opcodes()) line("gpusock_hostcall_errors_total", "opcode=\"" + esc(p.name()) + "\"", n(p.errors()));
+    // One metric, one sample per opcode.
+    auto per_opcode = [&](const char* name, const char* text, auto value) {
+      help(name, "counter", text);
+      for (const auto& p : r.opcodes()) line(name, "opcode=\"" + esc(p.name()) + "\"", n(value(p)));
+    };
+    using OpStats = std::decay_t<decltype(r.opcodes(0))>;
+    per_opcode("gpusock_hostcalls_total", "Hostcalls answered (one per warp group), by opcode.",
+               [](const OpStats& p) { return p.calls(); });
+    per_opcode("gpusock_hostcall_lanes_total", "Lane calls answered, by opcode.",
+               [](const OpStats& p) { return p.lanes(); });
+    per_opcode("gpusock_hostcall_errors_total", "Lane calls answered with an error, by opcode.",
+               [](const OpStats& p) { return p.errors(); });
     help("gpusock_hostcall_latency_seconds", "histogram", "Host service time of a hostcall, claim to reply.");
     for (const auto& p : r.opcodes()) {
       const std::string op = "opcode=\"" + esc(p.name()) + "\"";
@@ -416,35 +422,28 @@ class Ctl {
       line("gpusock_hostcall_latency_seconds_sum", op, sum);
       line("gpusock_hostcall_latency_seconds_count", op, n(cum));
     }
-    help("gpusock_hostcalls_rejected_total", "counter", "Calls failed by validation.");
-    line("gpusock_hostcalls_rejected_total", "", n(r.rejected()));
-    help("gpusock_slots", "gauge", "Hostcall slots in the region.");
-    line("gpusock_slots", "", n(r.slots()));
-    help("gpusock_slots_owned", "gauge", "Slots a warp holds.");
-    line("gpusock_slots_owned", "", n(r.slots_owned()));
-    help("gpusock_calls_in_flight", "gauge", "Calls published and not yet answered.");
-    line("gpusock_calls_in_flight", "", n(r.calls_in_flight()));
-    help("gpusock_staging_bytes", "gauge", "Size of the staging arena.");
-    line("gpusock_staging_bytes", "", n(r.staging_bytes()));
-    help("gpusock_staging_bytes_used", "gauge", "Staging bytes held by calls.");
-    line("gpusock_staging_bytes_used", "", n(r.staging_bytes_used()));
+    // A metric with one unlabelled sample.
+    auto single = [&](const char* name, const char* type, const char* text, const std::string& v) {
+      help(name, type, text);
+      line(name, "", v);
+    };
+    single("gpusock_hostcalls_rejected_total", "counter", "Calls failed by validation.", n(r.rejected()));
+    single("gpusock_slots", "gauge", "Hostcall slots in the region.", n(r.slots()));
+    single("gpusock_slots_owned", "gauge", "Slots a warp holds.", n(r.slots_owned()));
+    single("gpusock_calls_in_flight", "gauge", "Calls published and not yet answered.", n(r.calls_in_flight()));
+    single("gpusock_staging_bytes", "gauge", "Size of the staging arena.", n(r.staging_bytes()));
+    single("gpusock_staging_bytes_used", "gauge", "Staging bytes held by calls.", n(r.staging_bytes_used()));
     help("gpusock_sockets", "gauge", "Open sockets by family, type and state.");
     for (const auto& s : r.sockets()) {
       line("gpusock_sockets", "family=\"" + esc(s.family()) + "\",type=\"" + esc(s.type()) + "\",state=\"" + esc(s.state()) + "\"",
            n(s.count()));
     }
-    help("gpusock_socket_bytes_in", "gauge", "Bytes received by kernels over the host sockets open now.");
-    line("gpusock_socket_bytes_in", "", n(r.bytes_in()));
-    help("gpusock_socket_bytes_out", "gauge", "Bytes sent by kernels over the host sockets open now.");
-    line("gpusock_socket_bytes_out", "", n(r.bytes_out()));
-    help("gpusock_localdevice_listeners", "gauge", "localdevice listeners.");
-    line("gpusock_localdevice_listeners", "", n(r.localdevice_listeners()));
-    help("gpusock_localdevice_connected", "gauge", "Connected localdevice stream sockets.");
-    line("gpusock_localdevice_connected", "", n(r.localdevice_connected()));
-    help("gpusock_localdevice_queued_bytes", "gauge", "Bytes waiting in localdevice rings.");
-    line("gpusock_localdevice_queued_bytes", "", n(r.localdevice_queued_bytes()));
-    help("gpusock_draining", "gauge", "1 once Drain was called.");
-    line("gpusock_draining", "", r.draining() ? "1" : "0");
+    single("gpusock_socket_bytes_in", "gauge", "Bytes received by kernels over the host sockets open now.", n(r.bytes_in()));
+    single("gpusock_socket_bytes_out", "gauge", "Bytes sent by kernels over the host sockets open now.", n(r.bytes_out()));
+    single("gpusock_localdevice_listeners", "gauge", "localdevice listeners.", n(r.localdevice_listeners()));
+    single("gpusock_localdevice_connected", "gauge", "Connected localdevice stream sockets.", n(r.localdevice_connected()));
+    single("gpusock_localdevice_queued_bytes", "gauge", "Bytes waiting in localdevice rings.", n(r.localdevice_queued_bytes()));
+    single("gpusock_draining", "gauge", "1 once Drain was called.", r.draining() ? "1" : "0");
     std::fwrite(o.data(), 1, o.size(), stdout);
     return kOk;
   }
