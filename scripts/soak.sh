@@ -153,7 +153,7 @@ soak_one() {
     fi
     last="$rss $fds $threads"
     rounds=$((rounds + 1))
-    ((SECONDS - t0 + round <= deadline_s)) || break
+    ((SECONDS - t0 < deadline_s)) || break  # at least --minutes of load
   done
   kill -INT "$pid" 2>/dev/null
   local rc=0
