@@ -8,8 +8,9 @@
 #
 # Each server runs for --minutes. Load comes in rounds of --round seconds; every round
 # opens new connections (the shapes rotate), checks its answers, and closes them. After
-# each round the script waits for the server to see every close and then samples, from
-# /proc/PID: VmRSS, the number of open descriptors, and the number of threads.
+# each round the script waits for the server to see every close (its descriptor count back
+# at the baseline's, at most 60 s) and then samples, from /proc/PID: VmRSS, the number of
+# open descriptors, and the number of threads.
 #
 # Pass, per server:
 #   - every load round succeeded (gpusock-echo-bench checks every byte it gets back; wrk
@@ -112,12 +113,20 @@ load_round() {
   fi
 }
 
-# Waits until the server's descriptor count stops changing (closes seen), at most 10 s.
+# Waits for the server to see the round's closes. Before the baseline exists: until the
+# descriptor count has not changed for 2 s. After: until it is back at the baseline's,
+# for at most 60 s (a loaded cpu device can take seconds to poll every connection); the
+# sample taken after that is what the check judges.
 settle() {
-  local last="" now
-  for _ in $(seq 1 50); do
+  local want=$1 last="" now same=0
+  for _ in $(seq 1 300); do
     now=$(ls "/proc/$pid/fd" | wc -l)
-    [[ "$now" == "$last" ]] && return 0
+    if [[ -n "$want" ]]; then
+      [[ "$now" == "$want" ]] && return 0
+    else
+      if [[ "$now" == "$last" ]]; then same=$((same + 1)); else same=0; fi
+      ((same >= 10)) && return 0
+    fi
     last=$now
     sleep 0.2
   done
@@ -140,7 +149,7 @@ soak_one() {
   local t0=$SECONDS base="" last="" reqs
   while :; do
     reqs=$(load_round "$rounds") || { failed="load round $rounds failed"; break; }
-    settle
+    settle "$(cut -d' ' -f2 <<<"$base")"
     read -r rss fds threads < <(sample)
     echo "$((SECONDS - t0)),$rounds,${reqs:-0},$rss,$fds,$threads" >>"$csv"
     total=$((total + ${reqs:-0}))
