@@ -14,6 +14,11 @@ namespace gpusock::net {
 Result<ResolvedAddress> resolve_address(std::string_view text) {
   ResolvedAddress out;
   const std::string str(text);
+  // The parsers below read C strings: a NUL would end the text early and leave what
+  // follows it unread, so "localdevice:1\0junk" would pass as localdevice:1.
+  if (text.find('\0') != std::string_view::npos) {
+    return Status{EINVAL, "'" + str + "': address text contains a NUL byte"};
+  }
   sockaddr_ld ld{};
   if (text.starts_with("localdevice:")) {
     if (ld_pton(str.c_str(), &ld) != 1) {
