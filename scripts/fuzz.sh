@@ -95,8 +95,10 @@ for t in $targets; do
   [ "$crashes" -eq 0 ] && [ "$execs" -ge "$runs" ] || status=1
   secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.0f", b - a }')
   rate=$(awk -v n="$execs" -v s="$secs" 'BEGIN { printf "%.0f", (s > 0 ? n / s : 0) }')
-  files=$(find "$corpus" -maxdepth 1 -type f | wc -l)
-  report+=("$(printf '%-10s %11s %8s %8s %7s %7s' "$t" "$execs" "$secs" "$rate" "$files" "$crashes")")
+  # libFuzzer's own count of the inputs it keeps (the directory also holds the inputs
+  # that later, smaller ones replaced).
+  files=$(grep -o 'corp: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
+  report+=("$(printf '%-10s %11s %8s %8s %7s %7s' "$t" "$execs" "$secs" "$rate" "${files:-?}" "$crashes")")
   echo "${report[-1]}"
 done
 echo
