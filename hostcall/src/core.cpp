@@ -3,6 +3,8 @@
 // reply. See docs/architecture.md for the protocol this implements.
 #include "core.hpp"
 
+#include "decode.hpp"
+
 #include <pthread.h>
 #include <sched.h>
 #include <sys/prctl.h>
@@ -273,23 +275,22 @@ uint32_t Core::drain_ring(uint32_t budget, std::vector<Early>& early) {
     // Acquire pairs with nothing on the device (the doorbell store is relaxed); the
     // state word read in on_doorbell() is what carries the request's data.
     uint64_t e = std::atomic_ref<uint64_t>(ring_h_[head & (ring_cap_ - 1)]).load(std::memory_order_acquire);
-    uint32_t tag = hostcall::ring_entry_tag(e);
-    if (tag == head + 1) {
+    const RingEntry r = decode_ring_entry(e, head);
+    if (r.kind == RingEntryKind::kDoorbell || r.kind == RingEntryKind::kFiller) {
       if (!ring_head_.compare_exchange_strong(head, head + 1, std::memory_order_acq_rel)) continue;
-      uint32_t slot = hostcall::ring_entry_slot(e);
-      if (slot == hostcall::kFillerSlot) continue;
+      if (r.kind == RingEntryKind::kFiller) continue;
       doorbells_.fetch_add(1, std::memory_order_relaxed);
-      if (on_doorbell(slot, hostcall::ring_entry_seq(e)) == DoorbellResult::kEarly) {
+      if (on_doorbell(r.slot, r.seq_low) == DoorbellResult::kEarly) {
         early_doorbells_.fetch_add(1, std::memory_order_relaxed);
-        early.push_back({slot, hostcall::ring_entry_seq(e), now_ns()});
+        early.push_back({r.slot, r.seq_low, now_ns()});
       }
       ++done;
       continue;
     }
-    if (static_cast<int32_t>(tag - (head + 1)) > 0 && tag != 0) {
+    if (r.kind == RingEntryKind::kLapped) {
       // The device lapped us: jump to the entry it left here. Whatever lay between is
       // found by the sweep.
-      ring_head_.compare_exchange_strong(head, tag - 1, std::memory_order_acq_rel);
+      ring_head_.compare_exchange_strong(head, r.new_head, std::memory_order_acq_rel);
       continue;
     }
     break;  // not written yet
@@ -303,14 +304,17 @@ Core::DoorbellResult Core::on_doorbell(uint32_t slot, uint32_t seq_low) {
     return DoorbellResult::kDone;
   }
   uint64_t st = state_of(slots_h_[slot]).load(std::memory_order_acquire);
-  uint32_t d = (seq_low - hostcall::state_seq(st)) & hostcall::kRingSeqMask;
-  if (d == 0) {
-    if (hostcall::state_phase(st) == hostcall::kRequest) claim_and_run(slot, st);
-    return DoorbellResult::kDone;  // ours: run now, or already taken by the sweep
+  switch (classify_doorbell(slot, seq_low, nslots_, st)) {
+    case DoorbellAction::kClaim:
+      claim_and_run(slot, st);
+      return DoorbellResult::kDone;
+    case DoorbellAction::kEarly:
+      return DoorbellResult::kEarly;
+    case DoorbellAction::kReject:  // not reached: checked above, before the state load
+    case DoorbellAction::kIgnore:
+      break;
   }
-  // Older state: the doorbell overtook the state store it follows. Newer: the slot moved
-  // on and this doorbell is stale.
-  return d < (1u << (hostcall::kRingSeqBits - 1)) ? DoorbellResult::kEarly : DoorbellResult::kDone;
+  return DoorbellResult::kDone;  // already taken by the sweep, or a stale doorbell
 }
 
 uint32_t Core::retry_early(std::vector<Early>& early) {
@@ -400,16 +404,15 @@ bool Core::claim_and_run(uint32_t slot, uint64_t st) {
 
 void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
   for (uint32_t m = call.mask_; m != 0; m &= m - 1) call.results_[0][__builtin_ctz(m)] = 0;
-  if (call.mask_ == 0 || call.nargs_ > kMaxArgs || hdr.flags != 0) {
+  const int verdict = check_header(hdr);
+  if (verdict == -EINVAL) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
     call.nargs_ = 0;
     call.set_all(-EINVAL);
     commit(call);
     return;
   }
-  HandlerEntry* h = call.opcode_ < hostcall::kOpcodeLimit
-                        ? handlers_[call.opcode_].load(std::memory_order_acquire)
-                        : nullptr;
+  HandlerEntry* h = verdict == 0 ? handlers_[call.opcode_].load(std::memory_order_acquire) : nullptr;
   if (h == nullptr) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
     call.nargs_ = 0;
@@ -718,12 +721,9 @@ int Call::payload(uint32_t lane, uint32_t k, std::span<const uint8_t>* out) cons
   if (k + 1 >= nargs_) return -EINVAL;
   uint64_t off = arg(lane, k), len = arg(lane, k + 1);
   // The pages this call holds, clipped to the arena; both come from the kernel too.
-  uint64_t size = core_->staging_size();
-  uint64_t lo = uint64_t{staging_first_} * kStagingPageBytes;
-  uint64_t hi = lo + uint64_t{staging_count_} * kStagingPageBytes;
-  if (hi > size) hi = size;
-  // Overflow-safe bounds check: offset and length come straight from the kernel.
-  if (off < lo || off > hi || len > hi - off) return -EFAULT;
+  if (int e = internal::check_payload(off, len, staging_first_, staging_count_, core_->staging_size()); e != 0) {
+    return e;
+  }
   *out = std::span<const uint8_t>(core_->staging_host() + off, len);
   return 0;
 }

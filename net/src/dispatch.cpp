@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "decode.hpp"
 #include "gpusock/net/backend.hpp"
 
 namespace gpusock::net {
@@ -125,122 +126,16 @@ void Reply::finish(int64_t result) {
 
 namespace {
 
-struct OpInfo {
-  Op op;
-  uint32_t results;  // result words per lane
+// One lane of a hostcall::Call, as decode_request() reads it.
+struct CallLane {
+  const hostcall::Call& call;
+  uint32_t lane;
+  uint64_t arg(uint32_t k) const { return call.arg(lane, k); }
+  int payload(uint32_t k, std::span<const uint8_t>* out) const { return call.payload(lane, k, out); }
 };
 
-OpInfo info_for(uint32_t opcode) {
-  switch (opcode) {
-    case op::kSocket: return {Op::kSocket, 1};
-    case op::kBind: return {Op::kBind, 1};
-    case op::kListen: return {Op::kListen, 1};
-    case op::kAccept: return {Op::kAccept, 6};
-    case op::kConnect: return {Op::kConnect, 1};
-    case op::kSend: return {Op::kSend, 1};
-    case op::kRecv: return {Op::kRecv, 8};
-    case op::kShutdown: return {Op::kShutdown, 1};
-    case op::kClose: return {Op::kClose, 1};
-    case op::kSetsockopt: return {Op::kSetsockopt, 1};
-    case op::kGetsockopt: return {Op::kGetsockopt, 6};
-    case op::kGetsockname: return {Op::kGetsockname, 6};
-    case op::kGetpeername: return {Op::kGetpeername, 6};
-    case op::kPoll: return {Op::kPoll, 1};
-    case op::kFcntl: return {Op::kFcntl, 1};
-    default: return {Op::kClose, 1};
-  }
-}
-
-// Fills `req` from lane `lane` of `call`. Returns 0, 1 for a lane that needs no I/O (its
-// answer is 0), or -errno for a malformed request (a kernel wrote garbage or bypassed
-// socket.hpp): that lane alone fails.
-int decode(const hostcall::Call& call, uint32_t lane, Op op, bool descriptor_write, Request& req) {
-  auto arg = [&](uint32_t k) { return call.arg(lane, k); };
-  auto payload = [&](uint32_t k) -> int {
-    std::span<const uint8_t> p;
-    int r = call.payload(lane, k, &p);
-    if (r != 0) return r;
-    // The staging pages are host memory the call holds; poll writes revents back into them.
-    req.data = std::span<uint8_t>(const_cast<uint8_t*>(p.data()), p.size());
-    return 0;
-  };
-  req.op = op;
-  if (descriptor_write) {  // hostcall::op::kDescriptorWrite: {fd, payload}
-    req.op = Op::kSend;
-    req.fd = static_cast<int32_t>(arg(0));
-    return payload(1);
-  }
-  switch (op) {
-    case Op::kSocket:
-      req.a[0] = static_cast<int32_t>(arg(0));
-      req.a[1] = static_cast<int32_t>(arg(1));
-      req.a[2] = static_cast<int32_t>(arg(2));
-      return 0;
-    case Op::kBind:
-    case Op::kConnect:
-      req.fd = static_cast<int32_t>(arg(0));
-      if (int r = payload(1); r != 0) return r;
-      return req.data.size() <= sizeof(sockaddr_storage) ? 0 : -EINVAL;
-    case Op::kListen:
-    case Op::kAccept:
-    case Op::kShutdown:
-      req.fd = static_cast<int32_t>(arg(0));
-      req.a[0] = static_cast<int32_t>(arg(1));
-      return 0;
-    case Op::kSend: {
-      req.fd = static_cast<int32_t>(arg(0));
-      const uint64_t w = arg(1);
-      req.a[0] = static_cast<int32_t>(static_cast<uint32_t>(w));
-      req.addr_len = static_cast<uint32_t>(w >> 32);
-      if (req.addr_len == kRideAlong) return 1;  // answered 0 by the dispatcher, no I/O
-      if (req.addr_len > kMaxAddrBytes) return -EINVAL;
-      for (uint32_t k = 0; k < 4; ++k) {
-        uint64_t v = arg(2 + k);
-        std::memcpy(req.addr + 8 * k, &v, 8);
-      }
-      return payload(6);
-    }
-    case Op::kRecv:
-      req.fd = static_cast<int32_t>(arg(0));
-      req.a[0] = static_cast<int32_t>(arg(1));
-      req.a[1] = static_cast<int64_t>(static_cast<uint32_t>(arg(2)));
-      return 0;
-    case Op::kClose:
-    case Op::kGetsockname:
-    case Op::kGetpeername:
-      req.fd = static_cast<int32_t>(arg(0));
-      return 0;
-    case Op::kSetsockopt:
-      req.fd = static_cast<int32_t>(arg(0));
-      req.a[0] = static_cast<int32_t>(arg(1));
-      req.a[1] = static_cast<int32_t>(arg(2));
-      if (int r = payload(3); r != 0) return r;
-      return req.data.size() <= kMaxOptBytes ? 0 : -EINVAL;
-    case Op::kGetsockopt:
-      req.fd = static_cast<int32_t>(arg(0));
-      req.a[0] = static_cast<int32_t>(arg(1));
-      req.a[1] = static_cast<int32_t>(arg(2));
-      req.a[2] = static_cast<int64_t>(static_cast<uint32_t>(arg(3)));
-      return 0;
-    case Op::kPoll: {
-      const uint64_t nfds = arg(0);
-      req.a[0] = static_cast<int64_t>(nfds);
-      req.a[1] = static_cast<int32_t>(arg(1));
-      if (nfds > kMaxPollFds) return -EINVAL;
-      if (int r = payload(2); r != 0) return r;
-      return req.data.size() == nfds * 8 ? 0 : -EINVAL;  // sizeof(pollfd) on both sides
-    }
-    case Op::kFcntl:
-      req.fd = static_cast<int32_t>(arg(0));
-      req.a[0] = static_cast<int32_t>(arg(1));
-      req.a[1] = static_cast<int32_t>(arg(2));
-      return 0;
-  }
-  return -ENOSYS;
-}
-
 void dispatch(Backend& backend, hostcall::Call& call, bool descriptor_write) {
-  const OpInfo info = descriptor_write ? OpInfo{Op::kSend, 1} : info_for(call.opcode());
+  const OpInfo info = descriptor_write ? OpInfo{Op::kSend, 1} : op_info(call.opcode());
   if (call.lane_mask() == 0) return;  // nothing to answer per lane; the core answers 0
   // Size the result rows once, here, before any lane can finish on another thread.
   call.set_result(static_cast<uint32_t>(__builtin_ctz(call.lane_mask())), info.results - 1, 0);
@@ -250,7 +145,7 @@ void dispatch(Backend& backend, hostcall::Call& call, bool descriptor_write) {
   c.for_each_lane([&](uint32_t lane) {
     Request req;
     Reply reply(group, lane);
-    int r = decode(c, lane, info.op, descriptor_write, req);
+    int r = decode_request(CallLane{c, lane}, info.op, descriptor_write, req);
     if (r != 0) {
       reply.finish(r > 0 ? 0 : r);
       return;
@@ -266,7 +161,7 @@ Status attach(Runtime& rt, std::shared_ptr<Backend> backend) {
   if (backend == nullptr) return Status(EINVAL, "net::attach: null backend");
   if (Status s = rt.set_service_hook(backend); !s.ok()) return s;
   for (uint32_t opcode = op::kFirst; opcode <= op::kLast; ++opcode) {
-    std::string name = std::string("net.") + to_string(info_for(opcode).op);
+    std::string name = std::string("net.") + to_string(op_info(opcode).op);
     Status s = rt.register_handler(opcode, name, [b = backend.get()](hostcall::Call& call) { dispatch(*b, call, false); });
     if (!s.ok()) return s;
   }

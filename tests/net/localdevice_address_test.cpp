@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "gpusock/net/localdevice.hpp"
 #include "gpusock/net/localdevice_host.hpp"
@@ -80,6 +81,21 @@ TEST(ResolveAddress, RefusesWhatItCannotParseWithAReason) {
     EXPECT_EQ(r.status().code(), EINVAL) << bad;
     EXPECT_NE(r.status().message().find(bad), std::string::npos) << r.status().message();
   }
+}
+
+// Found by tests/fuzz/address_fuzz.cpp (corpus/address/ld_nul_then_more): the parsers
+// read C strings, so text after a NUL went unread and "localdevice:1\0junk" resolved as
+// localdevice:1.
+TEST(ResolveAddress, RefusesTextWithANulByteInsteadOfIgnoringWhatFollowsIt) {
+  using namespace std::string_view_literals;
+  for (std::string_view bad : {"localdevice:1\0001:1"sv, "10.0.0.1\0x:80"sv, "[::1\0junk]:80"sv, "10.0.0.1:80\0"sv}) {
+    auto r = gpusock::net::resolve_address(bad);
+    EXPECT_FALSE(r.ok()) << "NUL at " << bad.find('\0');
+    EXPECT_EQ(r.status().code(), EINVAL);
+  }
+  // The same text without the NUL and what follows it still resolves.
+  EXPECT_TRUE(gpusock::net::resolve_address("localdevice:1").ok());
+  EXPECT_TRUE(gpusock::net::resolve_address("10.0.0.1:80").ok());
 }
 
 }  // namespace
