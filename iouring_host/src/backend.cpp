@@ -178,7 +178,6 @@ struct Ring {
   uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
-  std::vector<Op*> starved;        // receives that found no buffer (ENOBUFS)
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   bool staging_registered = false;
@@ -480,16 +479,6 @@ class IouringBackend final : public net::Backend {
       s->waiters.front().reply.finish(-ECONNABORTED);
       s->waiters.pop_front();
     }
-    for (auto it = r.starved.begin(); it != r.starved.end();) {
-      if ((*it)->sock == s) {
-        (*it)->reply.finish(-ECONNABORTED);
-        Op* op = *it;
-        it = r.starved.erase(it);
-        retire(r, op);
-      } else {
-        ++it;
-      }
-    }
     if (s->inflight > 0) {
       if (io_uring_sqe* sqe = r.sqe()) {
         if (s->fixed >= 0) {
@@ -598,7 +587,6 @@ class IouringBackend final : public net::Backend {
     }
     r.live.clear();
     for (PollWait* w : waits) delete w;  // an unanswered one answers -ECANCELED
-    r.starved.clear();
     std::vector<std::shared_ptr<Sock>> mine;
     {
       std::lock_guard<std::mutex> lock(table_mu_);
@@ -716,12 +704,7 @@ class IouringBackend final : public net::Backend {
         ++i;
       }
     }
-    if (added > 0) {
-      io_uring_buf_ring_advance(r.br, added);
-      std::vector<Op*> again;
-      again.swap(r.starved);
-      for (Op* op : again) submit_recv(r, op);
-    }
+    if (added > 0) io_uring_buf_ring_advance(r.br, added);
     return static_cast<uint32_t>(added);
   }
 
@@ -1176,16 +1159,6 @@ class IouringBackend final : public net::Backend {
     while (!s->waiters.empty()) {
       s->waiters.front().reply.finish(-EBADF);
       s->waiters.pop_front();
-    }
-    for (auto it = r.starved.begin(); it != r.starved.end();) {
-      if ((*it)->sock == s) {
-        (*it)->reply.finish(-EBADF);
-        Op* op = *it;
-        it = r.starved.erase(it);
-        retire(r, op);
-      } else {
-        ++it;
-      }
     }
     if (s->inflight > 0) {
       // Cancel every operation on the socket; they complete with -ECANCELED (answered
