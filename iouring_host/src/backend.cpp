@@ -470,25 +470,7 @@ class IouringBackend final : public net::Backend {
     // recv with 0, a send with EPIPE, an accept with EINVAL) and are answered
     // -ECONNABORTED below. A listener stops listening: new connections are refused.
     ::shutdown(s->fd, SHUT_RDWR);
-    for (int fd : s->accepted) ::close(fd);
-    while (!s->accepted.empty()) {
-      s->accepted.pop_front();
-      count_accepted(*s, -1);
-    }
-    while (!s->waiters.empty()) {
-      s->waiters.front().reply.finish(-ECONNABORTED);
-      s->waiters.pop_front();
-    }
-    if (s->inflight > 0) {
-      if (io_uring_sqe* sqe = r.sqe()) {
-        if (s->fixed >= 0) {
-          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
-        } else {
-          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
-        }
-        io_uring_sqe_set_data64(sqe, kIgnore);
-      }
-    }
+    end_waiting(r, *s, -ECONNABORTED, false);
     // A poll waiting on a listener watches its eventfd: make it readable, so the kernel's
     // poll ends and its accept() sees ECONNABORTED.
     if (const int e = s->accept_efd.load(std::memory_order_relaxed); e >= 0) {
@@ -496,6 +478,33 @@ class IouringBackend final : public net::Backend {
       ssize_t n = ::write(e, &v, sizeof v);
       (void)n;
     }
+  }
+
+  // What close and abort share, on the home ring: closes the connections queued on a
+  // listener, answers `err` to the lanes waiting in accept, and cancels every io_uring
+  // operation in flight on the socket (they complete with -ECANCELED, and their handlers
+  // answer for the socket's state: -EBADF once closed, -ECONNABORTED once aborted). With
+  // `submit_now` the cancel goes to the kernel at once instead of with the next pass.
+  void end_waiting(Ring& r, Sock& s, int err, bool submit_now) {
+    for (int fd : s.accepted) ::close(fd);
+    while (!s.accepted.empty()) {
+      s.accepted.pop_front();
+      count_accepted(s, -1);
+    }
+    while (!s.waiters.empty()) {
+      s.waiters.front().reply.finish(err);
+      s.waiters.pop_front();
+    }
+    if (s.inflight == 0) return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;
+    if (s.fixed >= 0) {
+      io_uring_prep_cancel_fd(sqe, s.fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
+    } else {
+      io_uring_prep_cancel_fd(sqe, s.fd, IORING_ASYNC_CANCEL_ALL);
+    }
+    io_uring_sqe_set_data64(sqe, kIgnore);
+    if (submit_now) io_uring_submit(&r.ring);
   }
 
   // Tells the observer that an operation on `s` failed with `res` for a reason about the
@@ -1151,28 +1160,9 @@ class IouringBackend final : public net::Backend {
       if (it != table_.end() && it->second == s) table_.erase(it);
     }
     s->closed = true;
-    for (int fd : s->accepted) ::close(fd);
-    while (!s->accepted.empty()) {
-      s->accepted.pop_front();
-      count_accepted(*s, -1);
-    }
-    while (!s->waiters.empty()) {
-      s->waiters.front().reply.finish(-EBADF);
-      s->waiters.pop_front();
-    }
-    if (s->inflight > 0) {
-      // Cancel every operation on the socket; they complete with -ECANCELED (answered
-      // -EBADF). The cancel must run while the fixed slot still names the socket.
-      if (io_uring_sqe* sqe = r.sqe()) {
-        if (s->fixed >= 0) {
-          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
-        } else {
-          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
-        }
-        io_uring_sqe_set_data64(sqe, kIgnore);
-        io_uring_submit(&r.ring);
-      }
-    }
+    // The in-flight operations complete with -ECANCELED, answered -EBADF. The cancel must
+    // reach the kernel while the fixed slot still names the socket: submitted at once.
+    end_waiting(r, *s, -EBADF, true);
     if (s->fixed >= 0) {
       int minus_one = -1;
       io_uring_register_files_update(&r.ring, static_cast<unsigned>(s->fixed), &minus_one, 1);
