@@ -27,6 +27,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -77,7 +78,7 @@ struct PollWait {
   std::vector<short> nval;      // POLLNVAL for entries that are not our sockets
   uint32_t outstanding = 0;     // ops whose final completion has not arrived
   bool done = false;
-  __kernel_timespec ts{};
+  __kernel_timespec ts{};       // the timer's deadline, CLOCK_MONOTONIC (absolute)
 };
 
 struct Sock {
@@ -1211,20 +1212,29 @@ class IouringBackend final : public net::Backend {
       if (w->host[i].fd >= 0) arm_poll(r, w, i);
     }
     if (timeout > 0) {
-      if (io_uring_sqe* sqe = r.sqe()) {
-        Op* t = new_op(r, Kind::kPollTimer, nullptr);
-        t->wait = w;
-        w->ts.tv_sec = timeout / 1000;
-        w->ts.tv_nsec = (timeout % 1000) * 1000000LL;
-        io_uring_prep_timeout(sqe, &w->ts, 0, 0);
-        io_uring_sqe_set_data(sqe, t);
-        w->outstanding++;
-      }
+      // An absolute deadline, so a timer armed again (after a cancel it did not ask for)
+      // still ends the wait when the caller's timeout says.
+      timespec now{};
+      ::clock_gettime(CLOCK_MONOTONIC, &now);
+      const int64_t end = now.tv_sec * 1000000000LL + now.tv_nsec + timeout * 1000000LL;
+      w->ts.tv_sec = end / 1000000000LL;
+      w->ts.tv_nsec = end % 1000000000LL;
+      arm_timer(r, w);
     }
     if (w->outstanding == 0) {  // nothing could be armed (or no descriptors and no timer)
       finish_poll(r, w);
       delete w;
     }
+  }
+
+  void arm_timer(Ring& r, PollWait* w) {
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;
+    Op* t = new_op(r, Kind::kPollTimer, nullptr);
+    t->wait = w;
+    io_uring_prep_timeout(sqe, &w->ts, 0, IORING_TIMEOUT_ABS);
+    io_uring_sqe_set_data(sqe, t);
+    w->outstanding++;
   }
 
   void arm_poll(Ring& r, PollWait* w, uint32_t i) {
@@ -1251,7 +1261,13 @@ class IouringBackend final : public net::Backend {
     return ready;
   }
 
-  void finish_poll(Ring& r, PollWait* w) {
+  // Answers the poll: the ready count with every entry's revents, or `error` (< 0) alone.
+  void finish_poll(Ring& r, PollWait* w, int error = 0) {
+    if (error < 0) {
+      w->done = true;
+      w->reply.finish(error);
+      return;
+    }
     int ready = 0;
     for (size_t i = 0; i < w->host.size(); ++i) {
       short rev = w->nval[i] != 0 ? w->nval[i] : (w->host[i].fd >= 0 ? w->host[i].revents : 0);
@@ -1273,14 +1289,28 @@ class IouringBackend final : public net::Backend {
         if (poll_now(*w) > 0 || timer) {
           finish_poll(r, w);
           cancel_poll_ops(r, w);
-        } else if (!timer) {
+        } else {
           arm_poll(r, w, index);  // woke, but someone else took the event: wait again
         }
-      } else if (!timer && res < 0 && res != -ECANCELED) {
-        // The descriptor went bad under the poll: report what poll(2) sees now.
-        poll_now(*w);
-        finish_poll(r, w);
+      } else if (res == -ECANCELED) {
+        // Not our cancel (ours come only after the answer): the wait is still wanted, so
+        // arm the operation again. Leaving it would end the wait's last operation and
+        // leave the lane waiting until shutdown.
+        if (timer) {
+          arm_timer(r, w);
+        } else {
+          arm_poll(r, w, index);
+        }
+      } else {
+        // The descriptor went bad under the poll, or the timer failed: report what poll(2)
+        // sees now, or the error when nothing is ready.
+        const int ready = poll_now(*w);
+        finish_poll(r, w, ready > 0 ? 0 : res);
         cancel_poll_ops(r, w);
+      }
+      if (!w->done && w->outstanding == 0) {
+        // Nothing is left to end the wait (a re-arm found no SQE): answer now.
+        finish_poll(r, w, poll_now(*w) > 0 ? 0 : -EBUSY);
       }
     }
     if (w->done && w->outstanding == 0) delete w;
