@@ -1024,6 +1024,17 @@ class IouringBackend final : public net::Backend {
         return;
       }
     }
+    if (res == -ECANCELED && !op->sock->closed && !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Not a cancel of ours (close and abort set their flag first): the kernel gave up
+      // on the operation before it took a byte, so the lane's send still stands. Answering
+      // ECANCELED, which send(2) never returns, would end a transfer nothing ended.
+      if (notif_follows) {
+        op->zc_result = kResendAfterNotif;
+        return;
+      }
+      submit_send(r, op);
+      return;
+    }
     int result = op->done > 0 ? static_cast<int>(op->done) : res;
     if (result == -ECANCELED && op->sock->closed) result = -EBADF;
     if (result <= 0 && op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) result = -ECONNABORTED;
@@ -1115,6 +1126,13 @@ class IouringBackend final : public net::Backend {
         op->reply.finish(-ENOBUFS);
         return retire(r, op);
       }
+      submit_recv(r, op);
+      return;
+    }
+    if (res == -ECANCELED && !op->sock->closed && !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Not a cancel of ours: no byte was taken from the socket, so ask again; recv(2)
+      // has no ECANCELED to give the lane.
+      if (has_buf) return_buffer_now(r, b);
       submit_recv(r, op);
       return;
     }
