@@ -181,6 +181,9 @@ struct Ring {
   std::vector<uint32_t> lent;      // buffers the device holds
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
+  // Operations a FaultPlan failed at submission, with their result: completed on the next
+  // pass, as the kernel would complete them (Options::faults).
+  std::vector<std::pair<Op*, int>> injected;
   bool staging_registered = false;
   // Work posted by other service threads for sockets homed here.
   std::mutex inbox_mu;
@@ -208,6 +211,7 @@ class IouringBackend final : public net::Backend {
       : opt_(o), feat_(f), setup_flags_(setup_flags),
         deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0), staging_(rt.staging_host()), staging_bytes_(rt.staging_size()) {
     rings_.resize(rt.service_threads());
+    faults_ = opt_.faults.get();
   }
   ~IouringBackend() override {
     for (auto& r : rings_) {
@@ -262,6 +266,7 @@ class IouringBackend final : public net::Backend {
     if (io_uring_sq_ready(&r->ring) > 0 || collect) {
       io_uring_submit_and_get_events(&r->ring);
     }
+    if (!r->injected.empty()) [[unlikely]] work += complete_injected(*r);
     work += reap(*r);
     return work;
   }
@@ -590,6 +595,7 @@ class IouringBackend final : public net::Backend {
       r.inbox.clear();
     }
     io_uring_queue_exit(&r.ring);
+    r.injected.clear();  // their Ops are in `live`, freed below
     std::unordered_set<PollWait*> waits;
     for (Op* op : r.live) {
       if (op->wait != nullptr) waits.insert(op->wait);
@@ -679,6 +685,26 @@ class IouringBackend final : public net::Backend {
   void retire(Ring& r, Op* op) {
     r.live.erase(op);
     delete_op(op);
+  }
+
+  // Asks the fault plan about a submission of `op` (callers test faults_ first, so a
+  // runtime without a plan pays one predictable branch). When the plan fails it, the
+  // operation is not submitted: it completes with -errno on the next pass. Returns true
+  // then.
+  bool inject(Ring& r, FaultOp kind, Op* op) {
+    const int e = faults_->on_submit(kind);
+    if (e == 0) return false;
+    r.injected.emplace_back(op, -e);
+    return true;
+  }
+
+  // Completes the operations the fault plan failed, through the handlers real completions
+  // take (no flags: no buffer, no more completions to come, no notification).
+  uint32_t complete_injected(Ring& r) {
+    std::vector<std::pair<Op*, int>> now;
+    now.swap(r.injected);  // completions may inject again: those wait for the next pass
+    for (auto& [op, res] : now) complete(r, op, res, 0);
+    return static_cast<uint32_t>(now.size());
   }
 
   uint32_t drain_inbox(Ring& r) {
@@ -828,6 +854,13 @@ class IouringBackend final : public net::Backend {
 
   void arm_accept(Ring& r, const std::shared_ptr<Sock>& s) {
     if (s->accept_armed || s->closed || s->aborted.load(std::memory_order_relaxed)) return;
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kAccept)) {
+        r.injected.emplace_back(new_op(r, Kind::kAccept, s), -e);
+        s->accept_armed = true;  // until its one completion, which ends it (no F_MORE)
+        return;
+      }
+    }
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;  // re-armed by the next accept() call
     Op* op = new_op(r, Kind::kAccept, s);
@@ -931,16 +964,17 @@ class IouringBackend final : public net::Backend {
 
   // ---- connect ----
   void do_connect(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
-    io_uring_sqe* sqe = r.sqe();
-    if (sqe == nullptr) {
-      reply.finish(-EBUSY);
-      return;
-    }
     Op* op = new_op(r, Kind::kConnect, s);
     op->reply = std::move(reply);
     std::memcpy(&op->addr, req.data.data(), req.data.size());
     op->addr_len = static_cast<socklen_t>(req.data.size());
     s->loopback_peer.store(is_loopback(op->addr), std::memory_order_relaxed);
+    if (faults_ != nullptr && inject(r, FaultOp::kConnect, op)) [[unlikely]] return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      op->reply.finish(-EBUSY);
+      return retire(r, op);
+    }
     io_uring_prep_connect(sqe, s->fd, reinterpret_cast<sockaddr*>(&op->addr), op->addr_len);
     target(sqe, *s);
     io_uring_sqe_set_data(sqe, op);
@@ -976,6 +1010,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void submit_send(Ring& r, Op* op) {
+    if (faults_ != nullptr && inject(r, op->zc ? FaultOp::kSendZc : FaultOp::kSend, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
       op->reply.finish(op->done > 0 ? op->done : -EBUSY);
@@ -1084,6 +1119,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void submit_recv(Ring& r, Op* op) {
+    if (faults_ != nullptr && inject(r, FaultOp::kRecv, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
       op->reply.finish(-EBUSY);
@@ -1246,6 +1282,15 @@ class IouringBackend final : public net::Backend {
   }
 
   void arm_timer(Ring& r, PollWait* w) {
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kPollTimeout)) {
+        Op* t = new_op(r, Kind::kPollTimer, nullptr);
+        t->wait = w;
+        r.injected.emplace_back(t, -e);
+        w->outstanding++;
+        return;
+      }
+    }
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;
     Op* t = new_op(r, Kind::kPollTimer, nullptr);
@@ -1256,6 +1301,16 @@ class IouringBackend final : public net::Backend {
   }
 
   void arm_poll(Ring& r, PollWait* w, uint32_t i) {
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kPoll)) {
+        Op* a = new_op(r, Kind::kPollArm, nullptr);
+        a->wait = w;
+        a->index = i;
+        r.injected.emplace_back(a, -e);
+        w->outstanding++;
+        return;
+      }
+    }
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;
     Op* a = new_op(r, Kind::kPollArm, nullptr);
@@ -1362,6 +1417,7 @@ class IouringBackend final : public net::Backend {
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};
   std::atomic<bool> draining_{false};  // stop_accepting() was called
+  FaultPlan* faults_ = nullptr;        // opt_.faults: null unless a test injects faults
 };
 
 const char* op_name(int op) {
@@ -1512,6 +1568,35 @@ KernelFeatures probe_here() {
 }
 
 }  // namespace
+
+FaultPlan::FaultPlan(std::vector<FaultRule> rules, uint64_t seed)
+    : rules_(std::move(rules)), seed_(seed), hits_(new std::atomic<uint64_t>[rules_.size() + 1]()) {}
+
+int FaultPlan::on_submit(FaultOp op) {
+  const uint32_t k = static_cast<uint32_t>(op);
+  // 1-based number of this submission among those of its kind.
+  const uint64_t n = submitted_[k].fetch_add(1, std::memory_order_relaxed) + 1;
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    const FaultRule& rule = rules_[i];
+    if (rule.op != op || rule.error <= 0) continue;
+    bool hit = rule.nth != 0 && rule.nth == n;
+    if (!hit && rule.probability > 0.0) {
+      // splitmix64 of (seed, kind, n): the same submissions fail in every run.
+      uint64_t x = seed_ ^ (uint64_t{k} << 56) ^ n;
+      x += 0x9e3779b97f4a7c15ull;
+      x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+      x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+      x ^= x >> 31;
+      hit = static_cast<double>(x >> 11) * 0x1.0p-53 < rule.probability;
+    }
+    if (!hit) continue;
+    // Counted per rule, so max_hits holds however many threads submit at once.
+    if (hits_[i].fetch_add(1, std::memory_order_relaxed) >= rule.max_hits) continue;
+    injected_[k].fetch_add(1, std::memory_order_relaxed);
+    return rule.error;
+  }
+  return 0;
+}
 
 KernelFeatures probe_kernel() {
   KernelFeatures f;
