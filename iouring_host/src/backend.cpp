@@ -27,6 +27,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -77,7 +78,7 @@ struct PollWait {
   std::vector<short> nval;      // POLLNVAL for entries that are not our sockets
   uint32_t outstanding = 0;     // ops whose final completion has not arrived
   bool done = false;
-  __kernel_timespec ts{};
+  __kernel_timespec ts{};       // the timer's deadline, CLOCK_MONOTONIC (absolute)
 };
 
 struct Sock {
@@ -178,9 +179,11 @@ struct Ring {
   uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
-  std::vector<Op*> starved;        // receives that found no buffer (ENOBUFS)
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
+  // Operations a FaultPlan failed at submission, with their result: completed on the next
+  // pass, as the kernel would complete them (Options::faults).
+  std::vector<std::pair<Op*, int>> injected;
   bool staging_registered = false;
   // Work posted by other service threads for sockets homed here.
   std::mutex inbox_mu;
@@ -208,6 +211,7 @@ class IouringBackend final : public net::Backend {
       : opt_(o), feat_(f), setup_flags_(setup_flags),
         deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0), staging_(rt.staging_host()), staging_bytes_(rt.staging_size()) {
     rings_.resize(rt.service_threads());
+    faults_ = opt_.faults.get();
   }
   ~IouringBackend() override {
     for (auto& r : rings_) {
@@ -262,6 +266,7 @@ class IouringBackend final : public net::Backend {
     if (io_uring_sq_ready(&r->ring) > 0 || collect) {
       io_uring_submit_and_get_events(&r->ring);
     }
+    if (!r->injected.empty()) [[unlikely]] work += complete_injected(*r);
     work += reap(*r);
     return work;
   }
@@ -471,35 +476,7 @@ class IouringBackend final : public net::Backend {
     // recv with 0, a send with EPIPE, an accept with EINVAL) and are answered
     // -ECONNABORTED below. A listener stops listening: new connections are refused.
     ::shutdown(s->fd, SHUT_RDWR);
-    for (int fd : s->accepted) ::close(fd);
-    while (!s->accepted.empty()) {
-      s->accepted.pop_front();
-      count_accepted(*s, -1);
-    }
-    while (!s->waiters.empty()) {
-      s->waiters.front().reply.finish(-ECONNABORTED);
-      s->waiters.pop_front();
-    }
-    for (auto it = r.starved.begin(); it != r.starved.end();) {
-      if ((*it)->sock == s) {
-        (*it)->reply.finish(-ECONNABORTED);
-        Op* op = *it;
-        it = r.starved.erase(it);
-        retire(r, op);
-      } else {
-        ++it;
-      }
-    }
-    if (s->inflight > 0) {
-      if (io_uring_sqe* sqe = r.sqe()) {
-        if (s->fixed >= 0) {
-          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
-        } else {
-          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
-        }
-        io_uring_sqe_set_data64(sqe, kIgnore);
-      }
-    }
+    end_waiting(r, *s, -ECONNABORTED, false);
     // A poll waiting on a listener watches its eventfd: make it readable, so the kernel's
     // poll ends and its accept() sees ECONNABORTED.
     if (const int e = s->accept_efd.load(std::memory_order_relaxed); e >= 0) {
@@ -507,6 +484,33 @@ class IouringBackend final : public net::Backend {
       ssize_t n = ::write(e, &v, sizeof v);
       (void)n;
     }
+  }
+
+  // What close and abort share, on the home ring: closes the connections queued on a
+  // listener, answers `err` to the lanes waiting in accept, and cancels every io_uring
+  // operation in flight on the socket (they complete with -ECANCELED, and their handlers
+  // answer for the socket's state: -EBADF once closed, -ECONNABORTED once aborted). With
+  // `submit_now` the cancel goes to the kernel at once instead of with the next pass.
+  void end_waiting(Ring& r, Sock& s, int err, bool submit_now) {
+    for (int fd : s.accepted) ::close(fd);
+    while (!s.accepted.empty()) {
+      s.accepted.pop_front();
+      count_accepted(s, -1);
+    }
+    while (!s.waiters.empty()) {
+      s.waiters.front().reply.finish(err);
+      s.waiters.pop_front();
+    }
+    if (s.inflight == 0) return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;
+    if (s.fixed >= 0) {
+      io_uring_prep_cancel_fd(sqe, s.fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
+    } else {
+      io_uring_prep_cancel_fd(sqe, s.fd, IORING_ASYNC_CANCEL_ALL);
+    }
+    io_uring_sqe_set_data64(sqe, kIgnore);
+    if (submit_now) io_uring_submit(&r.ring);
   }
 
   // Tells the observer that an operation on `s` failed with `res` for a reason about the
@@ -591,6 +595,7 @@ class IouringBackend final : public net::Backend {
       r.inbox.clear();
     }
     io_uring_queue_exit(&r.ring);
+    r.injected.clear();  // their Ops are in `live`, freed below
     std::unordered_set<PollWait*> waits;
     for (Op* op : r.live) {
       if (op->wait != nullptr) waits.insert(op->wait);
@@ -598,7 +603,6 @@ class IouringBackend final : public net::Backend {
     }
     r.live.clear();
     for (PollWait* w : waits) delete w;  // an unanswered one answers -ECANCELED
-    r.starved.clear();
     std::vector<std::shared_ptr<Sock>> mine;
     {
       std::lock_guard<std::mutex> lock(table_mu_);
@@ -683,6 +687,26 @@ class IouringBackend final : public net::Backend {
     delete_op(op);
   }
 
+  // Asks the fault plan about a submission of `op` (callers test faults_ first, so a
+  // runtime without a plan pays one predictable branch). When the plan fails it, the
+  // operation is not submitted: it completes with -errno on the next pass. Returns true
+  // then.
+  bool inject(Ring& r, FaultOp kind, Op* op) {
+    const int e = faults_->on_submit(kind);
+    if (e == 0) return false;
+    r.injected.emplace_back(op, -e);
+    return true;
+  }
+
+  // Completes the operations the fault plan failed, through the handlers real completions
+  // take (no flags: no buffer, no more completions to come, no notification).
+  uint32_t complete_injected(Ring& r) {
+    std::vector<std::pair<Op*, int>> now;
+    now.swap(r.injected);  // completions may inject again: those wait for the next pass
+    for (auto& [op, res] : now) complete(r, op, res, 0);
+    return static_cast<uint32_t>(now.size());
+  }
+
   uint32_t drain_inbox(Ring& r) {
     std::vector<std::function<void()>> work;
     {
@@ -716,12 +740,7 @@ class IouringBackend final : public net::Backend {
         ++i;
       }
     }
-    if (added > 0) {
-      io_uring_buf_ring_advance(r.br, added);
-      std::vector<Op*> again;
-      again.swap(r.starved);
-      for (Op* op : again) submit_recv(r, op);
-    }
+    if (added > 0) io_uring_buf_ring_advance(r.br, added);
     return static_cast<uint32_t>(added);
   }
 
@@ -835,6 +854,13 @@ class IouringBackend final : public net::Backend {
 
   void arm_accept(Ring& r, const std::shared_ptr<Sock>& s) {
     if (s->accept_armed || s->closed || s->aborted.load(std::memory_order_relaxed)) return;
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kAccept)) {
+        r.injected.emplace_back(new_op(r, Kind::kAccept, s), -e);
+        s->accept_armed = true;  // until its one completion, which ends it (no F_MORE)
+        return;
+      }
+    }
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;  // re-armed by the next accept() call
     Op* op = new_op(r, Kind::kAccept, s);
@@ -938,16 +964,17 @@ class IouringBackend final : public net::Backend {
 
   // ---- connect ----
   void do_connect(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
-    io_uring_sqe* sqe = r.sqe();
-    if (sqe == nullptr) {
-      reply.finish(-EBUSY);
-      return;
-    }
     Op* op = new_op(r, Kind::kConnect, s);
     op->reply = std::move(reply);
     std::memcpy(&op->addr, req.data.data(), req.data.size());
     op->addr_len = static_cast<socklen_t>(req.data.size());
     s->loopback_peer.store(is_loopback(op->addr), std::memory_order_relaxed);
+    if (faults_ != nullptr && inject(r, FaultOp::kConnect, op)) [[unlikely]] return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      op->reply.finish(-EBUSY);
+      return retire(r, op);
+    }
     io_uring_prep_connect(sqe, s->fd, reinterpret_cast<sockaddr*>(&op->addr), op->addr_len);
     target(sqe, *s);
     io_uring_sqe_set_data(sqe, op);
@@ -983,6 +1010,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void submit_send(Ring& r, Op* op) {
+    if (faults_ != nullptr && inject(r, op->zc ? FaultOp::kSendZc : FaultOp::kSend, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
       op->reply.finish(op->done > 0 ? op->done : -EBUSY);
@@ -1030,6 +1058,17 @@ class IouringBackend final : public net::Backend {
         submit_send(r, op);
         return;
       }
+    }
+    if (res == -ECANCELED && !op->sock->closed && !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Not a cancel of ours (close and abort set their flag first): the kernel gave up
+      // on the operation before it took a byte, so the lane's send still stands. Answering
+      // ECANCELED, which send(2) never returns, would end a transfer nothing ended.
+      if (notif_follows) {
+        op->zc_result = kResendAfterNotif;
+        return;
+      }
+      submit_send(r, op);
+      return;
     }
     int result = op->done > 0 ? static_cast<int>(op->done) : res;
     if (result == -ECANCELED && op->sock->closed) result = -EBADF;
@@ -1080,6 +1119,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void submit_recv(Ring& r, Op* op) {
+    if (faults_ != nullptr && inject(r, FaultOp::kRecv, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
       op->reply.finish(-EBUSY);
@@ -1122,6 +1162,13 @@ class IouringBackend final : public net::Backend {
         op->reply.finish(-ENOBUFS);
         return retire(r, op);
       }
+      submit_recv(r, op);
+      return;
+    }
+    if (res == -ECANCELED && !op->sock->closed && !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Not a cancel of ours: no byte was taken from the socket, so ask again; recv(2)
+      // has no ECANCELED to give the lane.
+      if (has_buf) return_buffer_now(r, b);
       submit_recv(r, op);
       return;
     }
@@ -1168,38 +1215,9 @@ class IouringBackend final : public net::Backend {
       if (it != table_.end() && it->second == s) table_.erase(it);
     }
     s->closed = true;
-    for (int fd : s->accepted) ::close(fd);
-    while (!s->accepted.empty()) {
-      s->accepted.pop_front();
-      count_accepted(*s, -1);
-    }
-    while (!s->waiters.empty()) {
-      s->waiters.front().reply.finish(-EBADF);
-      s->waiters.pop_front();
-    }
-    for (auto it = r.starved.begin(); it != r.starved.end();) {
-      if ((*it)->sock == s) {
-        (*it)->reply.finish(-EBADF);
-        Op* op = *it;
-        it = r.starved.erase(it);
-        retire(r, op);
-      } else {
-        ++it;
-      }
-    }
-    if (s->inflight > 0) {
-      // Cancel every operation on the socket; they complete with -ECANCELED (answered
-      // -EBADF). The cancel must run while the fixed slot still names the socket.
-      if (io_uring_sqe* sqe = r.sqe()) {
-        if (s->fixed >= 0) {
-          io_uring_prep_cancel_fd(sqe, s->fixed, IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_FD_FIXED);
-        } else {
-          io_uring_prep_cancel_fd(sqe, s->fd, IORING_ASYNC_CANCEL_ALL);
-        }
-        io_uring_sqe_set_data64(sqe, kIgnore);
-        io_uring_submit(&r.ring);
-      }
-    }
+    // The in-flight operations complete with -ECANCELED, answered -EBADF. The cancel must
+    // reach the kernel while the fixed slot still names the socket: submitted at once.
+    end_waiting(r, *s, -EBADF, true);
     if (s->fixed >= 0) {
       int minus_one = -1;
       io_uring_register_files_update(&r.ring, static_cast<unsigned>(s->fixed), &minus_one, 1);
@@ -1248,15 +1266,14 @@ class IouringBackend final : public net::Backend {
       if (w->host[i].fd >= 0) arm_poll(r, w, i);
     }
     if (timeout > 0) {
-      if (io_uring_sqe* sqe = r.sqe()) {
-        Op* t = new_op(r, Kind::kPollTimer, nullptr);
-        t->wait = w;
-        w->ts.tv_sec = timeout / 1000;
-        w->ts.tv_nsec = (timeout % 1000) * 1000000LL;
-        io_uring_prep_timeout(sqe, &w->ts, 0, 0);
-        io_uring_sqe_set_data(sqe, t);
-        w->outstanding++;
-      }
+      // An absolute deadline, so a timer armed again (after a cancel it did not ask for)
+      // still ends the wait when the caller's timeout says.
+      timespec now{};
+      ::clock_gettime(CLOCK_MONOTONIC, &now);
+      const int64_t end = now.tv_sec * 1000000000LL + now.tv_nsec + timeout * 1000000LL;
+      w->ts.tv_sec = end / 1000000000LL;
+      w->ts.tv_nsec = end % 1000000000LL;
+      arm_timer(r, w);
     }
     if (w->outstanding == 0) {  // nothing could be armed (or no descriptors and no timer)
       finish_poll(r, w);
@@ -1264,7 +1281,36 @@ class IouringBackend final : public net::Backend {
     }
   }
 
+  void arm_timer(Ring& r, PollWait* w) {
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kPollTimeout)) {
+        Op* t = new_op(r, Kind::kPollTimer, nullptr);
+        t->wait = w;
+        r.injected.emplace_back(t, -e);
+        w->outstanding++;
+        return;
+      }
+    }
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) return;
+    Op* t = new_op(r, Kind::kPollTimer, nullptr);
+    t->wait = w;
+    io_uring_prep_timeout(sqe, &w->ts, 0, IORING_TIMEOUT_ABS);
+    io_uring_sqe_set_data(sqe, t);
+    w->outstanding++;
+  }
+
   void arm_poll(Ring& r, PollWait* w, uint32_t i) {
+    if (faults_ != nullptr) [[unlikely]] {
+      if (const int e = faults_->on_submit(FaultOp::kPoll)) {
+        Op* a = new_op(r, Kind::kPollArm, nullptr);
+        a->wait = w;
+        a->index = i;
+        r.injected.emplace_back(a, -e);
+        w->outstanding++;
+        return;
+      }
+    }
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) return;
     Op* a = new_op(r, Kind::kPollArm, nullptr);
@@ -1288,7 +1334,13 @@ class IouringBackend final : public net::Backend {
     return ready;
   }
 
-  void finish_poll(Ring& r, PollWait* w) {
+  // Answers the poll: the ready count with every entry's revents, or `error` (< 0) alone.
+  void finish_poll(Ring& r, PollWait* w, int error = 0) {
+    if (error < 0) {
+      w->done = true;
+      w->reply.finish(error);
+      return;
+    }
     int ready = 0;
     for (size_t i = 0; i < w->host.size(); ++i) {
       short rev = w->nval[i] != 0 ? w->nval[i] : (w->host[i].fd >= 0 ? w->host[i].revents : 0);
@@ -1310,14 +1362,28 @@ class IouringBackend final : public net::Backend {
         if (poll_now(*w) > 0 || timer) {
           finish_poll(r, w);
           cancel_poll_ops(r, w);
-        } else if (!timer) {
+        } else {
           arm_poll(r, w, index);  // woke, but someone else took the event: wait again
         }
-      } else if (!timer && res < 0 && res != -ECANCELED) {
-        // The descriptor went bad under the poll: report what poll(2) sees now.
-        poll_now(*w);
-        finish_poll(r, w);
+      } else if (res == -ECANCELED) {
+        // Not our cancel (ours come only after the answer): the wait is still wanted, so
+        // arm the operation again. Leaving it would end the wait's last operation and
+        // leave the lane waiting until shutdown.
+        if (timer) {
+          arm_timer(r, w);
+        } else {
+          arm_poll(r, w, index);
+        }
+      } else {
+        // The descriptor went bad under the poll, or the timer failed: report what poll(2)
+        // sees now, or the error when nothing is ready.
+        const int ready = poll_now(*w);
+        finish_poll(r, w, ready > 0 ? 0 : res);
         cancel_poll_ops(r, w);
+      }
+      if (!w->done && w->outstanding == 0) {
+        // Nothing is left to end the wait (a re-arm found no SQE): answer now.
+        finish_poll(r, w, poll_now(*w) > 0 ? 0 : -EBUSY);
       }
     }
     if (w->done && w->outstanding == 0) delete w;
@@ -1351,6 +1417,7 @@ class IouringBackend final : public net::Backend {
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};
   std::atomic<bool> draining_{false};  // stop_accepting() was called
+  FaultPlan* faults_ = nullptr;        // opt_.faults: null unless a test injects faults
 };
 
 const char* op_name(int op) {
@@ -1501,6 +1568,35 @@ KernelFeatures probe_here() {
 }
 
 }  // namespace
+
+FaultPlan::FaultPlan(std::vector<FaultRule> rules, uint64_t seed)
+    : rules_(std::move(rules)), seed_(seed), hits_(new std::atomic<uint64_t>[rules_.size() + 1]()) {}
+
+int FaultPlan::on_submit(FaultOp op) {
+  const uint32_t k = static_cast<uint32_t>(op);
+  // 1-based number of this submission among those of its kind.
+  const uint64_t n = submitted_[k].fetch_add(1, std::memory_order_relaxed) + 1;
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    const FaultRule& rule = rules_[i];
+    if (rule.op != op || rule.error <= 0) continue;
+    bool hit = rule.nth != 0 && rule.nth == n;
+    if (!hit && rule.probability > 0.0) {
+      // splitmix64 of (seed, kind, n): the same submissions fail in every run.
+      uint64_t x = seed_ ^ (uint64_t{k} << 56) ^ n;
+      x += 0x9e3779b97f4a7c15ull;
+      x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+      x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+      x ^= x >> 31;
+      hit = static_cast<double>(x >> 11) * 0x1.0p-53 < rule.probability;
+    }
+    if (!hit) continue;
+    // Counted per rule, so max_hits holds however many threads submit at once.
+    if (hits_[i].fetch_add(1, std::memory_order_relaxed) >= rule.max_hits) continue;
+    injected_[k].fetch_add(1, std::memory_order_relaxed);
+    return rule.error;
+  }
+  return 0;
+}
 
 KernelFeatures probe_kernel() {
   KernelFeatures f;

@@ -18,6 +18,8 @@
 // docs/architecture.md ("Sockets") has the whole picture.
 #pragma once
 
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,6 +30,62 @@
 #include "gpusock/net/backend.hpp"
 
 namespace gpusock::iouring {
+
+// ---- Fault injection (tests) ----
+//
+//   auto plan = std::make_shared<iouring::FaultPlan>(
+//       std::vector<iouring::FaultRule>{{.op = iouring::FaultOp::kRecv, .error = ECANCELED, .probability = 0.2}},
+//       /*seed=*/42);
+//   iouring::Options o;
+//   o.faults = plan;                       // then: plan->injected(FaultOp::kRecv) > 0
+//
+// A rule fails chosen io_uring operations of one kind with -error, the way the kernel
+// reports a failed operation. The decision is made when the backend submits the
+// operation: a failed one never reaches the kernel (no byte is taken from or given to a
+// socket, no connection is accepted) and completes with -error on the ring's next pass,
+// through the same completion handler as a real failure. Resubmissions (the rest of a
+// partial send, a recv asked again, a re-armed accept or poll) count as submissions.
+
+// The operation kinds a rule can name.
+enum class FaultOp : uint8_t {
+  kAccept,       // a (multishot) accept armed on a listener
+  kConnect,      // a blocking connect
+  kSend,         // send / sendmsg (not zero-copy)
+  kSendZc,       // IORING_OP_SEND_ZC
+  kRecv,         // recv / recvmsg from the provided buffer ring
+  kPoll,         // one descriptor's IORING_OP_POLL_ADD of a poll()
+  kPollTimeout,  // the timer of a poll() with a timeout
+};
+inline constexpr uint32_t kFaultOps = 7;
+
+struct FaultRule {
+  FaultOp op = FaultOp::kRecv;
+  int error = ECANCELED;     // positive errno; the operation completes with -error
+  uint64_t nth = 0;          // fail the nth submission of `op` (1 = the first); 0: none by count
+  double probability = 0.0;  // and/or fail each submission with this probability (seeded)
+  uint64_t max_hits = UINT64_MAX;  // this rule fails at most this many operations
+};
+
+// A set of rules and what they did. Shared between the backend (which asks it on every
+// submission of a ring operation) and the test (which reads the counters); thread-safe.
+// The probabilistic choice hashes (seed, kind, submission number), so a given order of
+// submissions fails the same operations in every run.
+class FaultPlan {
+ public:
+  explicit FaultPlan(std::vector<FaultRule> rules, uint64_t seed = 1);
+  // Called by the backend for each submission of `op`. Returns the errno (> 0) the
+  // operation is to fail with, or 0 to submit it for real. The first matching rule wins.
+  int on_submit(FaultOp op);
+  uint64_t submitted(FaultOp op) const { return submitted_[static_cast<uint32_t>(op)].load(std::memory_order_relaxed); }
+  uint64_t injected(FaultOp op) const { return injected_[static_cast<uint32_t>(op)].load(std::memory_order_relaxed); }
+
+ private:
+  std::vector<FaultRule> rules_;
+  uint64_t seed_;
+  std::unique_ptr<std::atomic<uint64_t>[]> hits_;  // per rule
+  std::atomic<uint64_t> submitted_[kFaultOps] = {};
+  std::atomic<uint64_t> injected_[kFaultOps] = {};
+};
 
 struct Options {
   // Submission queue entries per ring (completion queue: four times that, so bursts of
@@ -48,6 +106,9 @@ struct Options {
   // Accepted connections a listener keeps queued before it pauses its multishot accept
   // (at least the listen() backlog).
   uint32_t accept_queue = 1024;
+  // Fault injection for tests (above); null in production, where it costs one predictable
+  // branch per submission and one per service-loop pass.
+  std::shared_ptr<FaultPlan> faults;
 };
 
 // What the kernel offers, as the start-up probe found it.
