@@ -19,6 +19,18 @@ namespace gpusock::internal {
 
 class CpuWarp;
 class CpuBlock;
+struct CpuLaunch;
+
+// Per slot, the launch that holds it and the staging run the call took with it: what the
+// runtime takes back when that launch is aborted. The leader that claimed the slot writes
+// it (relaxed atomics, host memory); release_slot() clears `launch` before the slot's
+// bitmap bit, so a record naming a launch means that launch still holds the slot.
+struct ClaimRecord {
+  uint32_t launch;          // 0: no record
+  uint32_t staging_first;
+  uint32_t staging_count;
+  uint32_t reserved;
+};
 
 // What a lane thread knows about itself; set by the cpu device before the kernel body
 // runs and cleared after.
@@ -28,7 +40,14 @@ struct LaneContext {
   const hostcall::DeviceContext* ctx = nullptr;
   uint32_t lane = 0;
   Dim3 thread_idx, block_idx, block_dim, grid_dim;
+  CpuLaunch* launch = nullptr;    // the launch this lane belongs to
+  uint32_t launch_id = 0;         // non-zero, unique in the process
+  ClaimRecord* claims = nullptr;  // the runtime's table, one record per slot
 };
+
+// Slot bookkeeping for aborted launches (see ClaimRecord); no-ops off a lane.
+void cpu_note_claim(uint32_t slot, uint32_t staging_first, uint32_t staging_count);
+void cpu_clear_claim(uint32_t slot);
 
 LaneContext* current_lane();  // nullptr on a thread that is not a cpu-device lane
 
