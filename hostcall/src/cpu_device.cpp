@@ -85,11 +85,21 @@ bool cpu_lane_aborted() {
   return l != nullptr && l->launch != nullptr && l->launch->aborted.load(std::memory_order_relaxed);
 }
 
+namespace {
+thread_local int tls_stop_holds = 0;  // live LaneStopHold objects on this thread
+}  // namespace
+
+void cpu_hold_lane_stop(int delta) { tls_stop_holds += delta; }
+
+bool cpu_lane_waits_end() {
+  return cpu_lane_aborted() && std::uncaught_exceptions() == 0 && tls_stop_holds == 0;
+}
+
 bool cpu_lane_stop() {
   if (!cpu_lane_aborted()) return false;
-  // Throwing while another exception unwinds the lane would terminate the process: a
-  // destructor making a call after the abort fails fast instead.
-  if (std::uncaught_exceptions() != 0) return true;
+  // Throwing while another exception unwinds the lane, or out of a destructor that holds
+  // a LaneStopHold, would terminate the process: such a call fails fast instead.
+  if (std::uncaught_exceptions() != 0 || tls_stop_holds > 0) return true;
   throw LaneAbort{};
 }
 

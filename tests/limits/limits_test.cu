@@ -25,6 +25,7 @@
 #include "gpusock/hostcall/opcodes.hpp"
 #include "gpusock/iouring/backend.hpp"
 #include "gpusock/net/socket.hpp"
+#include "gpusock/net/tcp.hpp"
 
 namespace {
 
@@ -541,6 +542,61 @@ TEST_P(SocketLimitsTest, SendLargerThanTheStagingArenaArrivesWhole) {
   ::close(l);
   EXPECT_EQ(Read(out)[0], kBytes);
   EXPECT_TRUE(got == data) << "received " << got.size() << " bytes";
+}
+
+// Lane 0 of warps 0 and 1 each open a TcpListener. Warp 0's then blocks in an accept()
+// that no client answers: the abort ends it with -ECANCELED and the lane returns
+// normally, so ~TcpListener closes the socket outside any unwinding. Warp 1's spins and is
+// stopped there: its ~TcpListener runs while the stop unwinds the lane. Warp 2's lane 0
+// traps once both listen.
+struct TrapWithListenersOpen {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    const uint64_t warp = gpusock::global_warp_id();
+    if (gpusock::warp::lane_id() != 0) return;
+    if (warp == 2) {
+      await_box(box, 0);
+      gpusock::trap();
+    }
+    auto l = gpusock::TcpListener::bind(gpusock::SockAddr::ipv4(127, 0, 0, 1, 0), 4);
+    out[warp] = l ? 1 : -l.error();
+    publish(box, 1 + static_cast<uint32_t>(warp), 1);
+    if (!l) return;
+    if (warp == 0) {
+      auto c = l->accept();
+      out[0] = c ? 0 : -c.error();
+      return;
+    }
+    await_box(box, 9);  // never posted
+  }
+};
+
+TEST_P(SocketLimitsTest, AbortedKernelsListenersCloseAsItsLanesStop) {
+  if (GetParam() != DeviceKind::kCpu) {
+    GTEST_SKIP() << "cpu device only: on a GPU a trap kills every thread without running destructors and "
+                    "loses the context (KernelAbort.CudaTrapFailsTheRuntimeAndANewRuntimeWorksAfterIt)";
+  }
+  Start({});
+  ASSERT_FALSE(HasFatalFailure());
+  const int sockets_started = open_fds(true);
+  const std::string fds_started_list = fd_list();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {96}, TrapWithListenersOpen{}, box_.dev, out.data());
+  ASSERT_NE(Await(1), 0u);
+  ASSERT_NE(Await(2), 0u);
+  EXPECT_EQ(open_fds(true), sockets_started + 2);
+  Post(0, 1);
+  ASSERT_TRUE(k.wait_for(std::chrono::seconds(120))) << "the aborted launch did not end";
+  gpusock::Status s = k.wait();
+  EXPECT_EQ(s.code(), EIO) << s.to_string();
+  EXPECT_NE(s.message().find("trap"), std::string::npos) << s.to_string();
+  auto o = Read(out);
+  EXPECT_EQ(o[0], -ECANCELED) << "the blocked accept() ends with the abort, and its lane returns";
+  EXPECT_EQ(o[1], 1);
+  EXPECT_EQ(settled_sockets(sockets_started), sockets_started)
+      << "both listeners are closed\nbefore: " << fds_started_list << "\nafter: " << fd_list();
+  gpusock::RuntimeStats st = rt_->stats();
+  EXPECT_EQ(st.slots_owned, 0u);
+  EXPECT_EQ(st.staging_pages_used, 0u);
 }
 
 }  // namespace

@@ -96,7 +96,7 @@ GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
 // abort to ask). 0: wait on. Only the slow paths call it.
 GPUSOCK_HD inline int32_t stop_code(const DeviceContext* c) {
   if (shutting_down(c)) return -ESHUTDOWN;
-  if (gpusock::internal::lane_aborted()) return -ECANCELED;
+  if (gpusock::internal::lane_waits_end()) return -ECANCELED;
   return 0;
 }
 
@@ -359,11 +359,9 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
                                     uint64_t group, bool wait = true) {
   Ticket t;
   // cpu device: a lane of an aborted launch stops here (a GPU has no such lane left). One
-  // that is unwinding already (a destructor's call) fails at once instead.
-  if (gpusock::internal::lane_stop()) {
-    t.error = -ECANCELED;
-    return t;
-  }
+  // that unwinds already, or holds a LaneStopHold, is a destructor cleaning up (closing a
+  // socket): its call is made and waited for, so that what it gives back is given back.
+  (void)gpusock::internal::lane_stop();
   const DeviceContext* c = context();
   const uint32_t me = warp::lane_id();
   // Lanes that arrive together and agree on `group` share one slot.
