@@ -260,6 +260,17 @@ Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& o
   return std::unique_ptr<DeviceBackend>(std::move(b));
 }
 
+namespace {
+// A launch that fails may fail on an earlier kernel's sticky error, one nobody has looked
+// at yet: check the launches we know of first (a failed one marks the runtime failed) and
+// report the lost device, with its cause, rather than a bare launch error.
+Status launch_failure(Runtime& rt, cudaError_t e, const char* what) {
+  (void)rt.core().device().kernels_running();
+  if (rt.core().failed()) return rt.core().health();
+  return cuda_status(e, what);
+}
+}  // namespace
+
 Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
   if (rt.core().failed()) return rt.core().health();
   if (rt.is_shut_down()) return {ESHUTDOWN, "runtime is shut down"};
@@ -269,7 +280,7 @@ Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
   static_cast<CudaBackend&>(rt.core().device()).bind();
   cudaStream_t s = nullptr;
   cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  if (e != cudaSuccess) return cuda_status(e, "cudaStreamCreate");
+  if (e != cudaSuccess) return launch_failure(rt, e, "cudaStreamCreate");
   *stream = s;
   return {};
 }
@@ -278,7 +289,7 @@ Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, 
   auto l = std::make_shared<CudaLaunch>();
   l->stream = static_cast<cudaStream_t>(stream);
   l->core = rt.core().self();
-  if (launch_error != cudaSuccess) return cuda_status(static_cast<cudaError_t>(launch_error), "kernel launch");
+  if (launch_error != cudaSuccess) return launch_failure(rt, static_cast<cudaError_t>(launch_error), "kernel launch");
   static_cast<CudaBackend&>(rt.core().device()).track(l);
   return std::shared_ptr<LaunchState>(l);
 }
