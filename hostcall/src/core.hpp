@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "gpusock/hostcall/handler.hpp"
-#include "gpusock/hostcall/internal/cpu_exec.hpp"
+#include "gpusock/hostcall/internal/claim_record.hpp"
 #include "gpusock/hostcall/opcodes.hpp"
 #include "gpusock/hostcall/protocol.hpp"
 #include "gpusock/hostcall/runtime.hpp"

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "gpusock/hostcall/internal/claim_record.hpp"
+
 namespace gpusock {
 struct Dim3 {
   uint32_t x = 1, y = 1, z = 1;
@@ -21,16 +23,6 @@ class CpuWarp;
 class CpuBlock;
 struct CpuLaunch;
 
-// Per slot, the launch that holds it and the staging run the call took with it: what the
-// runtime takes back when that launch is aborted. The leader that claimed the slot writes
-// it (relaxed atomics, host memory); release_slot() clears `launch` before the slot's
-// bitmap bit, so a record naming a launch means that launch still holds the slot.
-struct ClaimRecord {
-  uint32_t launch;          // 0: no record
-  uint32_t staging_first;
-  uint32_t staging_count;
-  uint32_t reserved;
-};
 
 // What a lane thread knows about itself; set by the cpu device before the kernel body
 // runs and cleared after.
