@@ -139,6 +139,8 @@ Status Core::init() {
   c.threads_per_sm = device_->threads_per_sm();
   c.errno_sms = device_->sm_ids();
   c.slots_per_warp = options_.slots_per_warp;
+  c.slot_wait_ns = static_cast<uint64_t>(std::max<int64_t>(0, options_.slot_wait.count()));
+  if (device_->kind() == DeviceKind::kCpu) claims_.reset(new ClaimRecord[nslots_]());
   s = device_->calibrate_clock(&c.monotonic_offset_ns, &c.realtime_offset_ns);
   if (!s.ok()) return s;
   s = device_->copy_to_device(dd + d_ctx, &c, sizeof(c));
@@ -163,6 +165,7 @@ Core::~Core() {
   if (mapped_block_ != nullptr) device_->free_mapped(mapped_block_);
   for (void* p : adopted_mapped_) device_->free_mapped(p);
   for (void* p : adopted_device_) device_->free_device(p);
+  if (failed()) device_->reset_after_failure();
 }
 
 Status Core::set_module_state(uint32_t index, void* device_ptr) {
@@ -453,6 +456,9 @@ bool Core::commit(Call& call) {
   // after shutdown failed the call) must not touch the slot.
   if (!state_of(s).compare_exchange_strong(claimed, hostcall::make_state(call.seq_, hostcall::kCompleting),
                                            std::memory_order_acq_rel)) {
+    // Answered already. If an aborted launch's reclaim answered it, its staging run
+    // waited for this handler to be done with the payload.
+    if (quarantined_.load(std::memory_order_acquire) != 0) release_quarantined(call.slot_, call.seq_);
     return false;
   }
   // Inline reply when every lane has the same single result and it fits in 32 bits: the
@@ -608,6 +614,8 @@ RuntimeStats Core::stats() const {
   r.shutdown_failed = shutdown_failed_.load(std::memory_order_relaxed);
   r.parks = parks_.load(std::memory_order_relaxed);
   r.early_doorbells = early_doorbells_.load(std::memory_order_relaxed);
+  r.reclaimed_slots = reclaimed_slots_.load(std::memory_order_relaxed);
+  r.reclaimed_calls = reclaimed_calls_.load(std::memory_order_relaxed);
   occupancy(r);
   return r;
 }

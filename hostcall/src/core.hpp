@@ -11,9 +11,11 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "gpusock/hostcall/handler.hpp"
+#include "gpusock/hostcall/internal/claim_record.hpp"
 #include "gpusock/hostcall/opcodes.hpp"
 #include "gpusock/hostcall/protocol.hpp"
 #include "gpusock/hostcall/runtime.hpp"
@@ -48,6 +50,10 @@ class DeviceBackend {
   virtual bool kernels_running() const = 0;
   // Waits up to `timeout` for launched kernels to finish; true if none is running.
   virtual bool wait_kernels(std::chrono::nanoseconds timeout) = 0;
+  // Called last when a runtime whose device failed (Core::mark_failed) goes away, after
+  // everything it allocated was handed back: makes the device usable for a new runtime.
+  // cuda: cudaDeviceReset(), the only way out of a sticky error. cpu: nothing.
+  virtual void reset_after_failure() {}
 };
 
 std::unique_ptr<DeviceBackend> make_cpu_backend(const RuntimeOptions& options);
@@ -107,6 +113,22 @@ class Core : public std::enable_shared_from_this<Core> {
   }
   Status set_module_state(uint32_t index, void* device_ptr);
 
+  // ---- aborted kernels (abort.cpp; docs/architecture.md section 18.3) ----
+  // cpu device: one record per slot (ClaimRecord), null on cuda.
+  ClaimRecord* claims() { return claims_.get(); }
+  // cpu device: launch `launch_id` was aborted and every lane of it has stopped. Answers
+  // its calls still in flight with -ECANCELED and gives its slots and staging runs back;
+  // a run a handler may still read (the call was claimed) stays held until that handler
+  // answers, and is given back then. Other launches keep running meanwhile.
+  void reclaim_launch(uint32_t launch_id);
+  // The device is lost (a CUDA kernel trapped or faulted: a sticky context error). Records
+  // `why`, answers every call in flight with -ECANCELED, and from then on health() and the
+  // runtime's API return `why`. The first failure is kept.
+  void mark_failed(const Status& why);
+  // Ok, or what mark_failed() recorded.
+  Status health() const;
+  bool failed() const { return failed_flag_.load(std::memory_order_acquire); }
+
  private:
   explicit Core(const RuntimeOptions& options) : options_(options) {}
   Status init();
@@ -128,6 +150,10 @@ class Core : public std::enable_shared_from_this<Core> {
   void run(hostcall::Call& call, const hostcall::SlotHeader& hdr);
   void fail_pending(int64_t error);
   void register_builtins();
+  // A late commit() lost its race: if the call's staging run was held back for its
+  // handler (reclaim_launch), give it back now.
+  void release_quarantined(uint32_t slot, uint32_t seq);
+  void free_staging_run(uint32_t first, uint32_t count);
 
   RuntimeOptions options_;
   std::unique_ptr<DeviceBackend> device_;
@@ -181,6 +207,18 @@ class Core : public std::enable_shared_from_this<Core> {
   // Counters.
   std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},
       shutdown_failed_{0}, parks_{0}, early_doorbells_{0};
+
+  // Aborted launches (cpu device) and a lost device (cuda); abort.cpp.
+  std::unique_ptr<ClaimRecord[]> claims_;
+  std::mutex quarantine_mu_;
+  // (slot << 32 | seq) -> staging run (first << 32 | count) of calls answered by
+  // reclaim_launch() while their handler still ran.
+  std::unordered_map<uint64_t, uint64_t> quarantine_;
+  std::atomic<uint32_t> quarantined_{0};  // quarantine_.size(), read without the lock
+  mutable std::mutex failed_mu_;
+  Status failed_;                         // guarded by failed_mu_
+  std::atomic<bool> failed_flag_{false};
+  std::atomic<uint64_t> reclaimed_slots_{0}, reclaimed_calls_{0};
 
   std::once_flag shutdown_once_;
   bool leak_memory_ = false;  // kernels still ran at destruction: freeing would fault them

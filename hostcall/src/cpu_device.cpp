@@ -36,6 +36,104 @@ constexpr size_t kLaneStackBytes = 1u << 20;
 
 LaneContext* current_lane() { return tls_lane; }
 
+// ---- aborted launches -----------------------------------------------------------------
+
+namespace {
+// Thrown to stop a lane of an aborted launch; caught only by lane_main(). Not derived from
+// std::exception, so kernel code that catches std::exception does not swallow it.
+struct LaneAbort {};
+}  // namespace
+
+struct CpuLaunch : LaunchState, std::enable_shared_from_this<CpuLaunch> {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t blocks_left = 0;
+  bool done = false;  // every block finished and, after an abort, the runtime took back
+                      // what the launch held
+  Status result;
+  uint32_t id = 0;
+  // Set once by abort(); every lane of the launch reads it at its stop points (relaxed:
+  // a lane that sees it late only stops later; the status is read under mu).
+  std::atomic<bool> aborted{false};
+
+  bool wait(std::chrono::nanoseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mu);
+    if (timeout.count() < 0) {
+      cv.wait(lock, [&] { return done; });
+      return true;
+    }
+    return cv.wait_for(lock, timeout, [&] { return done; });
+  }
+  Status status() override {
+    std::lock_guard<std::mutex> lock(mu);
+    return result;
+  }
+  // Records the launch's first failure; later ones are dropped.
+  void fail(Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (result.ok()) result = std::move(s);
+  }
+  // Records why (unless an earlier failure was recorded) and stops the whole grid.
+  void abort(Status s) {
+    fail(std::move(s));
+    aborted.store(true, std::memory_order_release);
+  }
+};
+
+bool cpu_lane_aborted() {
+  LaneContext* l = tls_lane;
+  return l != nullptr && l->launch != nullptr && l->launch->aborted.load(std::memory_order_relaxed);
+}
+
+namespace {
+thread_local int tls_stop_holds = 0;  // live LaneStopHold objects on this thread
+}  // namespace
+
+void cpu_hold_lane_stop(int delta) { tls_stop_holds += delta; }
+
+bool cpu_lane_waits_end() {
+  return cpu_lane_aborted() && std::uncaught_exceptions() == 0 && tls_stop_holds == 0;
+}
+
+bool cpu_lane_stop() {
+  if (!cpu_lane_aborted()) return false;
+  // Throwing while another exception unwinds the lane, or out of a destructor that holds
+  // a LaneStopHold, would terminate the process: such a call fails fast instead.
+  if (std::uncaught_exceptions() != 0 || tls_stop_holds > 0) return true;
+  throw LaneAbort{};
+}
+
+void cpu_trap() {
+  LaneContext* l = tls_lane;
+  if (l == nullptr || l->launch == nullptr) {
+    std::fprintf(stderr, "gpusock::trap() called outside a kernel: aborting the process\n");
+    std::abort();
+  }
+  auto d = [](Dim3 v) {
+    return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+  };
+  l->launch->abort(Status(EIO, "kernel aborted: gpusock::trap() in block " + d(l->block_idx) + " thread " +
+                                   d(l->thread_idx)));
+  throw LaneAbort{};
+}
+
+void cpu_note_claim(uint32_t slot, uint32_t staging_first, uint32_t staging_count) {
+  LaneContext* l = tls_lane;
+  if (l == nullptr || l->claims == nullptr) return;
+  // Relaxed: the record is read only after the launch's lanes have all stopped (through
+  // the launch's mutex), or by this launch's own lanes.
+  ClaimRecord& r = l->claims[slot];
+  std::atomic_ref<uint32_t>(r.staging_first).store(staging_first, std::memory_order_relaxed);
+  std::atomic_ref<uint32_t>(r.staging_count).store(staging_count, std::memory_order_relaxed);
+  std::atomic_ref<uint32_t>(r.launch).store(l->launch_id, std::memory_order_relaxed);
+}
+
+void cpu_clear_claim(uint32_t slot) {
+  LaneContext* l = tls_lane;
+  if (l == nullptr || l->claims == nullptr) return;
+  std::atomic_ref<uint32_t>(l->claims[slot].launch).store(0, std::memory_order_relaxed);
+}
+
 // ---- CpuWarp ------------------------------------------------------------------------
 
 class CpuWarp {
@@ -52,8 +150,10 @@ class CpuWarp {
     cv_.notify_all();
   }
 
-  // Converges the lanes that reach this call site with the same key.
+  // Converges the lanes that reach this call site with the same key. A lane of an
+  // aborted launch stops here instead (every hostcall and active_mask() begins here).
   uint32_t converge(uint32_t lane, uint64_t site, uint64_t key) {
+    cpu_lane_stop();
     const uint32_t bit = 1u << lane;
     std::unique_lock<std::mutex> lock(mu_);
     site_[lane] = site;
@@ -374,31 +474,6 @@ class LanePool {
 
 class CpuBackend;
 
-struct CpuLaunch : LaunchState, std::enable_shared_from_this<CpuLaunch> {
-  std::mutex mu;
-  std::condition_variable cv;
-  uint64_t blocks_left = 0;
-  Status result;
-
-  bool wait(std::chrono::nanoseconds timeout) override {
-    std::unique_lock<std::mutex> lock(mu);
-    if (timeout.count() < 0) {
-      cv.wait(lock, [&] { return blocks_left == 0; });
-      return true;
-    }
-    return cv.wait_for(lock, timeout, [&] { return blocks_left == 0; });
-  }
-  Status status() override {
-    std::lock_guard<std::mutex> lock(mu);
-    return result;
-  }
-  // Records the launch's first failure; later ones are dropped.
-  void fail(Status s) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (result.ok()) result = std::move(s);
-  }
-};
-
 class CpuBackend : public DeviceBackend {
  public:
   explicit CpuBackend(const RuntimeOptions& o) : max_warps_(std::max<uint32_t>(1, o.cpu_resident_warps)) {}
@@ -464,6 +539,9 @@ class CpuBackend : public DeviceBackend {
                                 std::to_string(max_warps_) + " resident warps");
     }
     auto l = std::make_shared<CpuLaunch>();
+    static std::atomic<uint32_t> next_id{1};
+    l->id = next_id.fetch_add(1, std::memory_order_relaxed);
+    if (l->id == 0) l->id = next_id.fetch_add(1, std::memory_order_relaxed);  // 0 means "none"
     l->blocks_left = blocks;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -480,7 +558,12 @@ class CpuBackend : public DeviceBackend {
               cv_.wait(lock, [&] { return resident_ + warps <= max_warps_; });
               resident_ += warps;
             }
-            start_block(core, l, shared_body, grid, block, Dim3{x, y, z}, warps);
+            // After an abort the rest of the grid never starts, as on a GPU.
+            if (l->aborted.load(std::memory_order_acquire)) {
+              finish_block(*core, *l, warps);
+            } else {
+              start_block(core, l, shared_body, grid, block, Dim3{x, y, z}, warps);
+            }
           }
     }).detach();
     return std::shared_ptr<LaunchState>(l);
@@ -501,12 +584,16 @@ class CpuBackend : public DeviceBackend {
     std::unique_ptr<LaneStart> st(static_cast<LaneStart*>(arg));
     st->ctx.warp->start_lane(st->ctx.lane);
     tls_lane = &st->ctx;
+    // A lane that throws aborts its launch, as a fault would on a GPU: the others stop
+    // too, and the runtime takes back what the launch held.
     try {
-      (*st->body)();
+      if (!st->launch->aborted.load(std::memory_order_acquire)) (*st->body)();
+    } catch (const LaneAbort&) {
+      // stopped by the abort; its cause is recorded already
     } catch (const std::exception& e) {
-      st->launch->fail(Status(EIO, std::string("kernel lane threw: ") + e.what()));
+      st->launch->abort(Status(EIO, std::string("kernel aborted: a lane threw: ") + e.what()));
     } catch (...) {
-      st->launch->fail(Status(EIO, "kernel lane threw"));
+      st->launch->abort(Status(EIO, "kernel aborted: a lane threw"));
     }
     tls_lane = nullptr;
     retire_lane(std::move(st));
@@ -524,7 +611,7 @@ class CpuBackend : public DeviceBackend {
     uint32_t warps = st->warps;
     bool last = st->block->exit_lane();
     st.reset();
-    if (last) backend->finish_block(*launch, warps);
+    if (last) backend->finish_block(*core, *launch, warps);
   }
 
   void start_block(const std::shared_ptr<Core>& core, const std::shared_ptr<CpuLaunch>& l,
@@ -542,6 +629,9 @@ class CpuBackend : public DeviceBackend {
       st->ctx.block_idx = idx;
       st->ctx.block_dim = block;
       st->ctx.grid_dim = grid;
+      st->ctx.launch = l.get();
+      st->ctx.launch_id = l->id;
+      st->ctx.claims = core->claims();
       if (!LanePool::instance().run(&CpuBackend::lane_main, st)) {
         // No thread for this lane: it counts as exited at once, and the launch reports
         // the failure. Its warp-mates see it as absent rather than waiting for it.
@@ -551,17 +641,30 @@ class CpuBackend : public DeviceBackend {
     }
   }
 
-  void finish_block(CpuLaunch& l, uint32_t warps) {
+  // A block ended (or, after an abort, was skipped): its warps leave the device. The last
+  // block ends the launch; after an abort the runtime first takes back what the launch
+  // still held, so that Launch::wait() returns to a runtime whose pools are whole again.
+  void finish_block(Core& core, CpuLaunch& l, uint32_t warps) {
     bool launch_done;
     {
       std::lock_guard<std::mutex> lock(l.mu);
       launch_done = --l.blocks_left == 0;
     }
-    if (launch_done) l.cv.notify_all();
     {
       std::lock_guard<std::mutex> lock(mu_);
       resident_ -= warps;
-      if (launch_done) --launches_;
+    }
+    cv_.notify_all();
+    if (!launch_done) return;
+    if (l.aborted.load(std::memory_order_acquire)) core.reclaim_launch(l.id);
+    {
+      std::lock_guard<std::mutex> lock(l.mu);
+      l.done = true;
+    }
+    l.cv.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --launches_;
     }
     cv_.notify_all();
   }

@@ -147,6 +147,7 @@ class CudaBackend : public DeviceBackend {
   }
   bool kernels_running() const override;
   bool wait_kernels(std::chrono::nanoseconds timeout) override;
+  void reset_after_failure() override;
 
   void track(const std::shared_ptr<CudaLaunch>& l);
 
@@ -158,6 +159,9 @@ class CudaBackend : public DeviceBackend {
   // Strong references: a kernel keeps its launch tracked even after the caller drops
   // its Launch handle, so shutdown knows it still runs. Finished ones are pruned.
   mutable std::vector<std::shared_ptr<CudaLaunch>> launches_;
+  // Every launch handle still alive, finished or not: after a device reset their streams
+  // are gone, and they must not destroy them again (guarded by mu_).
+  std::vector<std::weak_ptr<CudaLaunch>> handles_;
 };
 
 namespace {
@@ -166,6 +170,9 @@ struct CudaLaunch : LaunchState {
   cudaStream_t stream = nullptr;
   bool done = false;
   Status result;
+  // Told when this kernel ends in an error: every such error (a trap, an illegal address,
+  // a launch failure) is sticky and loses the context, so the runtime is failed.
+  std::weak_ptr<Core> core;
 
   ~CudaLaunch() override {
     if (stream != nullptr) cudaStreamDestroy(stream);
@@ -177,7 +184,10 @@ struct CudaLaunch : LaunchState {
     cudaError_t e = block ? cudaStreamSynchronize(stream) : cudaStreamQuery(stream);
     if (e == cudaErrorNotReady) return false;
     done = true;
-    if (e != cudaSuccess) result = cuda_status(e, "kernel");
+    if (e != cudaSuccess) {
+      result = cuda_status(e, "kernel aborted (a trap or a fault); the CUDA context is lost");
+      if (auto c = core.lock()) c->mark_failed(result);
+    }
     return true;
   }
   bool wait(std::chrono::nanoseconds timeout) override {
@@ -218,6 +228,26 @@ void CudaBackend::track(const std::shared_ptr<CudaLaunch>& l) {
   launches_.erase(std::remove_if(launches_.begin(), launches_.end(), [](auto& x) { return x->check(false); }),
                   launches_.end());
   launches_.push_back(l);
+  handles_.erase(std::remove_if(handles_.begin(), handles_.end(), [](auto& w) { return w.expired(); }), handles_.end());
+  handles_.push_back(l);
+}
+
+void CudaBackend::reset_after_failure() {
+  std::lock_guard<std::mutex> lock(mu_);
+  bind();
+  // A sticky error poisons the context for the whole process: nothing but a reset of the
+  // device brings it back. Streams die with it, so the handles forget theirs first.
+  for (auto& w : handles_) {
+    if (auto l = w.lock()) {
+      std::lock_guard<std::mutex> ll(l->mu);
+      if (l->stream != nullptr) cudaStreamDestroy(l->stream);
+      l->stream = nullptr;
+      l->done = true;
+    }
+  }
+  handles_.clear();
+  launches_.clear();
+  cudaDeviceReset();
 }
 
 Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& options) {
@@ -230,7 +260,19 @@ Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& o
   return std::unique_ptr<DeviceBackend>(std::move(b));
 }
 
+namespace {
+// A launch that fails may fail on an earlier kernel's sticky error, one nobody has looked
+// at yet: check the launches we know of first (a failed one marks the runtime failed) and
+// report the lost device, with its cause, rather than a bare launch error.
+Status launch_failure(Runtime& rt, cudaError_t e, const char* what) {
+  (void)rt.core().device().kernels_running();
+  if (rt.core().failed()) return rt.core().health();
+  return cuda_status(e, what);
+}
+}  // namespace
+
 Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
+  if (rt.core().failed()) return rt.core().health();
   if (rt.is_shut_down()) return {ESHUTDOWN, "runtime is shut down"};
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024) return {EINVAL, "block must have 1..1024 threads"};
@@ -238,7 +280,7 @@ Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
   static_cast<CudaBackend&>(rt.core().device()).bind();
   cudaStream_t s = nullptr;
   cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  if (e != cudaSuccess) return cuda_status(e, "cudaStreamCreate");
+  if (e != cudaSuccess) return launch_failure(rt, e, "cudaStreamCreate");
   *stream = s;
   return {};
 }
@@ -246,7 +288,8 @@ Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
 Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, int launch_error) {
   auto l = std::make_shared<CudaLaunch>();
   l->stream = static_cast<cudaStream_t>(stream);
-  if (launch_error != cudaSuccess) return cuda_status(static_cast<cudaError_t>(launch_error), "kernel launch");
+  l->core = rt.core().self();
+  if (launch_error != cudaSuccess) return launch_failure(rt, static_cast<cudaError_t>(launch_error), "kernel launch");
   static_cast<CudaBackend&>(rt.core().device()).track(l);
   return std::shared_ptr<LaunchState>(l);
 }

@@ -41,7 +41,9 @@ Runtime::~Runtime() { core_->shutdown(); }
 
 DeviceKind Runtime::device() const { return core_->device().kind(); }
 std::string Runtime::device_name() const { return core_->device().name(); }
+Status Runtime::health() const { return core_->health(); }
 Status Runtime::register_handler(uint32_t opcode, std::string name, hostcall::Handler handler) {
+  if (core_->failed()) return core_->health();
   return core_->register_handler(opcode, std::move(name), std::move(handler), false);
 }
 RuntimeStats Runtime::stats() const { return core_->stats(); }
@@ -49,6 +51,7 @@ Status Runtime::register_descriptor_write(hostcall::Handler handler) {
   return core_->register_handler(hostcall::op::kDescriptorWrite, "descriptor-write", std::move(handler), true);
 }
 Status Runtime::set_service_hook(std::shared_ptr<hostcall::ServiceHook> hook) {
+  if (core_->failed()) return core_->health();
   return core_->set_service_hook(std::move(hook));
 }
 void Runtime::shutdown() { core_->shutdown(); }
@@ -58,6 +61,7 @@ uint64_t Runtime::staging_size() const { return core_->staging_size(); }
 uint32_t Runtime::slot_count() const { return core_->slot_count(); }
 uint32_t Runtime::max_resident_warps() const { return core_->device().max_resident_warps(); }
 Result<void*> Runtime::device_alloc(size_t bytes) {
+  if (core_->failed()) return core_->health();
   void* p = nullptr;
   Status s = core_->device().alloc_device(bytes == 0 ? 1 : bytes, &p);
   if (!s.ok()) return s;
@@ -67,6 +71,7 @@ void Runtime::device_free(void* ptr) {
   if (ptr != nullptr) core_->device().free_device(ptr);
 }
 Result<Runtime::Mapped> Runtime::mapped_alloc(size_t bytes) {
+  if (core_->failed()) return core_->health();
   Mapped m;
   Status s = core_->device().alloc_mapped(bytes == 0 ? 1 : bytes, &m.host, &m.device);
   if (!s.ok()) return s;
@@ -84,9 +89,11 @@ void Runtime::device_free_at_exit(void* device) {
 Status Runtime::set_module_state(uint32_t index, void* device_ptr) { return core_->set_module_state(index, device_ptr); }
 uint32_t Runtime::service_threads() const { return core_->options().service_threads; }
 Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (core_->failed()) return core_->health();
   return core_->device().copy_to_device(dst, src, bytes);
 }
 Status Runtime::copy_from_device(void* dst, const void* src, size_t bytes) {
+  if (core_->failed()) return core_->health();
   return core_->device().copy_from_device(dst, src, bytes);
 }
 const hostcall::DeviceContext* Runtime::device_context() const { return core_->device_context(); }

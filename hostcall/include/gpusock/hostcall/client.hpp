@@ -80,7 +80,7 @@ GPUSOCK_HD inline void sleep_ns(uint64_t ns, uint32_t cap, uint32_t iter) {
 #else
   (void)ns;
   (void)cap;
-  backoff(iter);
+  spin_pause(iter);
 #endif
 }
 
@@ -91,13 +91,40 @@ GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
   return f.load(Order::kRelaxed) != 0;
 }
 
+// Why a wait inside the client must end now: -ESHUTDOWN when the runtime shuts down,
+// -ECANCELED when the lane's launch was aborted (cpu device; on a GPU nothing survives an
+// abort to ask). 0: wait on. Only the slow paths call it.
+GPUSOCK_HD inline int32_t stop_code(const DeviceContext* c) {
+  if (shutting_down(c)) return -ESHUTDOWN;
+  if (gpusock::internal::lane_waits_end()) return -ECANCELED;
+  return 0;
+}
+
+// The cpu device records, per slot, which launch holds it and the staging run taken with
+// it, so that the runtime can take both back when that launch is aborted (section 18.3 of
+// docs/architecture.md). Plain stores to a host-side table, on the cpu device only; on a
+// GPU an abort loses the whole context, nothing is taken back, and these are empty.
+#if GPUSOCK_IS_GPU
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void note_claim(uint32_t, uint32_t, uint32_t) {}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void clear_claim(uint32_t) {}
+#else
+inline void note_claim(uint32_t slot, uint32_t staging_first, uint32_t staging_count) {
+  gpusock::internal::cpu_note_claim(slot, staging_first, staging_count);
+}
+inline void clear_claim(uint32_t slot) { gpusock::internal::cpu_clear_claim(slot); }
+#endif
+
 // Takes a free slot for the calling warp's group; leader lane only.
-// Returns 0 and sets *slot, or -ESHUTDOWN if the runtime shuts down while waiting.
-GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, uint32_t* slot) {
+// Returns 0 and sets *slot. With `wait` false, one pass: -EAGAIN when every slot is taken.
+// Otherwise it waits: -EBUSY once DeviceContext::slot_wait_ns has passed without a free
+// slot (when non-zero), -ESHUTDOWN if the runtime shuts down, -ECANCELED if the launch
+// is aborted (cpu device). The clock is read only after a full pass found nothing.
+GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, uint32_t* slot, bool wait = true) {
   const uint32_t nwords = (c->nslots + 31) / 32;
   // Start at the word holding this warp's home slot: with slots_per_warp slots per
   // warp, most acquisitions find a free bit in the first word they look at.
   const uint32_t start = static_cast<uint32_t>((hint * c->slots_per_warp % c->nslots) / 32);
+  uint64_t since = 0;  // when the first full pass found every slot taken
   for (uint32_t iter = 0;; ++iter) {
     for (uint32_t i = 0; i < nwords; ++i) {
       uint32_t w = start + i;
@@ -112,13 +139,23 @@ GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, ui
         uint32_t prev = word.fetch_or(1u << bit, Order::kAcquire);
         if ((prev & (1u << bit)) == 0) {
           *slot = w * 32 + bit;
+          note_claim(*slot, 0, 0);
           return 0;
         }
         cur = prev | (1u << bit);
       }
     }
-    if (shutting_down(c)) return -ESHUTDOWN;
-    backoff(iter);
+    if (!wait) return -EAGAIN;
+    if (int32_t e = stop_code(c)) return e;
+    if (c->slot_wait_ns != 0) {
+      const uint64_t now = globaltimer_ns();
+      if (since == 0) {
+        since = now;
+      } else if (now - since >= c->slot_wait_ns) {
+        return -EBUSY;
+      }
+    }
+    spin_pause(iter);
   }
 }
 
@@ -130,6 +167,7 @@ GPUSOCK_HD inline bool try_home_slot(const DeviceContext* c, uint64_t warp, uint
   uint32_t bit = 1u << (home % 32);
   if ((word.fetch_or(bit, Order::kAcquire) & bit) != 0) return false;
   *slot = home;
+  note_claim(home, 0, 0);
   return true;
 }
 
@@ -159,15 +197,17 @@ GPUSOCK_HD inline void ring_doorbell(const DeviceContext* c, uint32_t pos, uint3
 GPUSOCK_HD constexpr Order free_order() { return is_gpu() ? Order::kRelaxed : Order::kRelease; }
 
 GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {
+  clear_claim(slot);  // before the bit: a later owner's record must not be wiped
   AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[slot / 32]);
   word.fetch_and(~(1u << (slot % 32)), free_order());
 }
 
 // Claims `npages` (1..kStagingMaxRun) contiguous staging pages; leader lane only.
-// Returns 0 and sets *first, or -ESHUTDOWN. Waits while the arena is full: that is the
-// backpressure the design asks for, never a dropped payload.
+// Returns 0 and sets *first. Waits while no run fits: that is the backpressure the design
+// asks for, never a dropped payload; -ESHUTDOWN or -ECANCELED (aborted launch, cpu device)
+// end the wait. With `wait` false, one pass: -EAGAIN when no run fits now.
 GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint, uint32_t npages,
-                                          uint32_t* first) {
+                                          uint32_t* first, bool wait = true) {
   const uint32_t nwords = (c->staging_pages + 63) / 64;
   const uint64_t run = npages >= 64 ? ~0ull : ((1ull << npages) - 1);
   const uint32_t start = static_cast<uint32_t>(hint % nwords);
@@ -191,8 +231,9 @@ GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint,
         p = 0;  // cur was refreshed by the failed exchange; look again from the start
       }
     }
-    if (shutting_down(c)) return -ESHUTDOWN;
-    backoff(iter);
+    if (!wait) return -EAGAIN;
+    if (int32_t e = stop_code(c)) return e;
+    spin_pause(iter);
   }
 }
 
@@ -310,11 +351,18 @@ GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t ma
 // keeps some calls of one opcode apart (a recv that asks again after a partial or refused
 // answer must not share a call with other lanes' first recvs, which may block on peers
 // that wait for this very lane; lanes that call together are answered together).
+//
+// `wait` false (try_submit): a submission that finds no free slot, or no staging run that
+// fits, fails with -EAGAIN instead of waiting. The fast path is the same either way.
 GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint32_t nargs,
                                     const void* payload, uint32_t payload_len, bool has_payload,
-                                    uint64_t group) {
-  const DeviceContext* c = context();
+                                    uint64_t group, bool wait = true) {
   Ticket t;
+  // cpu device: a lane of an aborted launch stops here (a GPU has no such lane left). One
+  // that unwinds already, or holds a LaneStopHold, is a destructor cleaning up (closing a
+  // socket): its call is made and waited for, so that what it gives back is given back.
+  (void)gpusock::internal::lane_stop();
+  const DeviceContext* c = context();
   const uint32_t me = warp::lane_id();
   // Lanes that arrive together and agree on `group` share one slot.
   uint32_t mask = warp::converge_match(group);
@@ -363,12 +411,14 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
       if (npages > kStagingMaxRun) {
         err = -EMSGSIZE;
       } else {
-        err = acquire_slot(c, global_warp_id(), &slot);
+        err = acquire_slot(c, global_warp_id(), &slot, wait);
         if (err == 0 && npages > 0) {
-          err = acquire_staging(c, global_warp_id() + slot, npages, &page);
+          err = acquire_staging(c, global_warp_id() + slot, npages, &page, wait);
           if (err != 0) {
             release_slot(c, slot);
             slot = kNoSlot;
+          } else {
+            note_claim(slot, page, npages);
           }
         }
       }
@@ -417,7 +467,9 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
 }  // namespace internal
 
 // Submits a call with up to kMaxArgs argument words per lane. Never blocks on the host;
-// may wait for a free slot. Returns a ticket; a failed submission carries -errno.
+// may wait for a free slot, at most RuntimeOptions::slot_wait. Returns a ticket; a failed
+// submission carries -errno: -EBUSY (no slot freed within slot_wait: more tickets are
+// held than the pool has slots, see try_submit), -ESHUTDOWN, -ECANCELED (aborted launch).
 template <typename... A>
 GPUSOCK_HD inline Ticket submit(uint32_t opcode, A... args) {
   static_assert(sizeof...(A) <= kMaxArgs, "too many hostcall arguments");
@@ -435,12 +487,33 @@ GPUSOCK_HD inline Ticket submit_grouped(uint64_t group, uint32_t opcode, A... ar
 }
 
 // As submit(), plus `len` bytes at `data` copied into staging for the host to read. The
-// host handler finds them through the two argument words after `args`.
+// host handler finds them through the two argument words after `args`. Waits while no
+// staging run fits (backpressure, no time bound). -EMSGSIZE when one lane's `len` is
+// larger than a staging run (kStagingMaxRun pages, 256 KiB).
 template <typename... A>
 GPUSOCK_HD inline Ticket submit_with_payload(uint32_t opcode, const void* data, uint32_t len, A... args) {
   static_assert(sizeof...(A) + 2 <= kMaxArgs, "too many hostcall arguments");
   uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
   return internal::submit_raw(opcode, words, sizeof...(A), data, len, true, opcode);
+}
+
+// As submit(), but never waits for the pools: when no slot is free (and the warp's home
+// slot is taken) the ticket carries -EAGAIN at once, and the caller decides (wait on a
+// ticket it holds, do other work, try again). The path that finds a slot is submit()'s,
+// at the same cost. For kernels that keep many tickets in flight.
+template <typename... A>
+GPUSOCK_HD inline Ticket try_submit(uint32_t opcode, A... args) {
+  static_assert(sizeof...(A) <= kMaxArgs, "too many hostcall arguments");
+  uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
+  return internal::submit_raw(opcode, words, sizeof...(A), nullptr, 0, false, opcode, false);
+}
+
+// As submit_with_payload(), but -EAGAIN at once when no slot or no staging run is free.
+template <typename... A>
+GPUSOCK_HD inline Ticket try_submit_with_payload(uint32_t opcode, const void* data, uint32_t len, A... args) {
+  static_assert(sizeof...(A) + 2 <= kMaxArgs, "too many hostcall arguments");
+  uint64_t words[sizeof...(A) + 1] = {static_cast<uint64_t>(args)...};
+  return internal::submit_raw(opcode, words, sizeof...(A), data, len, true, opcode, false);
 }
 
 namespace internal {
@@ -455,6 +528,7 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
   const uint32_t lead = warp::leader(t.mask);
   Slot* s = c->slots + t.slot;
   uint64_t st = 0;
+  int32_t stop = 0;  // leader: why it stopped waiting, when it did
   if (me == lead) {
     // Poll with relaxed system-scope loads: an inline reply carries its result in the
     // word itself, so nothing needs ordering after it; a reply with data in the slot
@@ -469,7 +543,7 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
       if (state_seq(st) == (t.seq & kSeqMask) && state_phase(st) >= kReply) break;
       // Each poll is a read across the bus (about a microsecond on a GPU), so checking
       // the shutdown flag every 64 polls bounds the exit delay without slowing replies.
-      if ((i & 63) == 63 && internal::shutting_down(c)) {
+      if ((i & 63) == 63 && (stop = internal::stop_code(c)) != 0) {
         st = 0;
         break;
       }
@@ -488,7 +562,9 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
   st = warp::shfl(t.mask, st, lead);
   if (st == 0) {
     *abandoned = true;
-    return -ESHUTDOWN;  // the host may still write this slot: never reuse it
+    // The host may still write this slot: never reuse it. (After an abort the runtime
+    // takes it back once the launch has ended.)
+    return static_cast<int32_t>(warp::shfl(t.mask, static_cast<uint32_t>(stop), lead));
   }
 
   int64_t ret;
@@ -521,7 +597,8 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
 
 // Waits for the reply to `t`. Returns this lane's result word 0 (by convention a value
 // or -errno); copies result words 1..nout into out[0..nout-1] (zero where the host
-// wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first.
+// wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first, -ECANCELED if the
+// launch is aborted first (cpu device); the slot is then left to the runtime.
 GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
   bool abandoned = false;
   return internal::wait_impl(t, out, nout, false, &abandoned);

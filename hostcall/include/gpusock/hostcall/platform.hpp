@@ -194,11 +194,85 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint64_t globaltimer_ns() {
 #endif
 }
 
+#if !GPUSOCK_IS_GPU
+namespace internal {
+// cpu device (cpu_device.cpp). A lane whose launch was aborted (gpusock::trap(), or a lane
+// that threw) stops here: it throws the lane-abort exception, which only the cpu device
+// catches. While that exception is already unwinding the lane, or while the lane holds a
+// LaneStopHold (a destructor making a call), it returns true instead and the caller goes
+// on. Returns false when the launch runs on, and on any thread that is not a cpu-device
+// lane.
+bool cpu_lane_stop();
+// Aborts the calling lane's launch: records why, stops the calling lane. Outside a lane
+// it aborts the process, as a trap would.
+[[noreturn]] void cpu_trap();
+// Whether the calling lane's launch was aborted; never throws. False off a lane.
+bool cpu_lane_aborted();
+// Counts the calling thread's live LaneStopHold objects (+1 or -1).
+void cpu_hold_lane_stop(int delta);
+// Whether the calling lane's hostcall waits must end with -ECANCELED: its launch was
+// aborted and the lane is not cleaning up (unwinding, or holding a LaneStopHold). A
+// cleaning-up lane's calls (a destructor closing a socket) are waited for to their answer,
+// so that they are not cancelled before the host has done them. False off a lane.
+bool cpu_lane_waits_end();
+}  // namespace internal
+#endif
+
+namespace internal {
+// Whether the calling lane's hostcall waits must end because its launch was aborted
+// (cpu_lane_waits_end()). Always false on a GPU: a trap there ends every thread of the
+// grid at once, so no thread is left to ask.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool lane_waits_end() {
+#if GPUSOCK_IS_GPU
+  return false;
+#else
+  return cpu_lane_waits_end();
+#endif
+}
+// Stops the calling lane if its launch was aborted (cpu_lane_stop()); true means "aborted,
+// but the lane may not be stopped here (it unwinds already, or holds a LaneStopHold)".
+// Always false on a GPU.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool lane_stop() {
+#if GPUSOCK_IS_GPU
+  return false;
+#else
+  return cpu_lane_stop();
+#endif
+}
+}  // namespace internal
+
+// While one of these lives, a lane of an aborted launch (cpu device) is not stopped at
+// its stop points: its hostcalls are made and waited for as usual, as while the stop
+// already unwinds the lane. A destructor that
+// makes hostcalls (closing a socket) holds one, because the stop is an exception and a
+// destructor must not throw: without it, a lane that leaves a scope normally after an
+// abort would end the process there. Nothing on a GPU, where no lane outlives a trap.
+class LaneStopHold {
+ public:
+  GPUSOCK_HD LaneStopHold() {
+#if !GPUSOCK_IS_GPU
+    internal::cpu_hold_lane_stop(+1);
+#endif
+  }
+  GPUSOCK_HD ~LaneStopHold() {
+#if !GPUSOCK_IS_GPU
+    internal::cpu_hold_lane_stop(-1);
+#endif
+  }
+  LaneStopHold(const LaneStopHold&) = delete;
+  LaneStopHold& operator=(const LaneStopHold&) = delete;
+};
+
 // Politeness inside a spin loop: iteration `i` of a wait. The GPU spins hard for a few
 // iterations and then sleeps with __nanosleep so that a waiting warp leaves issue slots
 // to others; a CPU lane yields its core, since on the cpu device many more lanes than
 // cores wait at once and the thread it waits for may need that very core.
-GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void backoff(uint32_t i) {
+//
+// On the cpu device a lane of an aborted launch stops in here (once it yields), so a
+// kernel's own spin loops end with the grid, as they would on a GPU where a trap kills
+// every thread. The hostcall client's own waits use spin_pause() and return an error
+// instead: they must finish the steps a warp group takes together.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void spin_pause(uint32_t i) {
 #if GPUSOCK_IS_GPU
   if (i >= 8) __nanosleep(i < 64 ? 64u : 256u);
 #else
@@ -209,6 +283,27 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void backoff(uint32_t i) {
   } else {
     sched_yield();
   }
+#endif
+}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void backoff(uint32_t i) {
+#if !GPUSOCK_IS_GPU
+  if (i >= 4) internal::cpu_lane_stop();
+#endif
+  spin_pause(i);
+}
+
+// Aborts the kernel, as a fault would: on a GPU `__trap()`, which ends every thread of
+// the grid and leaves the CUDA context unusable (the runtime then reports itself failed,
+// docs/architecture.md section 18.3). On the cpu device the calling lane stops at once
+// and every other lane of the launch at its next hostcall, spin or warp convergence;
+// blocks not started yet never start, the runtime takes back the slots and staging pages
+// the launch held, and Launch::wait() returns EIO naming the abort. Other launches and
+// the runtime go on.
+GPUSOCK_HD inline void trap() {
+#if GPUSOCK_IS_GPU
+  __trap();
+#else
+  internal::cpu_trap();
 #endif
 }
 

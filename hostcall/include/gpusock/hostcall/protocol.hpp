@@ -186,6 +186,9 @@ struct DeviceContext {
   // localdevice family uses index 0). Set by Runtime::set_module_state before kernels use
   // it; null when the module is not enabled.
   void* modules[kModuleStates];
+  // How long a submission waits for a free slot before it fails with -EBUSY
+  // (RuntimeOptions::slot_wait); 0 waits until shutdown.
+  uint64_t slot_wait_ns;
 };
 
 }  // namespace gpusock::hostcall

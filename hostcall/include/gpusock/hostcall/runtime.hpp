@@ -51,6 +51,12 @@ struct RuntimeOptions {
   // Slots = max resident warps of the device * slots_per_warp (at least 1 per resident
   // warp, so warps making synchronous calls can never starve each other of slots).
   uint32_t slots_per_warp = 2;
+  // How long a submission waits for a free slot before it fails with EBUSY. The pool runs
+  // dry only when kernels hold more tickets (or more diverged blocking calls) than there
+  // are slots; the bound turns that into an error instead of a hang. 0: wait until
+  // shutdown. try_submit() never waits. Waits for staging are not bounded: they are the
+  // backpressure of sends.
+  std::chrono::nanoseconds slot_wait = std::chrono::seconds(10);
   // Pinned staging arena for payloads, rounded up to whole 256 KiB words of pages.
   uint64_t staging_bytes = 16ull << 20;
 
@@ -98,6 +104,8 @@ struct RuntimeStats {
   uint64_t shutdown_failed = 0; // calls answered ESHUTDOWN at shutdown
   uint64_t parks = 0;           // times a service thread parked
   uint64_t early_doorbells = 0; // doorbells that arrived before their slot's state
+  uint64_t reclaimed_slots = 0; // slots taken back from aborted launches (cpu device)
+  uint64_t reclaimed_calls = 0; // of those, calls in flight answered ECANCELED
   // Occupancy, read when stats() is called (a diagnostic copy of device state; on a GPU
   // one small cudaMemcpy each, never on the hot path). A value may be a moment old.
   uint32_t slots = 0;              // slots in the region
@@ -132,6 +140,12 @@ class Runtime {
   Status register_descriptor_write(hostcall::Handler handler);
 
   RuntimeStats stats() const;
+
+  // Ok while the runtime can run kernels. After a CUDA kernel trapped or faulted (a sticky
+  // error that loses the device context) it returns EIO naming the cause; launch(),
+  // register_handler(), the allocators and copies then return that error too. The only
+  // way on is to destroy this Runtime (which resets the GPU) and create a new one.
+  Status health() const;
 
   // Installs the event loop a module runs on the service threads (service_hook.hpp); one
   // per runtime. Returns ok, or EEXIST (one is installed), ESHUTDOWN, EINVAL (null).

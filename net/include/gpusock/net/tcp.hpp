@@ -98,7 +98,12 @@ class OwnedFd {
   }
   OwnedFd(const OwnedFd&) = delete;
   OwnedFd& operator=(const OwnedFd&) = delete;
-  GPUSOCK_HD ~OwnedFd() { reset(); }
+  // Holds the abort stop (LaneStopHold): a lane of an aborted launch (cpu device) that
+  // leaves a scope normally must not throw from here; its close fails fast instead.
+  GPUSOCK_HD ~OwnedFd() {
+    LaneStopHold hold;
+    reset();
+  }
   GPUSOCK_HD int fd() const { return fd_; }
   // Closes now; returns 0 or the errno of close.
   GPUSOCK_HD int reset() {

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "gpusock/hostcall/internal/claim_record.hpp"
+
 namespace gpusock {
 struct Dim3 {
   uint32_t x = 1, y = 1, z = 1;
@@ -19,6 +21,8 @@ namespace gpusock::internal {
 
 class CpuWarp;
 class CpuBlock;
+struct CpuLaunch;
+
 
 // What a lane thread knows about itself; set by the cpu device before the kernel body
 // runs and cleared after.
@@ -28,7 +32,14 @@ struct LaneContext {
   const hostcall::DeviceContext* ctx = nullptr;
   uint32_t lane = 0;
   Dim3 thread_idx, block_idx, block_dim, grid_dim;
+  CpuLaunch* launch = nullptr;    // the launch this lane belongs to
+  uint32_t launch_id = 0;         // non-zero, unique in the process
+  ClaimRecord* claims = nullptr;  // the runtime's table, one record per slot
 };
+
+// Slot bookkeeping for aborted launches (see ClaimRecord); no-ops off a lane.
+void cpu_note_claim(uint32_t slot, uint32_t staging_first, uint32_t staging_count);
+void cpu_clear_claim(uint32_t slot);
 
 LaneContext* current_lane();  // nullptr on a thread that is not a cpu-device lane
 
