@@ -55,6 +55,7 @@ void Core::reclaim_launch(uint32_t launch_id) {
                                                  std::memory_order_acq_rel)) {
         continue;  // a service thread claimed it meanwhile: look again
       }
+      if (handler_has_it) await_copied(i, seq);  // let its claimer finish reading the slot
       // A claimed call's handler may still read its payload (a send from staging): its
       // run is held back until that handler's own answer, which loses to ours, comes in.
       // Recorded before we answer, so that answer always finds the record.

@@ -73,6 +73,7 @@ Status Core::init() {
   uint64_t slots64 = static_cast<uint64_t>(device_->max_resident_warps()) * options_.slots_per_warp;
   if (slots64 > hostcall::kMaxSlots) slots64 = hostcall::kMaxSlots;  // below kFillerSlot
   nslots_ = static_cast<uint32_t>(slots64);
+  copied_ = std::make_unique<std::atomic<uint64_t>[]>(nslots_);
   // Twice the slots: a ring that only laps when the host stops consuming entirely.
   ring_cap_ = next_pow2(nslots_ * 2);
   const uint64_t word_bytes = uint64_t{hostcall::kStagingPageBytes} * 64;
@@ -410,6 +411,7 @@ void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
   const int verdict = check_header(hdr);
   if (verdict == -EINVAL) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
+    mark_copied(call.slot_, call.seq_);
     call.nargs_ = 0;
     call.set_all(-EINVAL);
     commit(call);
@@ -418,6 +420,7 @@ void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
   HandlerEntry* h = verdict == 0 ? handlers_[call.opcode_].load(std::memory_order_acquire) : nullptr;
   if (h == nullptr) {
     rejected_.fetch_add(1, std::memory_order_relaxed);
+    mark_copied(call.slot_, call.seq_);
     call.nargs_ = 0;
     call.set_all(-ENOSYS);
     commit(call);
@@ -430,6 +433,7 @@ void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
       call.args_[k][lane] = s.data[k][lane];
     }
   }
+  mark_copied(call.slot_, call.seq_);
   try {
     h->fn(call);
   } catch (...) {
@@ -504,6 +508,21 @@ bool Core::commit(Call& call) {
   return true;
 }
 
+void Core::mark_copied(uint32_t slot, uint32_t seq) {
+  copied_[slot].store((uint64_t{1} << 32) | seq, std::memory_order_release);
+}
+
+void Core::await_copied(uint32_t slot, uint32_t seq) {
+  const uint64_t want = (uint64_t{1} << 32) | seq;
+  const uint64_t claimed = hostcall::make_state(seq, hostcall::kClaimed);
+  // The claimer copies right after its claim (straight-line code, no handler in between),
+  // so this wait is short. It also ends if the call left kClaimed: its claimer answered.
+  while (copied_[slot].load(std::memory_order_acquire) != want) {
+    if (state_of(slots_h_[slot]).load(std::memory_order_acquire) != claimed) return;
+    std::this_thread::yield();
+  }
+}
+
 void Core::fail_pending(int64_t error) {
   for (uint32_t i = 0; i < nslots_; ++i) {
     Slot& s = slots_h_[i];
@@ -520,6 +539,8 @@ void Core::fail_pending(int64_t error) {
         }
       } else if (p != hostcall::kClaimed) {
         break;  // empty, being answered, or answered
+      } else {
+        await_copied(i, seq);  // a service thread's claim: let it finish reading the slot
       }
       Call call;
       call.core_ = this;

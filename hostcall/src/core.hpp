@@ -149,6 +149,12 @@ class Core : public std::enable_shared_from_this<Core> {
   bool claim_and_run(uint32_t slot, uint64_t state);
   void run(hostcall::Call& call, const hostcall::SlotHeader& hdr);
   void fail_pending(int64_t error);
+  // A call answered by another thread than its claimer (fail_pending, launch reclaim)
+  // frees the slot for the kernel's next call, so that answer must wait until the claimer
+  // has copied the header and arguments out of the slot: the claimer marks it
+  // (release), the answerer awaits the mark (acquire) before its commit.
+  void mark_copied(uint32_t slot, uint32_t seq);
+  void await_copied(uint32_t slot, uint32_t seq);
   void register_builtins();
   // A late commit() lost its race: if the call's staging run was held back for its
   // handler (reclaim_launch), give it back now.
@@ -165,6 +171,7 @@ class Core : public std::enable_shared_from_this<Core> {
   uint8_t* staging_h_ = nullptr;
   void* mapped_block_ = nullptr;
   uint32_t nslots_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> copied_;  // per slot: (1 << 32) | seq once copied
   uint32_t ring_cap_ = 0;
   uint32_t staging_pages_ = 0;
   uint64_t staging_bytes_ = 0;
