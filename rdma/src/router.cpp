@@ -7,9 +7,13 @@
 #include <fcntl.h>
 #include <poll.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
+#include <span>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -170,9 +174,111 @@ class Router : public net::Backend {
       if (fds[i].fd < 0 || fds[i].fd >= net::kDeviceFdFirst) continue;
       (rdma_->owns(fds[i].fd) ? on_rdma : on_tcp) += 1;
     }
-    if (on_rdma > 0 && on_tcp > 0) return reply.finish(-EOPNOTSUPP);  // section 14: one transport per poll
+    if (on_rdma > 0 && on_tcp > 0) return start_mixed_poll(req, std::move(reply));
     if (on_rdma > 0) return rdma_->serve(req, std::move(reply));
     tcp_->serve(req, std::move(reply));
+  }
+
+  // ---- a poll over TCP and RDMA descriptors at once ----
+  //
+  // Neither backend can wait on the other's descriptors, so the router alternates: the
+  // RDMA part is looked at without waiting (the engine answers a 0 ms poll at once, under
+  // its lock), then the TCP part waits at most kMixedSliceMs in io_uring; the first part
+  // that finds something ready ends the wait after the other part is looked at once more,
+  // so one answer reports every ready entry. A TCP event ends the wait at once, an RDMA one
+  // within about a slice. Each part sees a copy of the lane's array in which the other
+  // part's entries are -1 (ignored): the TCP backend still holds an RDMA socket's
+  // placeholder descriptor (see the top of this file), whose own readiness means nothing.
+  static constexpr int kMixedSliceMs = 1;
+
+  struct MixedPoll {
+    net::Reply reply;
+    std::span<uint8_t> out;         // the lane's array: revents are answered in place
+    std::vector<pollfd> tcp, rdma;  // each part's copy
+    std::chrono::steady_clock::time_point deadline;
+    bool forever = false;
+  };
+
+  void start_mixed_poll(net::Request& req, net::Reply reply) {
+    auto m = std::make_shared<MixedPoll>();
+    const size_t n = req.data.size() / sizeof(pollfd);
+    m->reply = std::move(reply);
+    m->out = req.data;
+    m->tcp.resize(n);
+    std::memcpy(m->tcp.data(), req.data.data(), n * sizeof(pollfd));
+    m->rdma = m->tcp;
+    for (size_t i = 0; i < n; ++i) {
+      const int fd = m->tcp[i].fd;
+      if (fd < 0 || fd >= net::kDeviceFdFirst) continue;  // both parts ignore these alike
+      (rdma_->owns(fd) ? m->tcp[i] : m->rdma[i]).fd = -1;
+    }
+    const int timeout = static_cast<int>(req.a[1]);
+    m->forever = timeout < 0;
+    m->deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout, 0));
+    mixed_round(m);
+  }
+
+  // The RDMA part with a 0 ms timeout: its ready count, or -errno.
+  int64_t poll_rdma_now(MixedPoll& m) {
+    net::Request r;
+    r.op = net::Op::kPoll;
+    r.data = std::span<uint8_t>(reinterpret_cast<uint8_t*>(m.rdma.data()), m.rdma.size() * sizeof(pollfd));
+    r.a[0] = static_cast<int64_t>(m.rdma.size());
+    r.a[1] = 0;
+    int64_t result = -EIO;
+    // Answered before serve_with returns: a 0 ms engine poll never waits. Entries that
+    // are not the engine's (the -1 ones aside, none are left) would read 0.
+    rdma_->serve_with(r, net::Reply::to_host([&result](int64_t v, const uint64_t*) { result = v; }), 0);
+    return result;
+  }
+
+  // One round: RDMA now, then TCP for at most a slice (or without waiting when RDMA found
+  // something or the deadline has passed).
+  void mixed_round(const std::shared_ptr<MixedPoll>& m) {
+    const int64_t on_rdma = poll_rdma_now(*m);
+    if (on_rdma < 0) return m->reply.finish(on_rdma);
+    int slice = 0;
+    if (on_rdma == 0) {
+      const auto left = m->deadline - std::chrono::steady_clock::now();
+      slice = m->forever ? kMixedSliceMs
+                         : static_cast<int>(std::clamp<int64_t>(
+                               std::chrono::ceil<std::chrono::milliseconds>(left).count(), 0, kMixedSliceMs));
+    }
+    net::Request r;
+    r.op = net::Op::kPoll;
+    r.data = std::span<uint8_t>(reinterpret_cast<uint8_t*>(m->tcp.data()), m->tcp.size() * sizeof(pollfd));
+    r.a[0] = static_cast<int64_t>(m->tcp.size());
+    r.a[1] = slice;
+    // The answer comes on this service thread's io_uring pass (at once when it need not
+    // wait); the state lives in `m` until then.
+    tcp_->serve(r, net::Reply::to_host([this, m, on_rdma, slice](int64_t on_tcp, const uint64_t*) {
+      if (on_tcp < 0) return m->reply.finish(on_tcp);
+      if (on_rdma > 0) return mixed_answer(*m);
+      if (on_tcp > 0) {
+        // Look at the RDMA part once more, so that the answer has both parts' events.
+        if (const int64_t again = poll_rdma_now(*m); again < 0) return m->reply.finish(again);
+        return mixed_answer(*m);
+      }
+      if (slice == 0 || (!m->forever && std::chrono::steady_clock::now() >= m->deadline)) {
+        if (const int64_t again = poll_rdma_now(*m); again < 0) return m->reply.finish(again);
+        return mixed_answer(*m);
+      }
+      mixed_round(m);
+    }));
+  }
+
+  // Writes both parts' revents into the lane's array; answers the number of entries with
+  // any.
+  static void mixed_answer(MixedPoll& m) {
+    int ready = 0;
+    for (size_t i = 0; i < m.tcp.size(); ++i) {
+      pollfd p;
+      std::memcpy(&p, m.out.data() + i * sizeof(pollfd), sizeof p);
+      p.revents = static_cast<short>(m.tcp[i].revents | m.rdma[i].revents);
+      ready += p.revents != 0;
+      std::memcpy(m.out.data() + i * sizeof(pollfd), &p, sizeof p);
+    }
+    m.reply.finish(ready);
   }
 
   std::shared_ptr<net::Backend> tcp_;

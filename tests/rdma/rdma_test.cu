@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -665,6 +666,104 @@ TEST_P(RdmaPolicyTest, SocketOptionOverridesThePolicy) {
   auto o = Read(out);
   EXPECT_EQ(o[0], 0);
   EXPECT_EQ(o[1], static_cast<int>(rdma::Transport::kRdma));
+}
+
+// ---- poll over TCP and RDMA descriptors at once ------------------------------------------
+
+// Lane 0: an RDMA connection and a TCP connection (the policy chooses), then one poll over
+// both (and an ignored entry) at each step the host drives through the mailbox.
+// box[0]: 1 connected (0xffff failed); box[1..3]: the kernel is ready for step 1..3.
+// out: {setup error, timeout poll, its revents, poll after RDMA data, revents, RDMA recv,
+// poll after TCP data, revents, TCP recv, both-ready revents seen}. revents are packed
+// RDMA entry | TCP entry << 16.
+struct MixedPoller {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t rip, uint16_t rport, uint16_t tport, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fr = raw::socket(AF_INET, SOCK_STREAM, 0);
+    int ft = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in ar = addr4(rip, rport), at = addr4(0x7f000001u, tport);
+    int r = fr < 0 ? fr : ft < 0 ? ft : raw::connect(fr, sa(ar), sizeof ar);
+    if (r == 0) r = raw::connect(ft, sa(at), sizeof at);
+    if (r < 0) {
+      out[0] = r;
+      publish(box, 0, 0xffff);
+      return;
+    }
+    publish(box, 0, 1);
+    pollfd p[3] = {{fr, POLLIN, 0}, {-1, POLLIN, 0}, {ft, POLLIN, 0}};
+    auto packed = [&] { return static_cast<int64_t>(static_cast<uint16_t>(p[0].revents)) |
+                               (static_cast<int64_t>(static_cast<uint16_t>(p[2].revents)) << 16) |
+                               (static_cast<int64_t>(p[1].revents != 0) << 32); };
+    uint64_t v = 0;
+    out[1] = raw::poll(p, 3, 30);  // nothing was sent: times out
+    out[2] = packed();
+    publish(box, 1, 1);            // host: 8 bytes over RDMA
+    out[3] = raw::poll(p, 3, 30000);
+    out[4] = packed();
+    out[5] = raw::recv(fr, &v, sizeof v, MSG_WAITALL) == 8 ? static_cast<int64_t>(v) : -1;
+    publish(box, 2, 1);            // host: 8 bytes over TCP
+    out[6] = raw::poll(p, 3, 30000);
+    out[7] = packed();
+    out[8] = raw::recv(ft, &v, sizeof v, MSG_WAITALL) == 8 ? static_cast<int64_t>(v) : -1;
+    publish(box, 3, 1);            // host: 8 more bytes on each
+    int64_t seen = 0;
+    for (int i = 0; i < 1000 && seen != (POLLIN | (POLLIN << 16)); ++i) {
+      if (raw::poll(p, 3, 30000) < 0) break;
+      seen |= packed();
+    }
+    out[9] = seen;
+    raw::close(fr);
+    raw::close(ft);
+  }
+};
+
+TEST_P(RdmaPolicyTest, OnePollWaitsOnTcpAndRdmaDescriptorsTogether) {
+  StartWithPolicy("rdma connect " + rdma_addr() + "/32; tcp *");
+  uint16_t rport = 0;
+  int rl = peer_->listen(rdma_addr(), 0, 4, &rport);
+  ASSERT_GE(rl, 0);
+  int tl = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a = addr4(0x7f000001u, 0);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(tl, sa(a), sizeof a), 0);
+  ASSERT_EQ(::listen(tl, 4), 0);
+  ::getsockname(tl, sa(a), &len);
+  const uint16_t tport = ntohs(a.sin_port);
+  auto out = Buffer<int64_t>(10);
+  auto k = Launch({1}, {32}, MixedPoller{}, box_.dev, rdma_ip(), rport, tport, out.data());
+  std::thread tcp([&] {
+    int c = ::accept(tl, nullptr, nullptr);
+    uint64_t two = 2, four = 4;
+    if (c >= 0 && Await(2) != 0) ::send(c, &two, sizeof two, 0);
+    if (c >= 0 && Await(3) != 0) ::send(c, &four, sizeof four, 0);
+    char x;
+    if (c >= 0) ::recv(c, &x, 1, 0);  // until the kernel closes
+    if (c >= 0) ::close(c);
+  });
+  const int c = peer_->accept(rl, 60000);
+  ASSERT_GE(c, 0);
+  ASSERT_EQ(Await(0), 1u) << "the kernel could not connect";
+  uint64_t one = 1, three = 3;
+  ASSERT_NE(Await(1), 0u);
+  EXPECT_EQ(peer_->send(c, &one, sizeof one), 8);
+  ASSERT_NE(Await(3), 0u);
+  EXPECT_EQ(peer_->send(c, &three, sizeof three), 8);
+  peer_->drain(200);
+  Finish(k);
+  tcp.join();
+  ::close(tl);
+  peer_->close(c);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], 0) << "a poll with nothing ready times out";
+  EXPECT_EQ(o[2], 0);
+  EXPECT_EQ(o[3], 1) << "RDMA data ends the wait";
+  EXPECT_EQ(o[4], POLLIN) << "only the RDMA entry is readable";
+  EXPECT_EQ(o[5], 1);
+  EXPECT_EQ(o[6], 1) << "TCP data ends the wait";
+  EXPECT_EQ(o[7], int64_t{POLLIN} << 16) << "only the TCP entry is readable";
+  EXPECT_EQ(o[8], 2);
+  EXPECT_EQ(o[9], POLLIN | (int64_t{POLLIN} << 16)) << "both entries readable, the ignored one never";
 }
 
 // Where there is no RDMA device the backend says so (the VM run skips this one).
