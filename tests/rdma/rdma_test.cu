@@ -405,6 +405,96 @@ TEST_P(RdmaTest, SlowReaderHoldsTheSenderBackAndLosesNothing) {
   EXPECT_EQ(sink.hash, stream_hash(kBytes));
 }
 
+// Lane 0: connects, then sends 64 KiB pattern pieces with MSG_DONTWAIT while the peer
+// reads nothing (a non-blocking send is refused once the peer's receive buffers have no
+// credits left to give), going on after each EAGAIN only while POLLOUT comes within 50 ms; tells
+// the host (box[0]), waits for POLLOUT once the peer reads, sends one more piece
+// (blocking), closes. out: {bytes taken while the peer read nothing, the last of those
+// results, EAGAINs, the last 50 ms poll, poll once the peer reads, its revents, the last
+// send, total}.
+struct NonBlockingFiller {
+  GPUSOCK_HD void operator()(uint32_t* box, uint32_t ip, uint16_t port, uint8_t* buf, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    constexpr uint32_t kPiece = 64 * 1024;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = addr4(ip, port);
+    int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) {
+      out[1] = r;
+      publish(box, 0, 1);
+      return;
+    }
+    uint64_t total = 0;
+    int64_t w = 0, refused = 0, stalled = 0;
+    pollfd p{fd, POLLOUT, 0};
+    for (int i = 0; i < 10000; ++i) {
+      for (uint32_t j = 0; j < kPiece; ++j) buf[j] = pattern_byte(total + j);
+      w = raw::send(fd, buf, kPiece, MSG_DONTWAIT);
+      if (w > 0) {
+        total += static_cast<uint64_t>(w);  // a short count: the next piece starts there
+        continue;
+      }
+      if (w != -EAGAIN) break;
+      ++refused;
+      // Credits come back only as the peer reads; until then POLLOUT must not come.
+      stalled = raw::poll(&p, 1, 50);
+      if (stalled <= 0) break;
+    }
+    out[0] = static_cast<int64_t>(total);
+    out[1] = w;
+    out[2] = refused;
+    out[3] = stalled;
+    publish(box, 0, 1);
+    out[4] = raw::poll(&p, 1, 60000);
+    out[5] = p.revents;
+    for (uint32_t j = 0; j < kPiece; ++j) buf[j] = pattern_byte(total + j);
+    w = raw::send(fd, buf, kPiece, 0);
+    out[6] = w;
+    if (w > 0) total += static_cast<uint64_t>(w);
+    out[7] = static_cast<int64_t>(total);
+    raw::close(fd);
+  }
+};
+
+TEST_P(RdmaTest, NonBlockingSendsGetEagainWithoutCreditsAndPolloutWhenTheReaderCatchesUp) {
+  Start();
+  if (HasFatalFailure()) return;
+  uint16_t port = 0;
+  int lfd = peer_->listen(rdma_addr(), 0, 4, &port);
+  ASSERT_GE(lfd, 0);
+  auto buf = Buffer<uint8_t>(64 * 1024);
+  auto out = Buffer<int64_t>(8);
+  auto k = Launch({1}, {32}, NonBlockingFiller{}, box_.dev, rdma_ip(), port, buf.data(), out.data());
+  const int c = peer_->accept(lfd, 60000);
+  ASSERT_GE(c, 0);
+  // The peer reads nothing until the kernel has been refused.
+  ASSERT_NE(Await(0), 0u);
+  uint64_t got = 0, bad = 0;
+  std::vector<uint8_t> b(1 << 20);
+  for (int64_t r; (r = peer_->recv(c, b.data(), b.size(), false, 60000)) > 0;) {
+    for (int64_t i = 0; i < r; ++i) bad += b[i] != pattern_byte(got + i);
+    got += static_cast<uint64_t>(r);
+  }
+  peer_->close(c);
+  Finish(k);
+  auto o2 = Read(out);
+  // Taken while the peer read nothing: what its 16 receive buffers of 64 KiB hold (their
+  // credits, less those kept for control messages). A POLLOUT that did not mean credits
+  // would run past this.
+  std::printf("taken while the peer read nothing: %lld bytes, %lld EAGAIN\n", static_cast<long long>(o2[0]),
+              static_cast<long long>(o2[2]));
+  EXPECT_GE(o2[0], 64 * 1024);
+  EXPECT_LE(o2[0], 16 * 64 * 1024);
+  EXPECT_EQ(o2[1], -EAGAIN);
+  EXPECT_GE(o2[2], 1);
+  EXPECT_EQ(o2[3], 0) << "no POLLOUT while the peer reads nothing and its buffers are full";
+  EXPECT_EQ(o2[4], 1) << "POLLOUT once the peer reads";
+  EXPECT_EQ(o2[5], POLLOUT);
+  EXPECT_EQ(o2[6], 64 * 1024);
+  EXPECT_EQ(got, static_cast<uint64_t>(o2[7])) << "every byte the kernel was told was sent arrives";
+  EXPECT_EQ(bad, 0u);
+}
+
 // Lane 0 listens; every lane of the block accepts one connection, reads its id, answers
 // id * 7, then waits for EOF. out[tid]: 0 when right.
 struct ManyConnectionServer {
