@@ -218,21 +218,26 @@ class Router : public net::Backend {
     mixed_round(m);
   }
 
-  // The RDMA part with a 0 ms timeout: its ready count, or -errno.
-  int64_t poll_rdma_now(MixedPoll& m) {
+  // A poll request over `fds` (a part's copy), answered in place.
+  static net::Request poll_request(std::vector<pollfd>& fds, int timeout_ms) {
     net::Request r;
     r.op = net::Op::kPoll;
-    r.data = std::span<uint8_t>(reinterpret_cast<uint8_t*>(m.rdma.data()), m.rdma.size() * sizeof(pollfd));
-    r.a[0] = static_cast<int64_t>(m.rdma.size());
-    r.a[1] = 0;
+    r.data = std::span<uint8_t>(reinterpret_cast<uint8_t*>(fds.data()), fds.size() * sizeof(pollfd));
+    r.a[0] = static_cast<int64_t>(fds.size());
+    r.a[1] = timeout_ms;
+    return r;
+  }
+
+  // The RDMA part with a 0 ms timeout: its ready count, or -errno.
+  int64_t poll_rdma_now(MixedPoll& m) {
+    net::Request r = poll_request(m.rdma, 0);
     int64_t result = -EIO;
-    // Answered before serve_with returns: a 0 ms engine poll never waits. Entries that
-    // are not the engine's (the -1 ones aside, none are left) would read 0.
+    // Answered before serve_with returns: a 0 ms engine poll never waits.
     rdma_->serve_with(r, net::Reply::to_host([&result](int64_t v, const uint64_t*) { result = v; }), 0);
     return result;
   }
 
-  // One round: RDMA now, then TCP for at most a slice (or without waiting when RDMA found
+  // One round: RDMA now, then TCP for at most a slice (without waiting when RDMA found
   // something or the deadline has passed).
   void mixed_round(const std::shared_ptr<MixedPoll>& m) {
     const int64_t on_rdma = poll_rdma_now(*m);
@@ -244,26 +249,17 @@ class Router : public net::Backend {
                          : static_cast<int>(std::clamp<int64_t>(
                                std::chrono::ceil<std::chrono::milliseconds>(left).count(), 0, kMixedSliceMs));
     }
-    net::Request r;
-    r.op = net::Op::kPoll;
-    r.data = std::span<uint8_t>(reinterpret_cast<uint8_t*>(m->tcp.data()), m->tcp.size() * sizeof(pollfd));
-    r.a[0] = static_cast<int64_t>(m->tcp.size());
-    r.a[1] = slice;
+    net::Request r = poll_request(m->tcp, slice);
     // The answer comes on this service thread's io_uring pass (at once when it need not
     // wait); the state lives in `m` until then.
     tcp_->serve(r, net::Reply::to_host([this, m, on_rdma, slice](int64_t on_tcp, const uint64_t*) {
       if (on_tcp < 0) return m->reply.finish(on_tcp);
       if (on_rdma > 0) return mixed_answer(*m);
-      if (on_tcp > 0) {
-        // Look at the RDMA part once more, so that the answer has both parts' events.
-        if (const int64_t again = poll_rdma_now(*m); again < 0) return m->reply.finish(again);
-        return mixed_answer(*m);
-      }
-      if (slice == 0 || (!m->forever && std::chrono::steady_clock::now() >= m->deadline)) {
-        if (const int64_t again = poll_rdma_now(*m); again < 0) return m->reply.finish(again);
-        return mixed_answer(*m);
-      }
-      mixed_round(m);
+      const bool over = slice == 0 || (!m->forever && std::chrono::steady_clock::now() >= m->deadline);
+      if (on_tcp == 0 && !over) return mixed_round(m);
+      // Look at the RDMA part once more, so that the answer has both parts' events.
+      if (const int64_t again = poll_rdma_now(*m); again < 0) return m->reply.finish(again);
+      mixed_answer(*m);
     }));
   }
 
