@@ -407,11 +407,11 @@ TEST_P(RdmaTest, SlowReaderHoldsTheSenderBackAndLosesNothing) {
 
 // Lane 0: connects, then sends 64 KiB pattern pieces with MSG_DONTWAIT while the peer
 // reads nothing (a non-blocking send is refused once the peer's receive buffers have no
-// credits left to give), going on after each EAGAIN only while POLLOUT comes within 50 ms; tells
-// the host (box[0]), waits for POLLOUT once the peer reads, sends one more piece
-// (blocking), closes. out: {bytes taken while the peer read nothing, the last of those
-// results, EAGAINs, the last 50 ms poll, poll once the peer reads, its revents, the last
-// send, total}.
+// credits left to give), going on after each EAGAIN only while POLLOUT comes within
+// 50 ms; tells the host (box[0]), waits for POLLOUT once the peer reads, sends one more
+// piece (blocking), closes. out: {bytes taken while the peer read nothing, the last of
+// those results, EAGAINs, the last 50 ms poll, poll once the peer reads, its revents, the
+// last send, total}.
 struct NonBlockingFiller {
   GPUSOCK_HD void operator()(uint32_t* box, uint32_t ip, uint16_t port, uint8_t* buf, int64_t* out) const {
     if (gpusock::warp::lane_id() != 0) return;
@@ -687,13 +687,22 @@ class RdmaPolicyTest : public RdmaTest {
     MakePeer();
   }
   // A host TCP server on 127.0.0.1 that answers one u64 times 7.
-  int TcpServer(uint16_t* port, std::thread* t) {
+  // A host TCP listener on 127.0.0.1, port chosen by the kernel: its descriptor, or -1.
+  static int ListenLoopback(uint16_t* port) {
     int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a = addr4(0x7f000001u, 0);
-    if (::bind(lfd, sa(a), sizeof a) != 0 || ::listen(lfd, 4) != 0) return -1;
+    if (lfd < 0 || ::bind(lfd, sa(a), sizeof a) != 0 || ::listen(lfd, 4) != 0) {
+      if (lfd >= 0) ::close(lfd);
+      return -1;
+    }
     socklen_t len = sizeof a;
     ::getsockname(lfd, sa(a), &len);
     *port = ntohs(a.sin_port);
+    return lfd;
+  }
+  int TcpServer(uint16_t* port, std::thread* t) {
+    int lfd = ListenLoopback(port);
+    if (lfd < 0) return -1;
     *t = std::thread([lfd] {
       int c = ::accept(lfd, nullptr, nullptr);
       uint64_t id = 0;
@@ -812,13 +821,9 @@ TEST_P(RdmaPolicyTest, OnePollWaitsOnTcpAndRdmaDescriptorsTogether) {
   uint16_t rport = 0;
   int rl = peer_->listen(rdma_addr(), 0, 4, &rport);
   ASSERT_GE(rl, 0);
-  int tl = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a = addr4(0x7f000001u, 0);
-  socklen_t len = sizeof a;
-  ASSERT_EQ(::bind(tl, sa(a), sizeof a), 0);
-  ASSERT_EQ(::listen(tl, 4), 0);
-  ::getsockname(tl, sa(a), &len);
-  const uint16_t tport = ntohs(a.sin_port);
+  uint16_t tport = 0;
+  const int tl = ListenLoopback(&tport);
+  ASSERT_GE(tl, 0);
   auto out = Buffer<int64_t>(10);
   auto k = Launch({1}, {32}, MixedPoller{}, box_.dev, rdma_ip(), rport, tport, out.data());
   std::thread tcp([&] {
