@@ -184,22 +184,33 @@ GPUSOCK_HD inline void ring_doorbell(const DeviceContext* c, uint32_t pos, uint3
       .store(make_ring_entry(pos, slot, seq), Order::kRelaxed);
 }
 
-// Order of the releases below. What they protect is only write-after-read: the next
-// owner's writes must not reach a slot (or staging page) before our reads of it are
-// done. Every such read has returned its value before the release is issued: the
-// leader's read of the state word is used to decide to release, and the other lanes'
-// result reads come before the warp barrier that precedes a kReply release. On a GPU
-// the release is therefore a relaxed, fire-and-forget reduction; a release-ordered one
-// costs a MEMBAR.GPU that waits for the warp's posted host-memory stores, about half a
-// microsecond on every call (bench/RESULTS.md). This leans on a load being complete once
-// its value is consumed, which the hardware provides but the PTX memory model does not
-// spell out. The cpu device keeps release order so ThreadSanitizer sees the hand-over.
+// Order of the releases below. What they protect is write-after-read: the next owner's
+// writes (and the host's answers to its call) must not reach a slot or staging page
+// before our reads of it have returned their values. Issuing a load is not enough: on a
+// GPU a load of mapped host memory may still be in flight (a microsecond or more over
+// PCIe) when the warp reaches the barrier and the release, and PCIe lets a later write
+// from another SM pass an earlier read. A load whose value has been consumed (the
+// leader's read of the state word, used to decide to release) is complete. So:
+//  - where the last reads of the slot were such a consumed load (an inline reply, a
+//    failed submission), the release may be relaxed on a GPU: fire-and-forget, no
+//    MEMBAR (free_order());
+//  - where the lanes read result words or staging (a reply in the slot, poll's revents),
+//    the leader issues one release fence after the warp barrier and before giving the
+//    slot and pages back (release_after_reads()): the barrier orders every lane's loads
+//    before the fence, and the fence waits for them to be performed.
+// The cpu device keeps release order everywhere so ThreadSanitizer sees the hand-over.
 GPUSOCK_HD constexpr Order free_order() { return is_gpu() ? Order::kRelaxed : Order::kRelease; }
 
 GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {
   clear_claim(slot);  // before the bit: a later owner's record must not be wiped
   AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[slot / 32]);
   word.fetch_and(~(1u << (slot % 32)), free_order());
+}
+
+// Leader only, after a warp barrier that follows every lane's reads of the slot or staging
+// (see above): makes those reads complete before the releases that follow it.
+GPUSOCK_HD inline void release_after_reads() {
+  if (is_gpu()) fence<Scope::kDevice>(Order::kAcqRel);
 }
 
 // Claims `npages` (1..kStagingMaxRun) contiguous staging pages; leader lane only.
@@ -583,11 +594,13 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
         out[k - 1] = Sys64(s->data[k][me]).load(Order::kRelaxed);
       }
     }
-    // Every lane has read its results before the slot goes back to the pool. (An inline
-    // reply was read by the leader alone, before the shuffle.)
+    // Every lane has issued its result loads before this barrier; the leader's
+    // release_after_reads() below makes them complete before the slot goes back to the
+    // pool. (An inline reply was read by the leader alone, before the shuffle.)
     if (!keep) warp::sync(t.mask);
   }
   if (!keep && me == lead) {
+    if (in_slot) internal::release_after_reads();
     internal::release_staging(c, t.staging_page, t.staging_pages);
     internal::release_slot(c, t.slot);
   }
@@ -627,6 +640,7 @@ GPUSOCK_HD inline void release(const Ticket& t) {
   // Every lane has read its results and payload before they go back to the pools.
   warp::sync(t.mask);
   if (warp::lane_id() == warp::leader(t.mask)) {
+    internal::release_after_reads();
     internal::release_staging(c, t.staging_page, t.staging_pages);
     internal::release_slot(c, t.slot);
   }
