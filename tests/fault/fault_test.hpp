@@ -179,6 +179,16 @@ inline std::string descriptor_diff(const std::map<int, std::string>& before, con
 class FaultTest : public KernelTest {
  protected:
   void SetUp() override {
+    // The CUDA driver opens descriptors of its own (/dev/nvidia*, pipes, eventfds, a
+    // socket) the first time a context is made, and keeps them for the process. Make
+    // that happen before counting, with a runtime created and destroyed here, so the
+    // count sees only what gpusock opens.
+    if (GetParam() == DeviceKind::kCuda && cuda_available()) {
+      RuntimeOptions warm;
+      warm.device = DeviceKind::kCuda;
+      auto rt = Runtime::create(warm);
+      ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+    }
     fds_before_ = open_descriptors();
     KernelTest::SetUp();
     opts_.cpu_resident_warps = 64;
