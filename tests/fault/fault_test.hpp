@@ -181,13 +181,16 @@ class FaultTest : public KernelTest {
   void SetUp() override {
     // The CUDA driver opens descriptors of its own (/dev/nvidia*, pipes, eventfds, a
     // socket) the first time a context is made, and keeps them for the process. Make
-    // that happen before counting, with a runtime created and destroyed here, so the
-    // count sees only what gpusock opens.
+    // that happen before counting, once per process, with a runtime created and
+    // destroyed here, so the count sees only what gpusock opens.
     if (GetParam() == DeviceKind::kCuda && cuda_available()) {
-      RuntimeOptions warm;
-      warm.device = DeviceKind::kCuda;
-      auto rt = Runtime::create(warm);
-      ASSERT_TRUE(rt.ok()) << rt.status().to_string();
+      static const Status warm = [] {
+        RuntimeOptions o;
+        o.device = DeviceKind::kCuda;
+        auto rt = Runtime::create(o);
+        return rt.ok() ? Status() : rt.status();
+      }();
+      ASSERT_TRUE(warm.ok()) << warm.to_string();
     }
     fds_before_ = open_descriptors();
     KernelTest::SetUp();
