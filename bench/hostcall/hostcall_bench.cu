@@ -92,7 +92,8 @@ struct NullBreakdown {
       uint64_t t1 = gpusock::globaltimer_ns();
       hc::Slot* s = c->slots + slot;
       uint32_t seq = pos & hc::kSeqMask;
-      hc::internal::write_request(s->hdr, hc::op::kNull, 1, 0, 0, 0, 0);
+      s->tag[0] = hc::request_tag(seq);
+      hc::internal::write_request(s->hdr, hc::op::kNull, 1, 0, 0, 0, seq, 0);
       AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(hc::make_state(seq, hc::kRequest), Order::kRelease);
       uint64_t t2 = gpusock::globaltimer_ns();
       hc::internal::ring_doorbell(c, pos, slot, seq);

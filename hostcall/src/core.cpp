@@ -399,11 +399,59 @@ bool Core::claim_and_run(uint32_t slot, uint64_t st) {
   call.origin_ = hdr.origin;
   call.staging_first_ = hdr.staging_first;
   call.staging_count_ = hdr.staging_count;
+  if (!check_tags(call, hdr)) return true;
   // One vDSO clock read here and one at commit() (tens of ns against a microseconds round
   // trip) give the service-time histogram.
   call.claimed_ns_ = now_ns();
   run(call, hdr);
   return true;
+}
+
+bool Core::check_tags(Call& call, const hostcall::SlotHeader& hdr) {
+  const Slot& s = slots_h_[call.slot_];
+  uint32_t foreign = 0;
+  for (uint32_t m = hdr.lane_mask; m != 0; m &= m - 1) {
+    const uint32_t lane = __builtin_ctz(m);
+    if (s.tag[lane] != hostcall::request_tag(call.seq_)) foreign |= 1u << lane;
+  }
+  const bool stale = hdr.seq != call.seq_;
+  if (!stale && foreign == 0) return true;
+  // A kernel's bad request, never a late store: the device writes the header and every
+  // lane's tag before it releases the state word this thread acquired. Say what was seen
+  // for the first few, since nothing else would show it.
+  static std::atomic<uint32_t> reported{0};
+  if (reported.fetch_add(1, std::memory_order_relaxed) < 8) {
+    std::fprintf(stderr,
+                 "gpusock: request in slot %u (seq %u, opcode %u, lanes %08x, warp %llu) %s; lanes %08x "
+                 "did not write it (first: lane %d, tag %u)\n",
+                 call.slot_, call.seq_, hdr.opcode, hdr.lane_mask, static_cast<unsigned long long>(hdr.origin),
+                 stale ? "has a header from another request" : "has its own header", foreign,
+                 foreign ? __builtin_ctz(foreign) : -1, foreign ? s.tag[__builtin_ctz(foreign)] : 0u);
+  }
+  if (stale) {
+    // Nothing in the header can be trusted, the lane mask included: one inline -EPROTO,
+    // which writes no lane's column.
+    stale_headers_.fetch_add(1, std::memory_order_relaxed);
+    rejected_.fetch_add(1, std::memory_order_relaxed);
+    mark_copied(call.slot_, call.seq_);
+    call.nargs_ = 0;
+    call.nresults_ = 1;
+    call.set_all(-EPROTO);
+    commit(call);
+    return false;
+  }
+  // The lanes that did write it are served; the others get -EPROTO in their own column
+  // (commit), where a lane that really waits here would find it.
+  foreign_lanes_.fetch_add(__builtin_popcount(foreign), std::memory_order_relaxed);
+  call.foreign_ = foreign;
+  call.mask_ &= ~foreign;
+  if (call.mask_ != 0) return true;
+  rejected_.fetch_add(1, std::memory_order_relaxed);
+  mark_copied(call.slot_, call.seq_);
+  call.nargs_ = 0;
+  call.nresults_ = 1;
+  commit(call);
+  return false;
 }
 
 void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
@@ -467,7 +515,7 @@ bool Core::commit(Call& call) {
   }
   // Inline reply when every lane has the same single result and it fits in 32 bits: the
   // device then reads one word for the whole call.
-  bool uniform = call.nresults_ <= 1;
+  bool uniform = call.nresults_ <= 1 && call.foreign_ == 0;
   int64_t first = 0;
   bool have_first = false;
   for (uint32_t m = call.mask_; uniform && m != 0; m &= m - 1) {
@@ -490,6 +538,9 @@ bool Core::commit(Call& call) {
       for (uint32_t m = call.mask_; m != 0; m &= m - 1) {
         uint32_t lane = __builtin_ctz(m);
         s.data[k][lane] = call.results_[k][lane];
+      }
+      for (uint32_t m = call.foreign_; m != 0; m &= m - 1) {
+        s.data[k][__builtin_ctz(m)] = k == 0 ? static_cast<uint64_t>(-EPROTO) : 0;
       }
     }
     reply = hostcall::make_state(call.seq_, hostcall::kReply);
@@ -635,6 +686,8 @@ RuntimeStats Core::stats() const {
   r.shutdown_failed = shutdown_failed_.load(std::memory_order_relaxed);
   r.parks = parks_.load(std::memory_order_relaxed);
   r.early_doorbells = early_doorbells_.load(std::memory_order_relaxed);
+  r.stale_headers = stale_headers_.load(std::memory_order_relaxed);
+  r.foreign_lanes = foreign_lanes_.load(std::memory_order_relaxed);
   r.reclaimed_slots = reclaimed_slots_.load(std::memory_order_relaxed);
   r.reclaimed_calls = reclaimed_calls_.load(std::memory_order_relaxed);
   occupancy(r);

@@ -148,6 +148,10 @@ class Core : public std::enable_shared_from_this<Core> {
   // Claims slot `slot` if its state is `state` (a kRequest) and runs the call.
   bool claim_and_run(uint32_t slot, uint64_t state);
   void run(hostcall::Call& call, const hostcall::SlotHeader& hdr);
+  // Checks the header's seq and every named lane's tag against the claimed state (see
+  // hostcall::Slot::tag). Drops lanes that did not write the request from call.mask_ into
+  // call.foreign_; answers the call itself (and returns false) when nothing is left to run.
+  bool check_tags(hostcall::Call& call, const hostcall::SlotHeader& hdr);
   void fail_pending(int64_t error);
   // A call answered by another thread than its claimer (fail_pending, launch reclaim)
   // frees the slot for the kernel's next call, so that answer must wait until the claimer
@@ -213,7 +217,7 @@ class Core : public std::enable_shared_from_this<Core> {
 
   // Counters.
   std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},
-      shutdown_failed_{0}, parks_{0}, early_doorbells_{0};
+      shutdown_failed_{0}, parks_{0}, early_doorbells_{0}, stale_headers_{0}, foreign_lanes_{0};
 
   // Aborted launches (cpu device) and a lost device (cuda); abort.cpp.
   std::unique_ptr<ClaimRecord[]> claims_;

@@ -83,7 +83,7 @@ void check_header_fields(const hc::SlotHeader& hdr) {
   other.state = ~hdr.state;
   other.nresults = ~hdr.nresults;
   other.reserved0 = ~hdr.reserved0;
-  other.reserved1 = ~hdr.reserved1;
+  other.seq = ~hdr.seq;  // checked against the state by check_tags, not here
   other.origin = ~hdr.origin;
   other.staging_first = ~hdr.staging_first;
   other.staging_count = ~hdr.staging_count;

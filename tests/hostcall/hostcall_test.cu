@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -43,6 +44,7 @@ constexpr uint32_t kOpDeferred = hc::kTestFirst + 3;  // answered later, out of 
 constexpr uint32_t kOpHold = hc::kTestFirst + 4;      // never answered until shutdown
 constexpr uint32_t kOpMulti = hc::kTestFirst + 5;     // three result words per lane
 constexpr uint32_t kOpSparse = hc::kTestFirst + 6;    // word 2 set only for even lanes
+constexpr uint32_t kOpDigest = hc::kTestFirst + 7;    // payload length, arg0, payload digest
 
 constexpr auto kKernelTimeout = std::chrono::seconds(600);
 
@@ -123,7 +125,7 @@ struct CallOne {
 // might, optionally without ringing the doorbell. Lane 0 only.
 struct RawPublish {
   GPUSOCK_HD void operator()(int64_t* out, uint32_t opcode, uint32_t mask, uint32_t nargs, uint32_t flags,
-                             uint64_t arg1, uint64_t arg2, int ring) const {
+                             uint64_t arg1, uint64_t arg2, int ring, uint32_t seq_delta = 0) const {
     if (gpusock::global_thread_id() != 0) return;
     const hc::DeviceContext* c = hc::context();
     uint32_t slot = 0;
@@ -143,6 +145,9 @@ struct RawPublish {
     s->hdr.flags = static_cast<uint16_t>(flags);
     s->hdr.staging_first = 0;
     s->hdr.staging_count = 0;
+    s->hdr.seq = seq + seq_delta;
+    // Only lane 0 takes part; every other lane's column is left from another request.
+    for (uint32_t l = 0; l < 32; ++l) s->tag[l] = hc::request_tag(l == 0 ? seq : seq + 1);
     gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(s->hdr.state)
         .store(hc::make_state(seq, hc::kRequest), gpusock::Order::kRelease);
     // Without a doorbell the position is still given back, as a filler.
@@ -152,6 +157,9 @@ struct RawPublish {
     t.seq = seq;
     t.mask = 1;
     out[0] = hc::wait(t);
+    // What the host left in lane 3's column (read before the slot goes back: wait() above
+    // released it, but nothing else runs in this test's kernel).
+    out[1] = static_cast<int64_t>(gpusock::AtomicRef<uint64_t, gpusock::Scope::kSystem>(s->data[0][3]).load(gpusock::Order::kRelaxed));
   }
 };
 
@@ -184,6 +192,49 @@ struct WriteLines {
 struct BigWrite {
   GPUSOCK_HD void operator()(const char* src, uint64_t n, int64_t* ret) const {
     if (gpusock::global_thread_id() == 0) ret[0] = gpusock::write(1, src, n);
+  }
+};
+
+// FNV-1a over n bytes: what the kernel and the digest handler both compute.
+GPUSOCK_HD inline uint64_t digest(const uint8_t* p, uint64_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (uint64_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+GPUSOCK_HD inline uint64_t mix(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  return x;
+}
+
+// Every lane sends a payload of 1 to 40 KiB each round, so a warp's payloads add up to
+// several staging runs (256 KiB) and its group splits into several calls. Lanes sit rounds
+// out and take one of two call sites at random, so split groups of different sizes and
+// sites are in flight at once. Counts lanes whose answer is not their own payload's.
+struct BigPayloads {
+  GPUSOCK_HD void operator()(const uint8_t* src, uint64_t src_len, int64_t* bad, int rounds) const {
+    const uint64_t tid = gpusock::global_thread_id();
+    int64_t wrong = 0;
+    for (int i = 0; i < rounds; ++i) {
+      const uint64_t r = mix(tid * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i));
+      if (r % 5 == 0) continue;
+      const uint32_t len = 1024 + static_cast<uint32_t>((r >> 8) % (39 * 1024));
+      const uint8_t* p = src + (r >> 24) % (src_len - len);
+      const uint64_t key = tid * 100000 + static_cast<uint64_t>(i);
+      uint64_t more[2];
+      int64_t got;
+      if ((r >> 4) & 1) {
+        got = hc::wait(hc::submit_with_payload(kOpDigest, p, len, key), more, 2);
+      } else {
+        hc::Ticket t = hc::submit_with_payload(kOpDigest, p, len, key);
+        got = hc::wait_keep_staging(t, more, 2);
+        hc::release(t);
+      }
+      wrong += got != static_cast<int64_t>(len) || more[0] != key || more[1] != digest(p, len);
+    }
+    bad[tid] = wrong;
   }
 };
 
@@ -254,6 +305,15 @@ class HostcallTest : public ::testing::TestWithParam<DeviceKind> {
                         c.set_result(l, static_cast<int64_t>(c.arg(l, 0)));
                         c.set_result(l, 1, c.arg(l, 0) + 1);
                         c.set_result(l, 2, c.arg(l, 0) + 2);
+                      });
+                    }).ok());
+    ASSERT_TRUE(rt_->register_handler(kOpDigest, "digest", [](hc::Call& c) {
+                      c.for_each_lane([&](uint32_t l) {
+                        std::span<const uint8_t> p;
+                        if (int e = c.payload(l, 1, &p); e != 0) return c.set_result(l, e);
+                        c.set_result(l, static_cast<int64_t>(p.size()));
+                        c.set_result(l, 1, c.arg(l, 0));
+                        c.set_result(l, 2, digest(p.data(), p.size()));
                       });
                     }).ok());
   }
@@ -452,7 +512,7 @@ struct GarbageCase {
 
 TEST_P(HostcallTest, GarbageWrittenIntoASlotFailsOnlyThatCall) {
   Start();
-  auto out = Buffer<int64_t>(1);
+  auto out = Buffer<int64_t>(2);
   const uint64_t staging = rt_->staging_size();
   const GarbageCase cases[] = {
       {kOpEcho, 1, 200, 0, 0, 0, -EINVAL},                       // nargs beyond kMaxArgs
@@ -465,7 +525,7 @@ TEST_P(HostcallTest, GarbageWrittenIntoASlotFailsOnlyThatCall) {
       {hc::op::kWrite, 1, 2, 0, 0, 0, -EINVAL},                  // descriptor missing
   };
   for (const auto& g : cases) {
-    Run({1}, {32}, RawPublish{}, out.data(), g.opcode, g.mask, g.nargs, g.flags, g.arg1, g.arg2, 1);
+    Run({1}, {32}, RawPublish{}, out.data(), g.opcode, g.mask, g.nargs, g.flags, g.arg1, g.arg2, 1, 0u);
     EXPECT_EQ(out.to_host()[0], g.want) << "opcode " << g.opcode << " nargs " << g.nargs;
   }
   EXPECT_GE(rt_->stats().rejected, 3u);
@@ -475,11 +535,38 @@ TEST_P(HostcallTest, GarbageWrittenIntoASlotFailsOnlyThatCall) {
   for (int64_t v : echo.to_host()) EXPECT_EQ(v, 0);
 }
 
+// A request's header and each lane's column carry the request's seq. Lanes named in the
+// mask that did not write the request are answered -EPROTO in their own column and never
+// run; a header from another request fails the whole call.
+TEST_P(HostcallTest, LanesThatDidNotWriteARequestAreRefusedNotRun) {
+  Start();
+  auto out = Buffer<int64_t>(2);
+  // Lanes 0 and 3 named, only lane 0 wrote the request.
+  Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 0b1001u, 2u, 0u, uint64_t{5}, uint64_t{0}, 1, 0u);
+  auto o = out.to_host();
+  EXPECT_EQ(o[0], 3 * 1 + 5) << "the lane that wrote the request is served";
+  EXPECT_EQ(o[1], -EPROTO) << "the lane that did not is answered EPROTO in its column";
+  auto st = rt_->stats();
+  EXPECT_EQ(st.foreign_lanes, 1u);
+  EXPECT_EQ(lanes_for(st, kOpEcho), 1u) << "the handler ran for lane 0 only";
+  // A header whose seq is not the state's.
+  Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 1u, 2u, 0u, uint64_t{5}, uint64_t{0}, 1, 7u);
+  EXPECT_EQ(out.to_host()[0], -EPROTO);
+  st = rt_->stats();
+  EXPECT_EQ(st.stale_headers, 1u);
+  EXPECT_EQ(lanes_for(st, kOpEcho), 1u) << "the handler did not run";
+  // Well-formed calls are served as before.
+  auto echo = Buffer<int64_t>(32);
+  Run({1}, {32}, EchoPerLane{}, echo.data());
+  for (int64_t v : echo.to_host()) EXPECT_EQ(v, 0);
+  EXPECT_EQ(rt_->stats().foreign_lanes, 1u);
+}
+
 TEST_P(HostcallTest, CallWithoutDoorbellIsFoundByTheSweep) {
   opts_.sweep_interval = std::chrono::milliseconds(2);
   Start();
   auto out = Buffer<int64_t>(1);
-  Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 1u, 2u, 0u, uint64_t{5}, uint64_t{0}, 0);
+  Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 1u, 2u, 0u, uint64_t{5}, uint64_t{0}, 0, 0u);
   EXPECT_EQ(out.to_host()[0], 3 * 1 + 5);  // data[0][0] = 1, data[1][0] = 5
   EXPECT_GE(rt_->stats().swept, 1u);
 }
@@ -585,6 +672,28 @@ TEST_P(HostcallTest, LongWriteArrivesWhole) {
   EXPECT_EQ(ss.str(), text);
   close(fd);
   unlink(path);
+}
+
+TEST_P(HostcallTest, PayloadsLargerThanOneStagingRunSplitIntoCallsAndArriveWhole) {
+  Start();
+  constexpr uint64_t kSrc = 1 << 20;
+  std::vector<uint8_t> bytes(kSrc);
+  std::mt19937_64 rng(20261206);
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+  auto src = Buffer<uint8_t>(kSrc);
+  ASSERT_TRUE(src.from_host(bytes).ok());
+  const uint32_t threads = 4 * 64;
+  const int rounds = 40;
+  auto bad = Buffer<int64_t>(threads);
+  Run({4}, {64}, BigPayloads{}, static_cast<const uint8_t*>(src.data()), kSrc, bad.data(), rounds);
+  const auto b = bad.to_host();
+  for (uint32_t t = 0; t < threads; ++t) EXPECT_EQ(b[t], 0) << "thread " << t;
+  uint64_t calls = 0;
+  const uint64_t lanes = lanes_for(rt_->stats(), kOpDigest, &calls);
+  // About 4/5 of threads * rounds lanes took part; every warp's payloads needed several
+  // calls, so there are more calls than warp-rounds.
+  EXPECT_GT(lanes, threads * rounds / 2);
+  EXPECT_GT(calls, uint64_t{threads / 32} * rounds);
 }
 
 TEST_P(HostcallTest, RegisterHandlerRejectsBadOpcodes) {

@@ -345,12 +345,13 @@ GPUSOCK_HD inline void group_copy(uint32_t mask, uint8_t* dst, const uint8_t* sr
 }
 
 // Writes a request's header fields (not the state) as two 16-byte stores; the layout is
-// SlotHeader's, little-endian; flags are 0.
+// SlotHeader's, little-endian; flags are 0; `seq` is the request's, as in its state word.
 GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t mask, uint32_t nargs,
-                                     uint32_t staging_first, uint32_t staging_count, uint64_t origin) {
+                                     uint32_t staging_first, uint32_t staging_count, uint32_t seq,
+                                     uint64_t origin) {
   store16(&h.opcode, (static_cast<uint64_t>(mask) << 32) | opcode,
           (static_cast<uint64_t>(staging_first) << 32) | (nargs & 0xffffu));
-  store16(&h.staging_count, staging_count, origin);
+  store16(&h.staging_count, (static_cast<uint64_t>(seq) << 32) | staging_count, origin);
 }
 
 // The core of every submission. Lanes that arrive together and ask for the same opcode
@@ -452,6 +453,7 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
 
   Slot* s = c->slots + t.slot;
   for (uint32_t k = 0; k < nargs; ++k) s->data[k][me] = args[k];
+  s->tag[me] = request_tag(t.seq);  // this lane takes part in this request (see Slot::tag)
   uint32_t total_args = nargs;
   if (has_payload) {
     uint64_t off = static_cast<uint64_t>(t.staging_page) * kStagingPageBytes + payload_off;
@@ -461,13 +463,12 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
     s->data[nargs + 1][me] = payload_len;
     total_args += 2;
   }
-  // Every lane's argument and payload stores happen before the leader's release below:
-  // the warp barrier orders them before the leader's next instruction, and the release
-  // is cumulative, so the host that acquires `state` sees all of them. A call without
-  // arguments has nothing to order but the leader's own stores.
-  if (total_args != 0) warp::sync(mask);
+  // Every lane's tag, argument and payload stores happen before the leader's release
+  // below: the warp barrier orders them before the leader's next instruction, and the
+  // release is cumulative, so the host that acquires `state` sees all of them.
+  warp::sync(mask);
   if (me == lead) {
-    write_request(s->hdr, opcode, mask, total_args, t.staging_page, t.staging_pages, global_warp_id());
+    write_request(s->hdr, opcode, mask, total_args, t.staging_page, t.staging_pages, t.seq, global_warp_id());
     // System scope release: publishes header, arguments and payload to host threads.
     AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
     ring_doorbell(c, pos, t.slot, t.seq);

@@ -90,6 +90,7 @@ class Call {
   uint32_t seq_ = 0;
   uint32_t opcode_ = 0;
   uint32_t mask_ = 0;
+  uint32_t foreign_ = 0;  // lanes the header named that did not write this request: -EPROTO
   uint32_t nargs_ = 0;
   uint32_t nresults_ = 1;
   uint64_t origin_ = 0;

@@ -85,7 +85,8 @@ struct alignas(64) SlotHeader {
   uint32_t staging_first;   // 28 device: first staging page this call holds (if count > 0)
   uint32_t staging_count;   // 32 device: staging pages held; payload descriptors must lie
                             //    inside them
-  uint32_t reserved1;       // 36
+  uint32_t seq;             // 36 device: the request's seq again, written with the fields
+                            //    above: the host serves a header only if it matches state
   uint64_t origin;          // 40 device: global warp id of the caller (diagnostics)
   uint8_t reserved[16];     // 48
 };
@@ -97,11 +98,19 @@ static_assert(offsetof(SlotHeader, opcode) == 16 && offsetof(SlotHeader, staging
 // A slot: header plus the per-lane argument/result words, transposed ([word][lane]) so a
 // warp writing word k of all its lanes writes 256 contiguous bytes, one coalesced burst
 // over PCIe instead of 32 scattered 8-byte writes. Results overwrite arguments in place.
+//
+// tag[lane]: every lane that takes part in a request writes request_tag(seq) here, with
+// its arguments (seq + 1, so the zeroed memory of a never-used slot names no request). The host serves only the lanes of lane_mask whose tag matches: a lane
+// named in the mask that did not write this request (a kernel's bad mask, or a lane whose
+// stores went to another slot) is answered -EPROTO in its own column instead of having its
+// stale column run as arguments (docs/architecture.md, section 18.2).
 struct alignas(64) Slot {
   SlotHeader hdr;
   uint64_t data[kMaxArgs][kWarpSize];
+  uint32_t tag[kWarpSize];
 };
-static_assert(sizeof(Slot) == 64 + kMaxArgs * kWarpSize * 8, "Slot layout is fixed");
+GPUSOCK_HD constexpr uint32_t request_tag(uint32_t seq) { return (seq & kSeqMask) + 1; }
+static_assert(sizeof(Slot) == 64 + kMaxArgs * kWarpSize * 8 + kWarpSize * 4, "Slot layout is fixed");
 static_assert(alignof(Slot) == 64, "Slots start on cache lines");
 
 // ---------------------------------------------------------------------------------

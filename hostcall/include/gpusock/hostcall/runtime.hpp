@@ -104,6 +104,11 @@ struct RuntimeStats {
   uint64_t shutdown_failed = 0; // calls answered ESHUTDOWN at shutdown
   uint64_t parks = 0;           // times a service thread parked
   uint64_t early_doorbells = 0; // doorbells that arrived before their slot's state
+  // Requests whose header did not carry the seq of their state word (a kernel's bad
+  // request), answered -EPROTO; and lanes a request named that did not write it (their
+  // tag is not the request's seq), each answered -EPROTO in its own column.
+  uint64_t stale_headers = 0;
+  uint64_t foreign_lanes = 0;
   uint64_t reclaimed_slots = 0; // slots taken back from aborted launches (cpu device)
   uint64_t reclaimed_calls = 0; // of those, calls in flight answered ECANCELED
   // Occupancy, read when stats() is called (a diagnostic copy of device state; on a GPU

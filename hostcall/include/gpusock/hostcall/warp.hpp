@@ -110,6 +110,29 @@ GPUSOCK_HD inline uint32_t lane_id() {
 #endif
 }
 
+#if GPUSOCK_IS_GPU
+namespace gpu {
+// Returns a group mask unchanged, in a form ptxas cannot prove warp-uniform.
+//
+// ptxas treats __activemask(), and __match_any_sync() over it with a key it can prove
+// warp-uniform, as a value every active lane shares, and lasts it through later code: a
+// shuffle, vote or __syncwarp on that mask is then guarded by one lane's copy of it (R2UR
+// + BRA.DIV: "are all lanes of this mask here?") instead of every lane's. Lanes of two
+// groups of one warp can reach one call site at different times, and a convergence
+// barrier can later release them together; the one-lane check then passes for a shuffle
+// whose source lane is still elsewhere, and the lanes of the other group read garbage
+// (docs/architecture.md, section 18.2, has the trace). A select on a condition that is
+// always true but depends on %laneid (a lane that exists is below its block's thread
+// count) leaves the value as it was and makes ptxas check every lane's mask (MATCH +
+// REDUX) before each collective: a few instructions, no memory access.
+__device__ GPUSOCK_ALWAYS_INLINE uint32_t nonuniform_mask(uint32_t mask) {
+  uint32_t lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane < blockDim.x * blockDim.y * blockDim.z ? mask : 0u;
+}
+}  // namespace gpu
+#endif
+
 // The lanes that execute this call together. `fn`/`line` name the call site; they are
 // filled in by the compiler and only the cpu device looks at them.
 GPUSOCK_HD inline uint32_t active_mask(const char* fn = __builtin_FUNCTION(),
@@ -117,7 +140,7 @@ GPUSOCK_HD inline uint32_t active_mask(const char* fn = __builtin_FUNCTION(),
 #if GPUSOCK_IS_GPU
   (void)fn;
   (void)line;
-  return __activemask();
+  return gpu::nonuniform_mask(__activemask());
 #else
   // A call site is (function name literal, line): distinct sites in one function
   // differ by line, distinct functions by the literal's address.
@@ -141,7 +164,7 @@ GPUSOCK_HD inline uint32_t converge_match(uint64_t key, const char* fn = __built
 #if GPUSOCK_IS_GPU
   (void)fn;
   (void)line;
-  return __match_any_sync(__activemask(), static_cast<unsigned long long>(key));
+  return gpu::nonuniform_mask(__match_any_sync(__activemask(), static_cast<unsigned long long>(key)));
 #else
   return internal::cpu_converge_match(reinterpret_cast<uintptr_t>(fn) ^ (uint64_t{line} << 48), key);
 #endif
