@@ -303,6 +303,8 @@ struct ControlServer::Impl final : public v1::Control::Service {
     out->set_errors(st.errors);
     out->set_rejected(st.rejected);
     out->set_handler_exceptions(st.handler_exceptions);
+    out->set_foreign_lanes(st.foreign_lanes);
+    out->set_stale_headers(st.stale_headers);
     out->set_doorbells(st.doorbells);
     out->set_swept(st.swept);
     out->set_parks(st.parks);

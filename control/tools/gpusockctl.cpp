@@ -221,6 +221,10 @@ class Ctl {
     print_table({"OPCODE", "CALLS", "LANES", "ERRORS", "P50<=", "P90<=", "P99<=", "MAX<="}, rows);
     std::printf("\ncalls %" PRIu64 ", lanes %" PRIu64 ", errors %" PRIu64 ", rejected %" PRIu64 ", handler exceptions %" PRIu64 "\n",
                 r.calls(), r.lanes(), r.errors(), r.rejected(), r.handler_exceptions());
+    if (r.foreign_lanes() != 0 || r.stale_headers() != 0) {
+      std::printf("bad requests: %" PRIu64 " lanes named that did not write them, %" PRIu64 " stale headers\n",
+                  r.foreign_lanes(), r.stale_headers());
+    }
     std::printf("slots %u (owned %u, calls in flight %u); staging %" PRIu64 " of %" PRIu64 " bytes in use\n", r.slots(),
                 r.slots_owned(), r.calls_in_flight(), r.staging_bytes_used(), r.staging_bytes());
     std::printf("host sockets: bytes in %" PRIu64 ", out %" PRIu64 "%s\n", r.bytes_in(), r.bytes_out(), r.draining() ? " (draining)" : "");
@@ -428,6 +432,10 @@ class Ctl {
       line(name, "", v);
     };
     single("gpusock_hostcalls_rejected_total", "counter", "Calls failed by validation.", n(r.rejected()));
+    single("gpusock_hostcall_foreign_lanes_total", "counter", "Lanes a request named that did not write it.",
+           n(r.foreign_lanes()));
+    single("gpusock_hostcall_stale_headers_total", "counter", "Requests whose header was another request's.",
+           n(r.stale_headers()));
     single("gpusock_slots", "gauge", "Hostcall slots in the region.", n(r.slots()));
     single("gpusock_slots_owned", "gauge", "Slots a warp holds.", n(r.slots_owned()));
     single("gpusock_calls_in_flight", "gauge", "Calls published and not yet answered.", n(r.calls_in_flight()));
