@@ -122,7 +122,8 @@ struct CallOne {
 };
 
 // Publishes a slot by hand with whatever header fields it is given, as a buggy kernel
-// might, optionally without ringing the doorbell. Lane 0 only.
+// might, optionally without ringing the doorbell. Lane 0 only. out[0]: lane 0's answer;
+// out[1]: what the host left in lane 3's result word (out must hold two words).
 struct RawPublish {
   GPUSOCK_HD void operator()(int64_t* out, uint32_t opcode, uint32_t mask, uint32_t nargs, uint32_t flags,
                              uint64_t arg1, uint64_t arg2, int ring, uint32_t seq_delta = 0) const {
@@ -565,7 +566,7 @@ TEST_P(HostcallTest, LanesThatDidNotWriteARequestAreRefusedNotRun) {
 TEST_P(HostcallTest, CallWithoutDoorbellIsFoundByTheSweep) {
   opts_.sweep_interval = std::chrono::milliseconds(2);
   Start();
-  auto out = Buffer<int64_t>(1);
+  auto out = Buffer<int64_t>(2);
   Run({1}, {32}, RawPublish{}, out.data(), kOpEcho, 1u, 2u, 0u, uint64_t{5}, uint64_t{0}, 0, 0u);
   EXPECT_EQ(out.to_host()[0], 3 * 1 + 5);  // data[0][0] = 1, data[1][0] = 5
   EXPECT_GE(rt_->stats().swept, 1u);
