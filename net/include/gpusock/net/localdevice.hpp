@@ -213,11 +213,12 @@ GPUSOCK_HD inline uint32_t ld32(uint32_t& x) { return A32(x).load(Order::kAcquir
 GPUSOCK_HD inline uint32_t get(uint32_t& x) { return A32(x).load(Order::kRelaxed); }
 GPUSOCK_HD inline void put(uint32_t& x, uint32_t v) { A32(x).store(v, Order::kRelease); }
 
-// The lanes that copy together: on a GPU those executing here now; on the cpu device each
-// lane alone (converging threads costs more than it saves there).
+// The lanes that copy together: on a GPU those executing here now (warp::active_mask(),
+// which ptxas may not take for warp-uniform: docs/architecture.md 18.2); on the cpu device
+// each lane alone (converging threads costs more than it saves there).
 GPUSOCK_HD inline uint32_t copy_group() {
 #if GPUSOCK_IS_GPU
-  return __activemask();
+  return warp::active_mask();
 #else
   return 1u << warp::lane_id();
 #endif
