@@ -409,10 +409,11 @@ bool Core::claim_and_run(uint32_t slot, uint64_t st) {
 
 bool Core::check_tags(Call& call, const hostcall::SlotHeader& hdr) {
   const Slot& s = slots_h_[call.slot_];
+  const uint32_t tag = hostcall::request_tag(call.seq_);
   uint32_t foreign = 0;
   for (uint32_t m = hdr.lane_mask; m != 0; m &= m - 1) {
     const uint32_t lane = __builtin_ctz(m);
-    if (s.tag[lane] != hostcall::request_tag(call.seq_)) foreign |= 1u << lane;
+    if (s.tag[lane] != tag) foreign |= 1u << lane;
   }
   const bool stale = hdr.seq != call.seq_;
   if (!stale && foreign == 0) return true;
@@ -432,12 +433,7 @@ bool Core::check_tags(Call& call, const hostcall::SlotHeader& hdr) {
     // Nothing in the header can be trusted, the lane mask included: one inline -EPROTO,
     // which writes no lane's column.
     stale_headers_.fetch_add(1, std::memory_order_relaxed);
-    rejected_.fetch_add(1, std::memory_order_relaxed);
-    mark_copied(call.slot_, call.seq_);
-    call.nargs_ = 0;
-    call.nresults_ = 1;
-    call.set_all(-EPROTO);
-    commit(call);
+    reject(call, -EPROTO);
     return false;
   }
   // The lanes that did write it are served; the others get -EPROTO in their own column
@@ -446,32 +442,29 @@ bool Core::check_tags(Call& call, const hostcall::SlotHeader& hdr) {
   call.foreign_ = foreign;
   call.mask_ &= ~foreign;
   if (call.mask_ != 0) return true;
+  reject(call, -EPROTO);
+  return false;
+}
+
+void Core::reject(Call& call, int64_t error) {
   rejected_.fetch_add(1, std::memory_order_relaxed);
   mark_copied(call.slot_, call.seq_);
   call.nargs_ = 0;
   call.nresults_ = 1;
+  call.set_all(error);
   commit(call);
-  return false;
 }
 
 void Core::run(Call& call, const hostcall::SlotHeader& hdr) {
   for (uint32_t m = call.mask_; m != 0; m &= m - 1) call.results_[0][__builtin_ctz(m)] = 0;
   const int verdict = check_header(hdr);
   if (verdict == -EINVAL) {
-    rejected_.fetch_add(1, std::memory_order_relaxed);
-    mark_copied(call.slot_, call.seq_);
-    call.nargs_ = 0;
-    call.set_all(-EINVAL);
-    commit(call);
+    reject(call, -EINVAL);
     return;
   }
   HandlerEntry* h = verdict == 0 ? handlers_[call.opcode_].load(std::memory_order_acquire) : nullptr;
   if (h == nullptr) {
-    rejected_.fetch_add(1, std::memory_order_relaxed);
-    mark_copied(call.slot_, call.seq_);
-    call.nargs_ = 0;
-    call.set_all(-ENOSYS);
-    commit(call);
+    reject(call, -ENOSYS);
     return;
   }
   const Slot& s = slots_h_[call.slot_];

@@ -152,6 +152,9 @@ class Core : public std::enable_shared_from_this<Core> {
   // hostcall::Slot::tag). Drops lanes that did not write the request from call.mask_ into
   // call.foreign_; answers the call itself (and returns false) when nothing is left to run.
   bool check_tags(hostcall::Call& call, const hostcall::SlotHeader& hdr);
+  // Answers a call that will not run: `error` to every lane of its mask (and -EPROTO to
+  // its foreign lanes, see commit()), counted in `rejected`.
+  void reject(hostcall::Call& call, int64_t error);
   void fail_pending(int64_t error);
   // A call answered by another thread than its claimer (fail_pending, launch reclaim)
   // frees the slot for the kernel's next call, so that answer must wait until the claimer

@@ -100,10 +100,11 @@ static_assert(offsetof(SlotHeader, opcode) == 16 && offsetof(SlotHeader, staging
 // over PCIe instead of 32 scattered 8-byte writes. Results overwrite arguments in place.
 //
 // tag[lane]: every lane that takes part in a request writes request_tag(seq) here, with
-// its arguments (seq + 1, so the zeroed memory of a never-used slot names no request). The host serves only the lanes of lane_mask whose tag matches: a lane
-// named in the mask that did not write this request (a kernel's bad mask, or a lane whose
-// stores went to another slot) is answered -EPROTO in its own column instead of having its
-// stale column run as arguments (docs/architecture.md, section 18.2).
+// its arguments (seq + 1, so the zeroed memory of a never-used slot names no request).
+// The host serves only the lanes of lane_mask whose tag matches: a lane named in the mask
+// that did not write this request (a kernel's bad mask, or a lane whose stores went to
+// another slot) is answered -EPROTO in its own column instead of having its stale column
+// run as arguments (docs/architecture.md, section 18.2).
 struct alignas(64) Slot {
   SlotHeader hdr;
   uint64_t data[kMaxArgs][kWarpSize];
