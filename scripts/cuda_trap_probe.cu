@@ -8,6 +8,7 @@
 //   0: reset with the stream and the pinned buffer still alive
 //   1: destroy the stream and free the pinned buffer first, then reset
 //   2: reset, then free the pinned buffer
+//   3: as 0, but keep trying for 20 s (a reset each second) before giving up
 // Exit status 0 when a kernel ran correctly after the reset.
 #include <cuda_runtime.h>
 
@@ -60,13 +61,14 @@ int main(int argc, char** argv) {
   }
   SHOW(cudaDeviceReset());
   if (variant == 2) SHOW(cudaFreeHost(host));
-  for (int attempt = 0; attempt < 3; ++attempt) {
+  const int attempts = variant == 3 ? 20 : 3;
+  for (int attempt = 0; attempt < attempts; ++attempt) {
     SHOW(cudaSetDevice(0));
     const cudaError_t e = cudaFree(nullptr);
     std::printf("attempt %d: cudaFree(nullptr) -> %s\n", attempt, cudaGetErrorName(e));
     if (e == cudaSuccess) break;
     SHOW(cudaDeviceReset());
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    std::this_thread::sleep_for(std::chrono::milliseconds(variant == 3 ? 1000 : 500));
   }
   int* p = nullptr;
   int v = 0;

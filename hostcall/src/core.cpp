@@ -81,10 +81,13 @@ Status Core::init() {
   const uint32_t staging_pages = static_cast<uint32_t>(staging_bytes_ / hostcall::kStagingPageBytes);
   staging_pages_ = staging_pages;
 
-  // One mapped block: control line, slots, ring, staging (page aligned).
+  // One mapped block: control line, slots, ring, launch causes, staging (page aligned).
+  const bool cuda = device_->kind() == DeviceKind::kCuda;
   const size_t off_slots = 64;
   const size_t off_ring = off_slots + sizeof(Slot) * nslots_;
-  const size_t off_staging = align_up(off_ring + sizeof(uint64_t) * ring_cap_, 4096);
+  const size_t off_cause = align_up(off_ring + sizeof(uint64_t) * ring_cap_, 64);
+  const size_t cause_bytes = cuda ? 4ull * hostcall::kLaunchIds * hostcall::kLaunchCauseWords : 0;
+  const size_t off_staging = align_up(off_cause + cause_bytes, 4096);
   const size_t mapped_bytes = off_staging + staging_bytes_;
   void* host = nullptr;
   void* dev = nullptr;
@@ -97,10 +100,15 @@ Status Core::init() {
   slots_h_ = reinterpret_cast<Slot*>(hb + off_slots);
   ring_h_ = reinterpret_cast<uint64_t*>(hb + off_ring);
   staging_h_ = hb + off_staging;
+  if (cuda) {
+    launch_cause_h_ = reinterpret_cast<uint32_t*>(hb + off_cause);
+    launch_cause_dev_ = reinterpret_cast<uint32_t*>(db + off_cause);
+  }
   control_h_->magic = hostcall::kControlMagic;
   swept_tags_.assign(nslots_, 0);
 
-  // One device block: context, slot bitmap, ring position, staging bitmap, errno slots.
+  // One device block: context, slot bitmap, ring position, staging bitmap, errno slots,
+  // and on cuda the claim records and the launches' abort words.
   const uint32_t slot_words = (nslots_ + 31) / 32;
   const uint32_t staging_words = staging_pages / 64;
   const uint64_t errno_count = uint64_t{device_->sm_ids()} * device_->threads_per_sm();
@@ -109,7 +117,9 @@ Status Core::init() {
   const size_t d_ringpos = align_up(d_bitmap + 4ull * slot_words, 256);
   const size_t d_staging = align_up(d_ringpos + 4, 256);
   const size_t d_errno = align_up(d_staging + 8ull * staging_words, 256);
-  const size_t device_bytes = d_errno + 4 * errno_count;
+  const size_t d_claims = align_up(d_errno + 4 * errno_count, 256);
+  const size_t d_abort = align_up(d_claims + (cuda ? sizeof(ClaimRecord) * nslots_ : 0), 256);
+  const size_t device_bytes = d_abort + (cuda ? 4ull * hostcall::kLaunchIds : 0);
   void* dblock = nullptr;
   s = device_->alloc_device(device_bytes, &dblock);
   if (!s.ok()) return s;
@@ -134,6 +144,12 @@ Status Core::init() {
   c.state.ring_pos = reinterpret_cast<uint32_t*>(dd + d_ringpos);
   c.state.staging_bitmap = reinterpret_cast<uint64_t*>(dd + d_staging);
   c.state.errno_slots = reinterpret_cast<int32_t*>(dd + d_errno);
+  if (cuda) {
+    c.state.claims = reinterpret_cast<ClaimRecord*>(dd + d_claims);
+    claims_dev_ = c.state.claims;
+    launch_abort_dev_ = reinterpret_cast<uint32_t*>(dd + d_abort);
+    for (uint32_t id = hostcall::kLaunchIds - 1; id >= 1; --id) free_launch_ids_.push_back(id);
+  }
   c.nslots = nslots_;
   c.ring_mask = ring_cap_ - 1;
   c.staging_pages = staging_pages;

@@ -50,6 +50,18 @@ class DeviceBackend {
   virtual bool kernels_running() const = 0;
   // Waits up to `timeout` for launched kernels to finish; true if none is running.
   virtual bool wait_kernels(std::chrono::nanoseconds timeout) = 0;
+  // cuda: clears the claim records of `slots` that still name `launch`, then their bits in
+  // `slot_bitmap`, and the staging runs (first << 32 | count) in `staging_bitmap`, with
+  // device atomics (a kernel on a stream of its own: other kernels change these words
+  // meanwhile). With `wait`, returns once done or after a few seconds, when every SM is
+  // taken by kernels that do not end (the work stays queued and runs when one does).
+  // False if it could not be queued. The cpu device's pools are host memory: the Core
+  // changes them itself.
+  virtual bool give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, ClaimRecord* claims, uint32_t launch,
+                         const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs, bool wait) {
+    (void)slot_bitmap, (void)staging_bitmap, (void)claims, (void)launch, (void)slots, (void)runs, (void)wait;
+    return false;
+  }
   // Called last when a runtime whose device failed (Core::mark_failed) goes away, after
   // everything it allocated was handed back: makes the device usable for a new runtime.
   // cuda: cudaDeviceReset(), the only way out of a sticky error. cpu: nothing.
@@ -114,13 +126,24 @@ class Core : public std::enable_shared_from_this<Core> {
   Status set_module_state(uint32_t index, void* device_ptr);
 
   // ---- aborted kernels (abort.cpp; docs/architecture.md section 18.3) ----
-  // cpu device: one record per slot (ClaimRecord), null on cuda.
+  // cpu device: one record per slot (ClaimRecord), null on cuda (its table is in device
+  // memory, DeviceState::claims).
   ClaimRecord* claims() { return claims_.get(); }
-  // cpu device: launch `launch_id` was aborted and every lane of it has stopped. Answers
-  // its calls still in flight with -ECANCELED and gives its slots and staging runs back;
-  // a run a handler may still read (the call was claimed) stays held until that handler
-  // answers, and is given back then. Other launches keep running meanwhile.
+  // Launch `launch_id` was aborted and every lane of it has stopped. Answers its calls
+  // still in flight with -ECANCELED and gives its slots and staging runs back; a run a
+  // handler may still read (the call was claimed) stays held until that handler answers,
+  // and is given back then. Other launches keep running meanwhile.
   void reclaim_launch(uint32_t launch_id);
+
+  // cuda launch ids (hostcall::kLaunchIds). Takes an id whose abort word and cause record
+  // are clear, with their device addresses; EAGAIN when every id is in flight.
+  Status take_launch_id(uint32_t* id, uint32_t** abort_dev, uint32_t** cause_dev);
+  // The launch with this id has ended. If a lane of it called trap(), sets *why (EIO,
+  // naming where), takes back what it held (reclaim_launch) and clears its abort word and
+  // cause; then the id is free again. Returns whether it was aborted.
+  bool finish_launch(uint32_t id, Status* why);
+  // An id taken for a launch that never started.
+  void give_launch_id(uint32_t id);
   // The device is lost (a CUDA kernel trapped or faulted: a sticky context error). Records
   // `why`, answers every call in flight with -ECANCELED, and from then on health() and the
   // runtime's API return `why`. The first failure is kept.
@@ -166,7 +189,11 @@ class Core : public std::enable_shared_from_this<Core> {
   // A late commit() lost its race: if the call's staging run was held back for its
   // handler (reclaim_launch), give it back now.
   void release_quarantined(uint32_t slot, uint32_t seq);
-  void free_staging_run(uint32_t first, uint32_t count);
+  // Gives slots (with their claim records) and staging runs (first << 32 | count) back to
+  // the device's pools: host atomics on the cpu device, a small kernel on cuda. `wait`:
+  // return once they are back (cuda: at most a few seconds, see DeviceBackend).
+  void give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs,
+                 bool wait);
 
   RuntimeOptions options_;
   std::unique_ptr<DeviceBackend> device_;
@@ -187,6 +214,12 @@ class Core : public std::enable_shared_from_this<Core> {
   hostcall::DeviceContext* ctx_dev_ = nullptr;
   uint32_t* slot_bitmap_dev_ = nullptr;     // device addresses, read by occupancy()
   uint64_t* staging_bitmap_dev_ = nullptr;
+  ClaimRecord* claims_dev_ = nullptr;       // cuda: DeviceState::claims
+  uint32_t* launch_abort_dev_ = nullptr;    // cuda: kLaunchIds abort words
+  uint32_t* launch_cause_h_ = nullptr;      // cuda: kLaunchIds cause records (mapped)
+  uint32_t* launch_cause_dev_ = nullptr;
+  std::mutex launch_ids_mu_;
+  std::vector<uint32_t> free_launch_ids_;   // guarded by launch_ids_mu_
 
   // Handlers, readable without a lock from service threads; written under handlers_mu_.
   std::array<std::atomic<HandlerEntry*>, hostcall::kOpcodeLimit> handlers_{};

@@ -3,8 +3,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <mutex>
@@ -16,6 +18,17 @@
 #include "launch_state.hpp"
 
 namespace gpusock {
+
+namespace {
+// Kernels launched on one runtime wait for each other through the host: a server kernel
+// spins until a client kernel, launched after it, connects. With CUDA's lazy loading (the
+// default on Linux since CUDA 12.2) a kernel's code is loaded at its first launch, and
+// that load may wait for the kernels already running to end, which they never do: the
+// new kernel never starts. So unless the program has chosen (CUDA_MODULE_LOADING set),
+// gpusock asks for eager loading, before main() and so before anything initializes CUDA.
+// docs/architecture.md, section 2.
+__attribute__((constructor)) void prefer_eager_module_loading() { ::setenv("CUDA_MODULE_LOADING", "EAGER", 0); }
+}  // namespace
 
 bool cuda_available() {
   int n = 0;
@@ -46,10 +59,44 @@ __global__ void read_nsmid(uint32_t* out) {
 
 struct CudaLaunch;
 
+// What one give-back kernel takes back; passed by value as its parameter (about 2 KiB), so
+// that nothing has to be allocated or copied for it. More goes in several launches.
+struct GiveBackChunk {
+  static constexpr uint32_t kSlots = 256, kRuns = 128;
+  uint32_t nslots = 0, nruns = 0;
+  uint32_t slots[kSlots];
+  uint64_t runs[kRuns];  // first << 32 | count
+};
+
+// Clears each slot's claim record if it still names `launch`, then the slot's bit, and
+// each staging run's bits: what release_slot() and release_staging() would have done had
+// the launch's lanes not stopped. The fence orders our clear of a record before the bit
+// that lets the slot's next owner write its own.
+__global__ void give_back_kernel(uint32_t* slot_bitmap, unsigned long long* staging_bitmap, hostcall::ClaimRecord* claims,
+                                 uint32_t launch, GiveBackChunk c) {
+  for (uint32_t i = threadIdx.x; i < c.nruns; i += blockDim.x) {
+    const uint32_t first = static_cast<uint32_t>(c.runs[i] >> 32), count = static_cast<uint32_t>(c.runs[i]);
+    const unsigned long long run = count >= 64 ? ~0ull : ((1ull << count) - 1);
+    atomicAnd(&staging_bitmap[first / 64], ~(run << (first % 64)));
+  }
+  for (uint32_t i = threadIdx.x; i < c.nslots; i += blockDim.x) {
+    const uint32_t slot = c.slots[i];
+    if (launch != 0) atomicCAS(&claims[slot].launch, launch, 0u);
+    __threadfence();
+    atomicAnd(&slot_bitmap[slot / 32], ~(1u << (slot % 32)));
+  }
+}
+
 }  // namespace
 
 class CudaBackend : public DeviceBackend {
  public:
+  ~CudaBackend() override {
+    if (give_back_stream_ != nullptr) {
+      bind();
+      cudaStreamDestroy(give_back_stream_);
+    }
+  }
   Status init(int device) {
     device_ = device;
     cudaError_t e = cudaSetDevice(device);
@@ -148,6 +195,8 @@ class CudaBackend : public DeviceBackend {
   bool kernels_running() const override;
   bool wait_kernels(std::chrono::nanoseconds timeout) override;
   void reset_after_failure() override;
+  bool give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, hostcall::ClaimRecord* claims, uint32_t launch,
+                 const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs, bool wait) override;
 
   void track(const std::shared_ptr<CudaLaunch>& l);
 
@@ -162,12 +211,16 @@ class CudaBackend : public DeviceBackend {
   // Every launch handle still alive, finished or not: after a device reset their streams
   // are gone, and they must not destroy them again (guarded by mu_).
   std::vector<std::weak_ptr<CudaLaunch>> handles_;
+  // The give-back kernels' own stream, made at first use (guarded by give_back_mu_).
+  std::mutex give_back_mu_;
+  cudaStream_t give_back_stream_ = nullptr;
 };
 
 namespace {
 struct CudaLaunch : LaunchState {
   std::mutex mu;
   cudaStream_t stream = nullptr;
+  uint32_t id = 0;  // hostcall::kLaunchIds; given back once the launch has ended
   bool done = false;
   Status result;
   // Told when this kernel ends in an error: every such error (a trap, an illegal address,
@@ -187,7 +240,13 @@ struct CudaLaunch : LaunchState {
     if (e != cudaSuccess) {
       result = cuda_status(e, "kernel aborted (a trap or a fault); the CUDA context is lost");
       if (auto c = core.lock()) c->mark_failed(result);
+    } else if (auto c = core.lock()) {
+      // A lane that called gpusock::trap() ended the launch early: report where, and take
+      // back what the launch held before anyone learns that it has ended.
+      Status why;
+      if (c->finish_launch(id, &why)) result = why;
     }
+    id = 0;
     return true;
   }
   bool wait(std::chrono::nanoseconds timeout) override {
@@ -247,7 +306,48 @@ void CudaBackend::reset_after_failure() {
   }
   handles_.clear();
   launches_.clear();
+  {
+    std::lock_guard<std::mutex> gl(give_back_mu_);
+    if (give_back_stream_ != nullptr) cudaStreamDestroy(give_back_stream_);
+    give_back_stream_ = nullptr;
+  }
   cudaDeviceReset();
+}
+
+bool CudaBackend::give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, hostcall::ClaimRecord* claims,
+                            uint32_t launch, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs,
+                            bool wait) {
+  std::lock_guard<std::mutex> lock(give_back_mu_);
+  bind();
+  if (give_back_stream_ == nullptr && cudaStreamCreateWithFlags(&give_back_stream_, cudaStreamNonBlocking) != cudaSuccess) {
+    give_back_stream_ = nullptr;
+    return false;
+  }
+  size_t si = 0, ri = 0;
+  while (si < slots.size() || ri < runs.size()) {
+    GiveBackChunk c;
+    while (si < slots.size() && c.nslots < GiveBackChunk::kSlots) c.slots[c.nslots++] = slots[si++];
+    while (ri < runs.size() && c.nruns < GiveBackChunk::kRuns) c.runs[c.nruns++] = runs[ri++];
+    give_back_kernel<<<1, 256, 0, give_back_stream_>>>(slot_bitmap, reinterpret_cast<unsigned long long*>(staging_bitmap),
+                                                        claims, launch, c);
+    if (cudaGetLastError() != cudaSuccess) return false;
+  }
+  if (!wait) return true;
+  // A one-block kernel starts as soon as any SM has room. Kernels that fill every SM and
+  // never end would keep it queued: stop waiting after a while rather than hang the
+  // caller (Launch::wait); the slots come back when it runs.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (;;) {
+    cudaError_t e = cudaStreamQuery(give_back_stream_);
+    if (e == cudaSuccess) return true;
+    if (e != cudaErrorNotReady) return false;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::fprintf(stderr, "gpusock: an aborted launch's slots are not back after 5 s: every SM is busy; they come back "
+                           "when a kernel ends\n");
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 Result<std::unique_ptr<DeviceBackend>> make_cuda_backend(const RuntimeOptions& options) {
@@ -271,25 +371,40 @@ Status launch_failure(Runtime& rt, cudaError_t e, const char* what) {
 }
 }  // namespace
 
-Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream) {
+Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream, CudaLaunchIds* ids) {
   if (rt.core().failed()) return rt.core().health();
   if (rt.is_shut_down()) return {ESHUTDOWN, "runtime is shut down"};
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024) return {EINVAL, "block must have 1..1024 threads"};
   if (uint64_t{grid.x} * grid.y * grid.z == 0) return {EINVAL, "grid must have at least one block"};
   static_cast<CudaBackend&>(rt.core().device()).bind();
+  Status st = rt.core().take_launch_id(&ids->id, &ids->abort, &ids->cause);
+  if (!st.ok()) {
+    // Ended launches give their ids back when someone looks at them: look, and try again.
+    (void)rt.core().device().kernels_running();
+    st = rt.core().take_launch_id(&ids->id, &ids->abort, &ids->cause);
+    if (!st.ok()) return st;
+  }
   cudaStream_t s = nullptr;
   cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  if (e != cudaSuccess) return launch_failure(rt, e, "cudaStreamCreate");
+  if (e != cudaSuccess) {
+    rt.core().give_launch_id(ids->id);
+    return launch_failure(rt, e, "cudaStreamCreate");
+  }
   *stream = s;
   return {};
 }
 
-Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, int launch_error) {
+Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, const CudaLaunchIds& ids,
+                                                     int launch_error) {
   auto l = std::make_shared<CudaLaunch>();
   l->stream = static_cast<cudaStream_t>(stream);
   l->core = rt.core().self();
-  if (launch_error != cudaSuccess) return launch_failure(rt, static_cast<cudaError_t>(launch_error), "kernel launch");
+  if (launch_error != cudaSuccess) {
+    rt.core().give_launch_id(ids.id);
+    return launch_failure(rt, static_cast<cudaError_t>(launch_error), "kernel launch");
+  }
+  l->id = ids.id;
   static_cast<CudaBackend&>(rt.core().device()).track(l);
   return std::shared_ptr<LaunchState>(l);
 }

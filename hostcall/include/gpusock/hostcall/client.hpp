@@ -92,33 +92,56 @@ GPUSOCK_HD inline bool shutting_down(const DeviceContext* c) {
 }
 
 // Why a wait inside the client must end now: -ESHUTDOWN when the runtime shuts down,
-// -ECANCELED when the lane's launch was aborted (cpu device; on a GPU nothing survives an
-// abort to ask). 0: wait on. Only the slow paths call it.
+// -ECANCELED when the lane's launch was aborted (gpusock::trap()). 0: wait on. Only the
+// slow paths call it.
 GPUSOCK_HD inline int32_t stop_code(const DeviceContext* c) {
   if (shutting_down(c)) return -ESHUTDOWN;
   if (gpusock::internal::lane_waits_end()) return -ECANCELED;
   return 0;
 }
 
-// The cpu device records, per slot, which launch holds it and the staging run taken with
-// it, so that the runtime can take both back when that launch is aborted (section 18.3 of
-// docs/architecture.md). Plain stores to a host-side table, on the cpu device only; on a
-// GPU an abort loses the whole context, nothing is taken back, and these are empty.
+// Per slot, which launch holds it and the staging run taken with it (ClaimRecord), so
+// that the runtime can take both back when that launch is aborted (section 18.3 of
+// docs/architecture.md). Leader only.
+//  - cpu device: note_claim() as the slot (and then the staging run) is taken; the table
+//    is on the host, reached through the lane. A cpu lane can be stopped while it waits
+//    for staging with the slot in hand, so the record must exist from the start.
+//  - GPU: note_published(), once the request is published: the table is in device memory
+//    (DeviceState::claims), and writing it earlier would put its atomic under the
+//    publishing release, which waits for it (about 0.2 us a call on an H100). A GPU lane
+//    stops only at the start of a call or in a wait, never between taking a slot and
+//    publishing into it (a wait for staging that ends gives the slot back itself), so the
+//    launch has written every record of the slots it holds by the time it has ended.
+//    The id is stored with a relaxed (strong) store and cleared with a compare-exchange
+//    from the owner's id: operations on one word are ordered, so a late clear never wipes
+//    the next owner's id.
 #if GPUSOCK_IS_GPU
-GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void note_claim(uint32_t, uint32_t, uint32_t) {}
-GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void clear_claim(uint32_t) {}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void note_claim(const DeviceContext*, uint32_t, uint32_t, uint32_t) {}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void note_published(const DeviceContext* c, uint32_t slot, uint32_t staging_first,
+                                                     uint32_t staging_count) {
+  ClaimRecord& r = c->state.claims[slot];
+  r.staging_first = staging_first;
+  r.staging_count = staging_count;
+  AtomicRef<uint32_t, Scope::kDevice>(r.launch).store(gpusock::internal::gpusock_launch_id, Order::kRelaxed);
+}
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void clear_claim(const DeviceContext* c, uint32_t slot) {
+  // Only if it still names us: the slot's next owner may have written its id already.
+  uint32_t mine = gpusock::internal::gpusock_launch_id;
+  AtomicRef<uint32_t, Scope::kDevice>(c->state.claims[slot].launch).compare_exchange(mine, 0, Order::kRelaxed);
+}
 #else
-inline void note_claim(uint32_t slot, uint32_t staging_first, uint32_t staging_count) {
+inline void note_claim(const DeviceContext*, uint32_t slot, uint32_t staging_first, uint32_t staging_count) {
   gpusock::internal::cpu_note_claim(slot, staging_first, staging_count);
 }
-inline void clear_claim(uint32_t slot) { gpusock::internal::cpu_clear_claim(slot); }
+inline void note_published(const DeviceContext*, uint32_t, uint32_t, uint32_t) {}
+inline void clear_claim(const DeviceContext*, uint32_t slot) { gpusock::internal::cpu_clear_claim(slot); }
 #endif
 
 // Takes a free slot for the calling warp's group; leader lane only.
 // Returns 0 and sets *slot. With `wait` false, one pass: -EAGAIN when every slot is taken.
 // Otherwise it waits: -EBUSY once DeviceContext::slot_wait_ns has passed without a free
 // slot (when non-zero), -ESHUTDOWN if the runtime shuts down, -ECANCELED if the launch
-// is aborted (cpu device). The clock is read only after a full pass found nothing.
+// is aborted. The clock is read only after a full pass found nothing.
 GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, uint32_t* slot, bool wait = true) {
   const uint32_t nwords = (c->nslots + 31) / 32;
   // Start at the word holding this warp's home slot: with slots_per_warp slots per
@@ -139,7 +162,7 @@ GPUSOCK_HD inline int32_t acquire_slot(const DeviceContext* c, uint64_t hint, ui
         uint32_t prev = word.fetch_or(1u << bit, Order::kAcquire);
         if ((prev & (1u << bit)) == 0) {
           *slot = w * 32 + bit;
-          note_claim(*slot, 0, 0);
+          note_claim(c, *slot, 0, 0);
           return 0;
         }
         cur = prev | (1u << bit);
@@ -167,7 +190,7 @@ GPUSOCK_HD inline bool try_home_slot(const DeviceContext* c, uint64_t warp, uint
   uint32_t bit = 1u << (home % 32);
   if ((word.fetch_or(bit, Order::kAcquire) & bit) != 0) return false;
   *slot = home;
-  note_claim(home, 0, 0);
+  note_claim(c, home, 0, 0);
   return true;
 }
 
@@ -202,7 +225,7 @@ GPUSOCK_HD inline void ring_doorbell(const DeviceContext* c, uint32_t pos, uint3
 GPUSOCK_HD constexpr Order free_order() { return is_gpu() ? Order::kRelaxed : Order::kRelease; }
 
 GPUSOCK_HD inline void release_slot(const DeviceContext* c, uint32_t slot) {
-  clear_claim(slot);  // before the bit: a later owner's record must not be wiped
+  clear_claim(c, slot);  // before the bit: a later owner's record must not be wiped
   AtomicRef<uint32_t, Scope::kDevice> word(c->state.slot_bitmap[slot / 32]);
   word.fetch_and(~(1u << (slot % 32)), free_order());
 }
@@ -215,8 +238,8 @@ GPUSOCK_HD inline void release_after_reads() {
 
 // Claims `npages` (1..kStagingMaxRun) contiguous staging pages; leader lane only.
 // Returns 0 and sets *first. Waits while no run fits: that is the backpressure the design
-// asks for, never a dropped payload; -ESHUTDOWN or -ECANCELED (aborted launch, cpu device)
-// end the wait. With `wait` false, one pass: -EAGAIN when no run fits now.
+// asks for, never a dropped payload; -ESHUTDOWN or -ECANCELED (aborted launch) end the
+// wait. With `wait` false, one pass: -EAGAIN when no run fits now.
 GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint, uint32_t npages,
                                           uint32_t* first, bool wait = true) {
   const uint32_t nwords = (c->staging_pages + 63) / 64;
@@ -366,13 +389,17 @@ GPUSOCK_HD inline void write_request(SlotHeader& h, uint32_t opcode, uint32_t ma
 //
 // `wait` false (try_submit): a submission that finds no free slot, or no staging run that
 // fits, fails with -EAGAIN instead of waiting. The fast path is the same either way.
-GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint32_t nargs,
-                                    const void* payload, uint32_t payload_len, bool has_payload,
-                                    uint64_t group, bool wait = true) {
+// One attempt; submit_raw() below repeats it for the lanes that hold a LaneStopHold when
+// the launch was aborted (GPU).
+GPUSOCK_HD inline Ticket submit_once(uint32_t opcode, const uint64_t* args, uint32_t nargs,
+                                     const void* payload, uint32_t payload_len, bool has_payload,
+                                     uint64_t group, bool wait) {
   Ticket t;
-  // cpu device: a lane of an aborted launch stops here (a GPU has no such lane left). One
-  // that unwinds already, or holds a LaneStopHold, is a destructor cleaning up (closing a
-  // socket): its call is made and waited for, so that what it gives back is given back.
+  // A lane of an aborted launch stops here, unless it holds a LaneStopHold (a destructor
+  // cleaning up, closing a socket: its call is made and waited for, so that what it gives
+  // back is given back), or, on the cpu device, unwinds already. cpu device: at once. GPU:
+  // the leader reads the launch's abort word beside its first atomics, and the group's
+  // lanes stop together below (submit_raw()).
   (void)gpusock::internal::lane_stop();
   const DeviceContext* c = context();
   const uint32_t me = warp::lane_id();
@@ -413,8 +440,24 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
     int32_t err = 0;
     // The ring position and the home slot come from independent atomics, so their round
     // trips to L2 overlap.
+#if GPUSOCK_IS_GPU
+    // Issued first; its answer is needed only after the two atomics below have issued.
+    // Lanes that all hold a LaneStopHold go on (read only once the launch is aborted).
+    const bool stopping = gpusock::internal::launch_aborted() &&
+                          (mask & ~AtomicRef<uint32_t, Scope::kBlock>(gpusock::internal::stop_holds_of_warp())
+                                      .load(Order::kRelaxed)) != 0;
+#else
+    constexpr bool stopping = false;
+#endif
     pos = take_ring_position(c);
-    if (npages == 0 && try_home_slot(c, global_warp_id(), &slot)) {
+    const bool home = npages == 0 && try_home_slot(c, global_warp_id(), &slot);
+    if (stopping) {
+      // The launch was aborted: give back what we took, and stop the group below.
+      if (home) release_slot(c, slot);
+      ring_doorbell(c, pos, kFillerSlot, 0);
+      slot = kNoSlot;
+      err = -ECANCELED;
+    } else if (home) {
       // fast path: one slot, no staging
     } else {
       // Slow path: we may wait here (for a slot or staging). Give the position back as
@@ -430,7 +473,7 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
             release_slot(c, slot);
             slot = kNoSlot;
           } else {
-            note_claim(slot, page, npages);
+            note_claim(c, slot, page, npages);
           }
         }
       }
@@ -472,8 +515,27 @@ GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint3
     // System scope release: publishes header, arguments and payload to host threads.
     AtomicRef<uint64_t, Scope::kSystem>(s->hdr.state).store(make_state(t.seq, kRequest), Order::kRelease);
     ring_doorbell(c, pos, t.slot, t.seq);
+    note_published(c, t.slot, t.staging_page, t.staging_pages);
   }
   return t;
+}
+
+GPUSOCK_HD inline Ticket submit_raw(uint32_t opcode, const uint64_t* args, uint32_t nargs,
+                                    const void* payload, uint32_t payload_len, bool has_payload,
+                                    uint64_t group, bool wait = true) {
+  for (;;) {
+    Ticket t = submit_once(opcode, args, nargs, payload, payload_len, has_payload, group, wait);
+#if GPUSOCK_IS_GPU
+    // -ECANCELED: the launch was aborted, before this call or while it waited for a slot
+    // or staging, and the group took nothing. Its lanes stop here; those that hold a
+    // LaneStopHold try again among themselves, and then go on.
+    if (t.error == -ECANCELED) {
+      if (!gpusock::internal::lane_holds_stop()) gpusock::internal::exit_lane();
+      continue;
+    }
+#endif
+    return t;
+  }
 }
 
 }  // namespace internal
@@ -612,7 +674,7 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
 // Waits for the reply to `t`. Returns this lane's result word 0 (by convention a value
 // or -errno); copies result words 1..nout into out[0..nout-1] (zero where the host
 // wrote fewer). Returns -ESHUTDOWN if the runtime shuts down first, -ECANCELED if the
-// launch is aborted first (cpu device); the slot is then left to the runtime.
+// launch is aborted first; the slot is then left to the runtime.
 GPUSOCK_HD inline int64_t wait(const Ticket& t, uint64_t* out = nullptr, uint32_t nout = 0) {
   bool abandoned = false;
   return internal::wait_impl(t, out, nout, false, &abandoned);

@@ -33,10 +33,18 @@ struct LaunchState;
 Result<std::shared_ptr<LaunchState>> cpu_launch(Runtime& rt, Dim3 grid, Dim3 block,
                                                 std::function<void()> lane_body);
 #if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
-// Checks dimensions and creates the launch's stream.
-Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream);
-// Wraps a launched stream (or the launch error) into a handle.
-Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, int launch_error);
+// What a kernel needs to know about its launch (platform.hpp, gpusock_launch_*).
+struct CudaLaunchIds {
+  uint32_t id = 0;              // 1..hostcall::kLaunchIds-1
+  uint32_t* abort = nullptr;    // device memory
+  uint32_t* cause = nullptr;    // mapped host memory, device address
+};
+// Checks dimensions, takes a launch id and creates the launch's stream.
+Status cuda_launch_begin(Runtime& rt, Dim3 grid, Dim3 block, void** stream, CudaLaunchIds* ids);
+// Wraps a launched stream (or the launch error) into a handle; on a launch error the id
+// goes back at once.
+Result<std::shared_ptr<LaunchState>> cuda_launch_end(Runtime& rt, void* stream, const CudaLaunchIds& ids,
+                                                     int launch_error);
 #endif
 Status no_cuda_in_this_unit();
 }  // namespace internal
@@ -57,10 +65,21 @@ class Launch {
 #if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
 namespace internal {
 template <typename Kernel, typename... Args>
-__global__ void gpusock_entry(const hostcall::DeviceContext* ctx, Kernel kernel, Args... args) {
-  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) hostcall::gpusock_kernel_context = ctx;
+__global__ void gpusock_entry(const hostcall::DeviceContext* ctx, CudaLaunchIds ids, Kernel kernel, Args... args) {
+  __shared__ bool skip;
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    hostcall::gpusock_kernel_context = ctx;
+    gpusock_launch_id = ids.id;
+    gpusock_launch_abort = ids.abort;
+    gpusock_launch_cause = ids.cause;
+    gpusock_launch_grid = grid_id();
+    for (uint32_t& w : gpusock_stop_holds) w = 0;
+    // A block that starts after a lane called trap() never runs the kernel.
+    skip = launch_aborted();
+  }
   // Every thread of the block must see the context before its first hostcall.
   __syncthreads();
+  if (skip) return;
   kernel(args...);
 }
 }  // namespace internal
@@ -73,12 +92,13 @@ Result<Launch> launch(Runtime& rt, Dim3 grid, Dim3 block, Kernel kernel, Args...
   if (rt.device() == DeviceKind::kCuda) {
 #if defined(__CUDACC__) && defined(GPUSOCK_HAVE_CUDA)
     void* stream = nullptr;
-    Status s = internal::cuda_launch_begin(rt, grid, block, &stream);
+    internal::CudaLaunchIds ids;
+    Status s = internal::cuda_launch_begin(rt, grid, block, &stream, &ids);
     if (!s.ok()) return s;
     internal::gpusock_entry<Kernel, Args...>
         <<<dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), 0,
-           static_cast<cudaStream_t>(stream)>>>(rt.device_context(), kernel, args...);
-    auto r = internal::cuda_launch_end(rt, stream, static_cast<int>(cudaGetLastError()));
+           static_cast<cudaStream_t>(stream)>>>(rt.device_context(), ids, kernel, args...);
+    auto r = internal::cuda_launch_end(rt, stream, ids, static_cast<int>(cudaGetLastError()));
     if (!r.ok()) return r.status();
     return Launch(std::move(r.value()));
 #else

@@ -218,20 +218,73 @@ bool cpu_lane_waits_end();
 }  // namespace internal
 #endif
 
+#if GPUSOCK_IS_GPU || defined(__CUDACC__)
 namespace internal {
-// Whether the calling lane's hostcall waits must end because its launch was aborted
-// (cpu_lane_waits_end()). Always false on a GPU: a trap there ends every thread of the
-// grid at once, so no thread is left to ask.
+// The launch a GPU kernel runs as. launch() (launch.hpp) sets these in thread 0 of each
+// block before the kernel body runs; each translation unit compiled by nvcc has its own
+// copy, as for hostcall::context(). A kernel started with <<<>>> rather than launch()
+// finds whatever the block's shared memory held, so code that may run there
+// (backoff(), trap()) trusts them only when gpusock_launch_grid matches %gridid, which
+// is unique to each launch.
+static __shared__ uint32_t gpusock_launch_id;         // 1..kLaunchIds-1 (protocol.hpp)
+static __shared__ uint32_t* gpusock_launch_abort;     // device memory: non-zero once aborted
+static __shared__ uint32_t* gpusock_launch_cause;     // mapped host memory: where it trapped
+static __shared__ unsigned long long gpusock_launch_grid;
+// Per warp of the block, the lanes that hold a LaneStopHold (bit = lane).
+static __shared__ uint32_t gpusock_stop_holds[32];
+}  // namespace internal
+#endif
+
+namespace internal {
+#if GPUSOCK_IS_GPU || defined(__CUDACC__)
+__device__ GPUSOCK_ALWAYS_INLINE unsigned long long grid_id() {
+  unsigned long long g;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(g));
+  return g;
+}
+// Whether this kernel was started by launch(): only then do the variables above hold.
+__device__ GPUSOCK_ALWAYS_INLINE bool in_gpusock_launch() { return gpusock_launch_grid == grid_id(); }
+// Whether a lane of this launch called trap(). Relaxed, device scope: the word carries no
+// data, only "stop"; an L2 read. Callers are inside a gpusock launch.
+__device__ GPUSOCK_ALWAYS_INLINE bool launch_aborted() {
+  const uint32_t* a = gpusock_launch_abort;
+  return a != nullptr && AtomicRef<const uint32_t, Scope::kDevice>(*a).load(Order::kRelaxed) != 0;
+}
+__device__ GPUSOCK_ALWAYS_INLINE uint32_t& stop_holds_of_warp() {
+  const uint32_t t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  return gpusock_stop_holds[t / 32];
+}
+__device__ GPUSOCK_ALWAYS_INLINE uint32_t lane_bit() {
+  uint32_t lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return 1u << lane;
+}
+// Whether the calling lane holds a LaneStopHold.
+__device__ GPUSOCK_ALWAYS_INLINE bool lane_holds_stop() {
+  return (AtomicRef<uint32_t, Scope::kBlock>(stop_holds_of_warp()).load(Order::kRelaxed) & lane_bit()) != 0;
+}
+// Ends the calling thread at once, as a trap would, but alone: no destructor runs, the
+// rest of the grid goes on. Only where no warp-mate waits for it in a collective.
+[[noreturn]] __device__ GPUSOCK_ALWAYS_INLINE void exit_lane() {
+  asm volatile("exit;" ::: "memory");
+  __builtin_unreachable();
+}
+#endif
+
+// Whether the calling lane's hostcall waits must end because its launch was aborted: on
+// the cpu device cpu_lane_waits_end(); on a GPU, whether a lane of this launch called
+// trap(). The waits then return -ECANCELED, and the lane stops at its next stop point.
 GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool lane_waits_end() {
 #if GPUSOCK_IS_GPU
-  return false;
+  return launch_aborted() && !lane_holds_stop();
 #else
   return cpu_lane_waits_end();
 #endif
 }
 // Stops the calling lane if its launch was aborted (cpu_lane_stop()); true means "aborted,
 // but the lane may not be stopped here (it unwinds already, or holds a LaneStopHold)".
-// Always false on a GPU.
+// Always false on a GPU, where the hostcall client stops a lane at the start of its next
+// call instead (submit_raw(): the leader reads the word with the call's first atomics).
 GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool lane_stop() {
 #if GPUSOCK_IS_GPU
   return false;
@@ -241,26 +294,39 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool lane_stop() {
 }
 }  // namespace internal
 
-// While one of these lives, a lane of an aborted launch (cpu device) is not stopped at
-// its stop points: its hostcalls are made and waited for as usual, as while the stop
-// already unwinds the lane. A destructor that
-// makes hostcalls (closing a socket) holds one, because the stop is an exception and a
-// destructor must not throw: without it, a lane that leaves a scope normally after an
-// abort would end the process there. Nothing on a GPU, where no lane outlives a trap.
+// While one of these lives, a lane of an aborted launch is not stopped at its stop
+// points: its hostcalls are made and waited for as usual, as while the stop already
+// unwinds the lane (cpu device). A destructor that makes hostcalls (closing a socket)
+// holds one: on the cpu device the stop is an exception and a destructor must not throw;
+// on either device the lane that returns normally from a call the abort ended
+// (-ECANCELED) still closes what it opened on its way out. On a GPU the hold is a bit per
+// lane in shared memory; the outermost hold clears it.
 class LaneStopHold {
  public:
   GPUSOCK_HD LaneStopHold() {
-#if !GPUSOCK_IS_GPU
+#if GPUSOCK_IS_GPU
+    outer_ = (AtomicRef<uint32_t, Scope::kBlock>(internal::stop_holds_of_warp())
+                  .fetch_or(internal::lane_bit(), Order::kRelaxed) &
+              internal::lane_bit()) == 0;
+#else
     internal::cpu_hold_lane_stop(+1);
 #endif
   }
   GPUSOCK_HD ~LaneStopHold() {
-#if !GPUSOCK_IS_GPU
+#if GPUSOCK_IS_GPU
+    if (outer_) {
+      AtomicRef<uint32_t, Scope::kBlock>(internal::stop_holds_of_warp()).fetch_and(~internal::lane_bit(), Order::kRelaxed);
+    }
+#else
+    (void)outer_;
     internal::cpu_hold_lane_stop(-1);
 #endif
   }
   LaneStopHold(const LaneStopHold&) = delete;
   LaneStopHold& operator=(const LaneStopHold&) = delete;
+
+ private:
+  bool outer_ = true;  // GPU: this hold set the lane's bit
 };
 
 // Politeness inside a spin loop: iteration `i` of a wait. The GPU spins hard for a few
@@ -268,10 +334,11 @@ class LaneStopHold {
 // to others; a CPU lane yields its core, since on the cpu device many more lanes than
 // cores wait at once and the thread it waits for may need that very core.
 //
-// On the cpu device a lane of an aborted launch stops in here (once it yields), so a
-// kernel's own spin loops end with the grid, as they would on a GPU where a trap kills
-// every thread. The hostcall client's own waits use spin_pause() and return an error
-// instead: they must finish the steps a warp group takes together.
+// backoff() is also a stop point: a lane of an aborted launch (gpusock::trap()) stops in
+// it (cpu device: once it yields; GPU: it reads the launch's abort word every 8th call
+// once it sleeps), so a kernel's own spin loops end with the launch. The hostcall client's
+// and the localdevice calls' own waits use spin_pause() and return -ECANCELED instead:
+// they must finish the steps a warp group takes together and release what they hold.
 GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void spin_pause(uint32_t i) {
 #if GPUSOCK_IS_GPU
   if (i >= 8) __nanosleep(i < 64 ? 64u : 256u);
@@ -286,25 +353,52 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void spin_pause(uint32_t i) {
 #endif
 }
 GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void backoff(uint32_t i) {
-#if !GPUSOCK_IS_GPU
+#if GPUSOCK_IS_GPU
+  // Every 8th wait once the loop sleeps: a shared-memory compare and an L2 read.
+  if (i >= 8 && (i & 7) == 7 && internal::in_gpusock_launch() && internal::launch_aborted()) {
+    internal::exit_lane();
+  }
+#else
   if (i >= 4) internal::cpu_lane_stop();
 #endif
   spin_pause(i);
 }
 
-// Aborts the kernel, as a fault would: on a GPU `__trap()`, which ends every thread of
-// the grid and leaves the CUDA context unusable (the runtime then reports itself failed,
-// docs/architecture.md section 18.3). On the cpu device the calling lane stops at once
-// and every other lane of the launch at its next hostcall, spin or warp convergence;
-// blocks not started yet never start, the runtime takes back the slots and staging pages
-// the launch held, and Launch::wait() returns EIO naming the abort. Other launches and
-// the runtime go on.
-GPUSOCK_HD inline void trap() {
+// Aborts the calling kernel's launch. The calling lane stops at once; every other lane of
+// the launch stops at its next stop point: the start of a hostcall, a backoff() in a
+// spin, a blocked hostcall or localdevice wait (which first returns -ECANCELED), or, on
+// the cpu device, a warp convergence. Blocks that start after it never run the kernel.
+// When the last lane has stopped, the runtime answers the launch's calls still in flight
+// with -ECANCELED, takes back the slots and staging pages it held, and Launch::wait()
+// returns EIO naming the block and thread that trapped. Other launches and the runtime
+// go on (docs/architecture.md, section 18.3).
+//
+// On a GPU a stopped lane runs no destructor (a socket it held stays open until the
+// runtime is destroyed, or until another lane closes it), and a lane must not trap while
+// warp-mates wait for it in a collective (__syncwarp, a shuffle). Called from a kernel
+// not started by launch(), it is a plain __trap(): a fault, which loses the CUDA context.
 #if GPUSOCK_IS_GPU
-  __trap();
-#else
-  internal::cpu_trap();
-#endif
+[[noreturn]] __device__ inline void trap() {
+  using namespace internal;
+  if (!in_gpusock_launch() || gpusock_launch_abort == nullptr) __trap();
+  // The first trap of the launch (it turns the word from 0 to 1) records where it
+  // happened, in mapped memory that the host reads once the launch has ended.
+  uint32_t expect = 0;
+  if (AtomicRef<uint32_t, Scope::kDevice>(*gpusock_launch_abort).compare_exchange(expect, 1, Order::kRelaxed)) {
+    if (uint32_t* cause = gpusock_launch_cause) {
+      cause[1] = blockIdx.x;
+      cause[2] = blockIdx.y;
+      cause[3] = blockIdx.z;
+      cause[4] = threadIdx.x;
+      cause[5] = threadIdx.y;
+      cause[6] = threadIdx.z;
+      AtomicRef<uint32_t, Scope::kSystem>(cause[0]).store(1, Order::kRelease);
+    }
+  }
+  exit_lane();
 }
+#else
+[[noreturn]] inline void trap() { internal::cpu_trap(); }
+#endif
 
 }  // namespace gpusock

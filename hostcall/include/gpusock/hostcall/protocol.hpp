@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "gpusock/hostcall/internal/claim_record.hpp"
 #include "gpusock/hostcall/warp.hpp"
 
 namespace gpusock::hostcall {
@@ -171,7 +172,19 @@ struct DeviceState {
   uint32_t* ring_pos;        // next doorbell position
   uint64_t* staging_bitmap;  // staging_pages bits: 1 = page in use
   int32_t* errno_slots;      // per hardware thread slot: the POSIX layer's errno
+  // cuda: per slot, the launch that holds it (ClaimRecord); null on the cpu device, whose
+  // lanes keep the runtime's host-side table instead.
+  ClaimRecord* claims;
 };
+
+// cuda: launches in flight at once carry ids 1..kLaunchIds-1 (0: none); an id is reused
+// once its launch has ended and the runtime has taken back what it held. Per id the
+// runtime keeps an abort word in device memory (non-zero once a lane called
+// gpusock::trap(); lanes poll it at their stop points) and kLaunchCauseWords words of
+// mapped host memory that the trapping lane fills: [0] 1 once written, [1..3] blockIdx,
+// [4..6] threadIdx. launch() hands the kernel both addresses.
+inline constexpr uint32_t kLaunchIds = 1024;
+inline constexpr uint32_t kLaunchCauseWords = 8;
 
 // Module state pointers a DeviceContext carries (see DeviceContext::modules).
 inline constexpr uint32_t kModuleStates = 4;

@@ -39,7 +39,8 @@
 // memory); on the cpu device each lane copies its own.
 //
 // Blocking waits spin with backoff and end with -EBADF when another lane closes the
-// descriptor, and with -ESHUTDOWN when the runtime shuts down.
+// descriptor, with -ESHUTDOWN when the runtime shuts down, and with -ECANCELED when the
+// lane's launch is aborted (gpusock::trap()).
 #pragma once
 
 #include <fcntl.h>
@@ -259,7 +260,7 @@ GPUSOCK_HD inline void lock(uint32_t& l) {
   for (uint32_t i = 0;; ++i) {
     uint32_t expect = 0;
     if (a.compare_exchange(expect, 1, Order::kAcquire)) return;  // uncontended: one atomic
-    backoff(i);
+    spin_pause(i);
   }
 }
 GPUSOCK_HD inline void unlock(uint32_t& l) { A32(l).store(0, Order::kRelease); }
@@ -361,8 +362,10 @@ GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
   return s;
 }
 
-// The exits of a wait loop, checked sparingly: the descriptor's state (device memory) every
-// 64th pass, the runtime's shutdown flag every 4096th. The flag lives in mapped host
+// The exits of a wait loop, checked sparingly: the descriptor's state and the launch's
+// abort word (device memory) every 64th pass, the runtime's shutdown flag every 4096th.
+// Waits sleep with spin_pause(), not backoff(): a lane of an aborted launch must leave
+// the call through here, releasing the locks it holds, rather than stop inside it. The flag lives in mapped host
 // memory: every read is a PCIe round trip, and a thousand waiting warps reading it every
 // 64 passes (tens of millions of reads a second) slowed every warp on the GPU. With the
 // backoff's sleeps, 4096 passes are about a millisecond: how long shutdown takes to reach a
@@ -370,6 +373,9 @@ GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
 GPUSOCK_HD inline bool names(Socket* s, int fd);
 GPUSOCK_HD inline int wait_check(Socket* s, int fd, uint32_t pass) {
   if ((pass & 4095) == 4095 && shutting_down()) return -ESHUTDOWN;
+  // The launch was aborted (gpusock::trap()): the call gives up, its locks are released
+  // on the way out, and the lane stops at its next stop point.
+  if ((pass & 63) == 63 && gpusock::internal::lane_waits_end()) return -ECANCELED;
   // Not just "closed": a sender holds no reference on its own socket, so a close by another
   // lane may already have freed the slot (and reset its state) under it.
   if ((pass & 63) == 63 && !names(s, fd)) return -EBADF;
@@ -529,7 +535,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
       break;
     }
     if ((err = wait_check(s, fd, i)) != 0) break;
-    backoff(i);
+    spin_pause(i);
   }
   unlock(p->producer_lock);
   if (done > 0) A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
@@ -556,7 +562,7 @@ GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, int fd, Socket* d, con
       break;
     }
     if ((err = wait_check(s, fd, i)) != 0) break;
-    backoff(i);
+    spin_pause(i);
   }
   if (err == 0) {
     // The header never wraps: positions stay multiples of 8 and cap is a power of two.
@@ -689,7 +695,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
         detail::lock(l->producer_lock);
         break;
       }
-      backoff(i);
+      spin_pause(i);
       detail::lock(l->producer_lock);
     }
     detail::unlock(l->producer_lock);
@@ -733,7 +739,7 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
       break;
     }
     if ((r = detail::wait_check(l, fd, i)) != 0) break;
-    backoff(i);
+    spin_pause(i);
   }
   detail::unpin(t, l);
   if (r != 0) return r;
@@ -851,7 +857,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         break;
       }
       if ((result = detail::wait_check(s, fd, i)) != 0) break;
-      backoff(i);
+      spin_pause(i);
     }
     if (done > 0) {
       result = static_cast<int64_t>(done);
@@ -879,7 +885,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         break;
       }
       if ((result = detail::wait_check(s, fd, i)) != 0) break;
-      backoff(i);
+      spin_pause(i);
     }
   }
   detail::unlock(s->consumer_lock);
@@ -1154,7 +1160,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
       break;
     }
     if (len == 0) break;
-    backoff(i++);
+    spin_pause(i++);
   }
   if (lead && p != nullptr) {
     if (done > 0) detail::A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
@@ -1229,7 +1235,7 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
       result = stop == 1 ? 0 : stop;
       break;
     }
-    backoff(i++);
+    spin_pause(i++);
   }
   if (lead && s != nullptr) detail::unlock(s->consumer_lock);
   return result;

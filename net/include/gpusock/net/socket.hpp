@@ -211,7 +211,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
       // The host had no free receive buffer (those lent to this call's other lanes have
       // just been given back above): ask again. Ends when a buffer frees, or with the
       // runtime's -ESHUTDOWN.
-      backoff(retries++);
+      spin_pause(retries++);
       continue;
     }
     if (n < 0) return done > 0 ? static_cast<int64_t>(done) : n;
@@ -345,7 +345,8 @@ GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
     if (!host) {
       // The flag is in host memory (a PCIe read): look every 4096th pass, about 1 ms.
       if ((i & 4095) == 4095 && hostcall::internal::shutting_down(hostcall::context())) return -ESHUTDOWN;
-      backoff(i);
+      if ((i & 63) == 63 && gpusock::internal::lane_waits_end()) return -ECANCELED;
+      spin_pause(i);
     }
   }
 }

@@ -98,8 +98,8 @@ class OwnedFd {
   }
   OwnedFd(const OwnedFd&) = delete;
   OwnedFd& operator=(const OwnedFd&) = delete;
-  // Holds the abort stop (LaneStopHold): a lane of an aborted launch (cpu device) that
-  // leaves a scope normally must not throw from here; its close fails fast instead.
+  // Holds the abort stop (LaneStopHold): a lane of an aborted launch that leaves a scope
+  // normally still closes its descriptor here (and on the cpu device must not throw).
   GPUSOCK_HD ~OwnedFd() {
     LaneStopHold hold;
     reset();

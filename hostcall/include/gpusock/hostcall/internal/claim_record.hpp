@@ -1,16 +1,17 @@
-// Host-only: what the cpu device records per slot so that the runtime can take back what
-// an aborted launch held (docs/architecture.md, section 18.3). Its own header because the
-// runtime's core, which is also compiled as CUDA, keeps the table.
+// The per-slot record that lets the runtime take back what an aborted launch held
+// (docs/architecture.md, section 18.3). Its own header because both the slot protocol
+// (protocol.hpp, for device code) and the cpu device's lane context (cpu_exec.hpp) use it.
 #pragma once
 
 #include <cstdint>
 
-namespace gpusock::internal {
+namespace gpusock::hostcall {
 
-// Per slot, the launch that holds it and the staging run the call took with it: what the
-// runtime takes back when that launch is aborted. The leader that claimed the slot writes
-// it (relaxed atomics, host memory); release_slot() clears `launch` before the slot's
-// bitmap bit, so a record naming a launch means that launch still holds the slot.
+// Per slot, the launch that holds it and the staging run its call took: what the runtime
+// takes back when that launch is aborted (docs/architecture.md, section 18.3). The leader
+// writes it (client.hpp: note_claim(), note_published()); release_slot() clears `launch`
+// before the slot's bitmap bit, so once a launch has ended, a record naming it means it
+// still holds the slot.
 struct ClaimRecord {
   uint32_t launch;  // 0: no record
   uint32_t staging_first;
@@ -19,4 +20,8 @@ struct ClaimRecord {
 };
 static_assert(sizeof(ClaimRecord) == 16);
 
+}  // namespace gpusock::hostcall
+
+namespace gpusock::internal {
+using ClaimRecord = hostcall::ClaimRecord;
 }  // namespace gpusock::internal
