@@ -22,12 +22,11 @@ std::atomic_ref<uint64_t> state_word(Slot& s) { return std::atomic_ref<uint64_t>
 uint64_t quarantine_key(uint32_t slot, uint32_t seq) { return (uint64_t{slot} << 32) | seq; }
 }  // namespace
 
-void Core::give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs,
-                     bool wait) {
+void Core::give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs) {
   if (slots.empty() && runs.empty()) return;
   if (device_->kind() != DeviceKind::kCpu) {
     if (failed()) return;  // the context is lost: nothing runs on it any more
-    if (!device_->give_back(slot_bitmap_dev_, staging_bitmap_dev_, claims_dev_, launch_id, slots, runs, wait)) {
+    if (!device_->give_back(slot_bitmap_dev_, staging_bitmap_dev_, claims_dev_, launch_id, slots, runs)) {
       std::fprintf(stderr, "gpusock: could not queue the give-back of %zu slots and %zu staging runs of an aborted launch\n",
                    slots.size(), runs.size());
     }
@@ -39,7 +38,7 @@ void Core::give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, con
   for (uint64_t r : runs) {
     const uint32_t first = static_cast<uint32_t>(r >> 32), count = static_cast<uint32_t>(r);
     if (count == 0 || first / 64 >= staging_pages_ / 64) continue;
-    const uint64_t run = count >= 64 ? ~0ull : ((1ull << count) - 1);
+    const uint64_t run = hostcall::staging_run_bits(count);
     std::atomic_ref<uint64_t>(staging_bitmap_dev_[first / 64]).fetch_and(~(run << (first % 64)), std::memory_order_release);
   }
   for (uint32_t i : slots) {
@@ -127,7 +126,7 @@ void Core::reclaim_launch(uint32_t launch_id) {
     if (!keep_staging && count != 0) runs.push_back((uint64_t{first} << 32) | count);
     slots.push_back(i);
   }
-  give_back(launch_id, slots, runs, true);
+  give_back(launch_id, slots, runs);
   reclaimed_slots_.fetch_add(slots.size(), std::memory_order_relaxed);
 }
 
@@ -142,7 +141,7 @@ void Core::release_quarantined(uint32_t slot, uint32_t seq) {
     quarantined_.store(static_cast<uint32_t>(quarantine_.size()), std::memory_order_release);
   }
   // Back before the late commit() returns (cuda: a small kernel, waited for).
-  give_back(0, {}, {run}, true);
+  give_back(0, {}, {run});
 }
 
 Status Core::take_launch_id(uint32_t* id, uint32_t** abort_dev, uint32_t** cause_dev) {

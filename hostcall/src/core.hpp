@@ -53,13 +53,13 @@ class DeviceBackend {
   // cuda: clears the claim records of `slots` that still name `launch`, then their bits in
   // `slot_bitmap`, and the staging runs (first << 32 | count) in `staging_bitmap`, with
   // device atomics (a kernel on a stream of its own: other kernels change these words
-  // meanwhile). With `wait`, returns once done or after a few seconds, when every SM is
-  // taken by kernels that do not end (the work stays queued and runs when one does).
-  // False if it could not be queued. The cpu device's pools are host memory: the Core
-  // changes them itself.
+  // meanwhile). Returns once done, or after a few seconds when every SM is taken by
+  // kernels that do not end (the work stays queued and runs when one does). False if it
+  // could not be queued. The cpu device's pools are host memory: the Core changes them
+  // itself.
   virtual bool give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, ClaimRecord* claims, uint32_t launch,
-                         const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs, bool wait) {
-    (void)slot_bitmap, (void)staging_bitmap, (void)claims, (void)launch, (void)slots, (void)runs, (void)wait;
+                         const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs) {
+    (void)slot_bitmap, (void)staging_bitmap, (void)claims, (void)launch, (void)slots, (void)runs;
     return false;
   }
   // Called last when a runtime whose device failed (Core::mark_failed) goes away, after
@@ -190,10 +190,9 @@ class Core : public std::enable_shared_from_this<Core> {
   // handler (reclaim_launch), give it back now.
   void release_quarantined(uint32_t slot, uint32_t seq);
   // Gives slots (with their claim records) and staging runs (first << 32 | count) back to
-  // the device's pools: host atomics on the cpu device, a small kernel on cuda. `wait`:
-  // return once they are back (cuda: at most a few seconds, see DeviceBackend).
-  void give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs,
-                 bool wait);
+  // the device's pools: host atomics on the cpu device, a small kernel on cuda. Returns
+  // once they are back (cuda: at most a few seconds, see DeviceBackend::give_back).
+  void give_back(uint32_t launch_id, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs);
 
   RuntimeOptions options_;
   std::unique_ptr<DeviceBackend> device_;

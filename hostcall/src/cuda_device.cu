@@ -76,7 +76,7 @@ __global__ void give_back_kernel(uint32_t* slot_bitmap, unsigned long long* stag
                                  uint32_t launch, GiveBackChunk c) {
   for (uint32_t i = threadIdx.x; i < c.nruns; i += blockDim.x) {
     const uint32_t first = static_cast<uint32_t>(c.runs[i] >> 32), count = static_cast<uint32_t>(c.runs[i]);
-    const unsigned long long run = count >= 64 ? ~0ull : ((1ull << count) - 1);
+    const unsigned long long run = hostcall::staging_run_bits(count);
     atomicAnd(&staging_bitmap[first / 64], ~(run << (first % 64)));
   }
   for (uint32_t i = threadIdx.x; i < c.nslots; i += blockDim.x) {
@@ -196,7 +196,7 @@ class CudaBackend : public DeviceBackend {
   bool wait_kernels(std::chrono::nanoseconds timeout) override;
   void reset_after_failure() override;
   bool give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, hostcall::ClaimRecord* claims, uint32_t launch,
-                 const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs, bool wait) override;
+                 const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs) override;
 
   void track(const std::shared_ptr<CudaLaunch>& l);
 
@@ -315,8 +315,7 @@ void CudaBackend::reset_after_failure() {
 }
 
 bool CudaBackend::give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, hostcall::ClaimRecord* claims,
-                            uint32_t launch, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs,
-                            bool wait) {
+                            uint32_t launch, const std::vector<uint32_t>& slots, const std::vector<uint64_t>& runs) {
   std::lock_guard<std::mutex> lock(give_back_mu_);
   bind();
   if (give_back_stream_ == nullptr && cudaStreamCreateWithFlags(&give_back_stream_, cudaStreamNonBlocking) != cudaSuccess) {
@@ -332,7 +331,6 @@ bool CudaBackend::give_back(uint32_t* slot_bitmap, uint64_t* staging_bitmap, hos
                                                         claims, launch, c);
     if (cudaGetLastError() != cudaSuccess) return false;
   }
-  if (!wait) return true;
   // A one-block kernel starts as soon as any SM has room. Kernels that fill every SM and
   // never end would keep it queued: stop waiting after a while rather than hang the
   // caller (Launch::wait); the slots come back when it runs.

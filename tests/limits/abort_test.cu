@@ -215,16 +215,16 @@ gpusock::RuntimeOptions OptionsFor(DeviceKind kind) {
   o.device = kind;
   o.cpu_resident_warps = 8;  // cpu: 4 blocks of 2 warps resident; the other 4 blocks wait
   o.slots_per_warp = 2;
-  if (kind == DeviceKind::kCuda) {
-    // The driver opens its own descriptors once; count from there.
-    auto warm = Runtime::create(o);
-    EXPECT_TRUE(warm.ok()) << warm.status().to_string();
-  }
   return o;
 }
 
 void TrapWithCallsInFlight(DeviceKind kind) {
   const gpusock::RuntimeOptions o = OptionsFor(kind);
+  if (kind == DeviceKind::kCuda) {
+    // The driver opens its own descriptors once; count from there.
+    auto warm = Runtime::create(o);
+    EXPECT_TRUE(warm.ok()) << warm.status().to_string();
+  }
   const auto fds_before = non_driver(fd_targets());
   {
     auto rtr = Runtime::create(o);

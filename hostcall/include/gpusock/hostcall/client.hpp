@@ -243,7 +243,7 @@ GPUSOCK_HD inline void release_after_reads() {
 GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint, uint32_t npages,
                                           uint32_t* first, bool wait = true) {
   const uint32_t nwords = (c->staging_pages + 63) / 64;
-  const uint64_t run = npages >= 64 ? ~0ull : ((1ull << npages) - 1);
+  const uint64_t run = staging_run_bits(npages);
   const uint32_t start = static_cast<uint32_t>(hint % nwords);
   for (uint32_t iter = 0;; ++iter) {
     for (uint32_t i = 0; i < nwords; ++i) {
@@ -273,7 +273,7 @@ GPUSOCK_HD inline int32_t acquire_staging(const DeviceContext* c, uint64_t hint,
 
 GPUSOCK_HD inline void release_staging(const DeviceContext* c, uint32_t first, uint32_t npages) {
   if (npages == 0) return;
-  const uint64_t run = npages >= 64 ? ~0ull : ((1ull << npages) - 1);
+  const uint64_t run = staging_run_bits(npages);
   AtomicRef<uint64_t, Scope::kDevice> word(c->state.staging_bitmap[first / 64]);
   word.fetch_and(~(run << (first % 64)), free_order());
 }

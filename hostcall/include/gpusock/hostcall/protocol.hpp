@@ -164,6 +164,10 @@ inline constexpr uint32_t kControlMagic = 0x67707363;  // "gpsc"
 inline constexpr uint32_t kStagingPageShift = 12;  // 4 KiB
 inline constexpr uint32_t kStagingPageBytes = 1u << kStagingPageShift;
 inline constexpr uint32_t kStagingMaxRun = 64;     // 256 KiB per call
+// The bits of a run of `npages` (1..kStagingMaxRun) pages, starting at bit 0 of its word.
+GPUSOCK_HD constexpr uint64_t staging_run_bits(uint32_t npages) {
+  return npages >= 64 ? ~0ull : ((1ull << npages) - 1);
+}
 
 // Per-runtime state in device memory. The device reads and writes it with device-scope
 // atomics; the host reads it only at shutdown and in diagnostics, never on a hot path.
