@@ -69,6 +69,9 @@ struct Op {
   // poll
   PollWait* wait = nullptr;
   uint32_t index = 0;
+  // straggle() asked to let the lane go: its cancel is on the way, and the next
+  // completion answers instead of submitting again.
+  bool straggling = false;
 };
 
 struct PollWait {
@@ -181,6 +184,7 @@ struct Ring {
   std::vector<uint32_t> lent;      // buffers the device holds
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
+  std::unordered_set<PollWait*> polls;  // every PollWait not yet deleted
   // Operations a FaultPlan failed at submission, with their result: completed on the next
   // pass, as the kernel would complete them (Options::faults).
   std::vector<std::pair<Op*, int>> injected;
@@ -212,6 +216,7 @@ class IouringBackend final : public net::Backend {
         deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0), staging_(rt.staging_host()), staging_bytes_(rt.staging_size()) {
     rings_.resize(rt.service_threads());
     faults_ = opt_.faults.get();
+    set_straggler_wait(opt_.straggler_wait);
   }
   ~IouringBackend() override {
     for (auto& r : rings_) {
@@ -252,7 +257,7 @@ class IouringBackend final : public net::Backend {
   uint32_t poll(uint32_t thread) override {
     Ring* r = ring_for(thread);
     if (r == nullptr) return 0;
-    uint32_t work = 0;
+    uint32_t work = net::sweep_stragglers();
     if (r->inbox_nonempty.load(std::memory_order_acquire)) work += drain_inbox(*r);
     if (!r->lent.empty()) work += recycle(*r);
     // At most one enter per pass, and only when there is something to submit or to
@@ -269,6 +274,66 @@ class IouringBackend final : public net::Backend {
     if (!r->injected.empty()) [[unlikely]] work += complete_injected(*r);
     work += reap(*r);
     return work;
+  }
+
+  // ---- stragglers (net/backend.hpp) ----
+  // A token names where a lane waits: kind in bits 0-1, the ring in bits 2-13, and the Op,
+  // the PollWait (user-space addresses fit in 48 bits) or the listener's descriptor above.
+  enum WaitKind : uint64_t { kWaitOp = 0, kWaitPoll = 1, kWaitAccept = 2 };
+  static uint64_t token(const Ring& r, WaitKind kind, uint64_t what) {
+    return (what << 14) | (static_cast<uint64_t>(r.index & 0xfff) << 2) | kind;
+  }
+
+  void straggle(uint64_t tok) override {
+    const uint32_t ring = static_cast<uint32_t>((tok >> 2) & 0xfff);
+    // (rings_ is fixed after init; a Ring torn down meanwhile drops what is posted to it.)
+    Ring* r = ring < rings_.size() ? rings_[ring].get() : nullptr;
+    if (r == nullptr) return;
+    const int t = hostcall::service_thread_index();
+    if (t >= 0 && ring_for(static_cast<uint32_t>(t)) == r) {
+      let_go(*r, tok);
+    } else {
+      r->post([this, r, tok] { let_go(*r, tok); });
+    }
+  }
+
+  // On the ring's thread: ends the wait `tok` names, if it still waits and its call is due.
+  void let_go(Ring& r, uint64_t tok) {
+    const uint64_t what = tok >> 14;
+    switch (static_cast<WaitKind>(tok & 3)) {
+      case kWaitOp: {
+        Op* op = reinterpret_cast<Op*>(what);
+        // The set says the address is a live Op; straggling() that its call is due (an
+        // Op that reused a freed address and waits in a due call is due as well).
+        if (!r.live.contains(op) || op->straggling || !op->reply.straggling()) return;
+        op->straggling = true;
+        if (io_uring_sqe* sqe = r.sqe()) {
+          io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(op), 0);
+          io_uring_sqe_set_data64(sqe, kIgnore);
+        }
+        return;
+      }
+      case kWaitPoll: {
+        PollWait* w = reinterpret_cast<PollWait*>(what);
+        if (!r.polls.contains(w) || w->done || !w->reply.straggling()) return;
+        finish_poll(r, w, static_cast<int>(net::kAskAgain));
+        cancel_poll_ops(r, w);
+        return;
+      }
+      case kWaitAccept: {
+        std::shared_ptr<Sock> l = lookup(static_cast<int>(what));
+        if (l == nullptr || l->home != r.index) return;
+        for (auto it = l->waiters.begin(); it != l->waiters.end();) {
+          if (it->reply.straggling()) {
+            it->reply.finish(net::kAskAgain);
+            it = l->waiters.erase(it);
+          } else {
+            ++it;
+          }
+        }
+        return;
+      }
+    }
   }
 
   void park(uint32_t thread, std::chrono::nanoseconds max) override {
@@ -603,6 +668,10 @@ class IouringBackend final : public net::Backend {
     }
     r.live.clear();
     for (PollWait* w : waits) delete w;  // an unanswered one answers -ECANCELED
+    for (PollWait* w : r.polls) {
+      if (!waits.contains(w)) delete w;
+    }
+    r.polls.clear();
     std::vector<std::shared_ptr<Sock>> mine;
     {
       std::lock_guard<std::mutex> lock(table_mu_);
@@ -958,6 +1027,7 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EAGAIN);
       return;
     }
+    reply.wait_begin(*this, token(r, kWaitAccept, static_cast<uint32_t>(s->fd)));
     s->waiters.push_back({std::move(reply), flags});
     if (!s->accept_armed) arm_accept(r, s);
   }
@@ -1035,13 +1105,16 @@ class IouringBackend final : public net::Backend {
     }
     target(sqe, *op->sock);
     io_uring_sqe_set_data(sqe, op);
+    if (op->sock->stream && (op->flags & MSG_DONTWAIT) == 0) {
+      op->reply.wait_begin(*this, token(r, kWaitOp, reinterpret_cast<uintptr_t>(op)));
+    }
   }
 
   void on_send(Ring& r, Op* op, int res, uint32_t flags) {
     if (flags & IORING_CQE_F_NOTIF) {
       // The kernel no longer reads the staging bytes: now the lane may have them back.
       op->zc_notif_pending = false;
-      finish_send(r, op, static_cast<int>(op->zc_result));
+      finish_send(r, op, op->zc_result);
       return;
     }
     const bool notif_follows = op->zc && (flags & IORING_CQE_F_MORE) != 0;
@@ -1049,7 +1122,8 @@ class IouringBackend final : public net::Backend {
     if (res > 0) {
       op->done += static_cast<uint32_t>(res);
       // A blocking stream send hands every byte over, as send(2) blocks until it has.
-      if (op->done < op->len && op->sock->stream && (op->flags & MSG_DONTWAIT) == 0 && !op->sock->closed) {
+      if (op->done < op->len && op->sock->stream && (op->flags & MSG_DONTWAIT) == 0 && !op->sock->closed &&
+          !op->straggling) {
         if (notif_follows) {
           // Resend after the notification: the buffer must not be reused before it.
           op->zc_result = kResendAfterNotif;
@@ -1058,6 +1132,17 @@ class IouringBackend final : public net::Backend {
         submit_send(r, op);
         return;
       }
+    }
+    if (op->straggling && op->done < op->len && (res > 0 || res == -ECANCELED) && !op->sock->closed &&
+        !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Let go (straggle()): the bytes sent so far, and the lane sends the rest.
+      const int64_t result = op->done > 0 ? static_cast<int64_t>(op->done) | net::kSendMore : net::kAskAgain;
+      if (notif_follows) {
+        op->zc_result = result;
+        return;
+      }
+      finish_send(r, op, result);
+      return;
     }
     if (res == -ECANCELED && !op->sock->closed && !op->sock->aborted.load(std::memory_order_relaxed)) {
       // Not a cancel of ours (close and abort set their flag first): the kernel gave up
@@ -1083,15 +1168,20 @@ class IouringBackend final : public net::Backend {
 
   static constexpr int64_t kResendAfterNotif = INT64_MIN;
 
-  void finish_send(Ring& r, Op* op, int result) {
+  void finish_send(Ring& r, Op* op, int64_t result) {
     if (op->zc_result == kResendAfterNotif) {
       op->zc_result = 0;
-      submit_send(r, op);
-      return;
+      if (op->straggling) {
+        result = op->done > 0 ? static_cast<int64_t>(op->done) | net::kSendMore : net::kAskAgain;
+      } else {
+        submit_send(r, op);
+        return;
+      }
     }
     if (result > 0) {
       auto& out = op->sock->bytes_out;  // home thread is the only writer
-      out.store(out.load(std::memory_order_relaxed) + static_cast<uint64_t>(result), std::memory_order_relaxed);
+      out.store(out.load(std::memory_order_relaxed) + static_cast<uint64_t>(result & ~net::kSendMore),
+                std::memory_order_relaxed);
     }
     op->reply.finish(result);
     retire(r, op);
@@ -1106,7 +1196,7 @@ class IouringBackend final : public net::Backend {
     }
     const uint32_t want = static_cast<uint32_t>(std::min<int64_t>(req.a[1], r.buf_bytes));
     if (want == 0) {
-      reply.finish(0);
+      reply.finish_helper(0);  // warp_recv()'s other lanes ask 0 bytes; nothing to wait for
       return;
     }
     Op* op = new_op(r, Kind::kRecv, s);
@@ -1142,11 +1232,19 @@ class IouringBackend final : public net::Backend {
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = kBufGroup;
     io_uring_sqe_set_data(sqe, op);
+    if ((op->flags & MSG_DONTWAIT) == 0) op->reply.wait_begin(*this, token(r, kWaitOp, reinterpret_cast<uintptr_t>(op)));
   }
 
   void on_recv(Ring& r, Op* op, int res, uint32_t flags) {
     const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
     const uint32_t b = has_buf ? (flags >> IORING_CQE_BUFFER_SHIFT) : 0;
+    if (op->straggling && (res == -ECANCELED || res == -ENOBUFS) && !op->sock->closed &&
+        !op->sock->aborted.load(std::memory_order_relaxed)) {
+      // Let go (straggle()) before a byte came: the lane asks again.
+      if (has_buf) return_buffer_now(r, b);
+      op->reply.finish(net::kAskAgain);
+      return retire(r, op);
+    }
     if (res == -ENOBUFS && !op->sock->closed) {
       // Every buffer is taken; the bytes stay in the kernel's socket buffer, nothing is
       // lost. While the device holds lent buffers, answer -ENOBUFS and let the device ask
@@ -1238,6 +1336,7 @@ class IouringBackend final : public net::Backend {
     const uint32_t n = static_cast<uint32_t>(req.a[0]);
     const int timeout = static_cast<int>(req.a[1]);
     auto* w = new PollWait;
+    r.polls.insert(w);
     w->reply = std::move(reply);
     w->fds = req.data;
     w->host.resize(n);
@@ -1258,7 +1357,7 @@ class IouringBackend final : public net::Backend {
     }
     if (poll_now(*w) > 0 || timeout == 0) {
       finish_poll(r, w);
-      delete w;
+      delete_poll(r, w);
       return;
     }
     // Nothing ready: arm a one-shot poll per descriptor, and a timer.
@@ -1277,8 +1376,15 @@ class IouringBackend final : public net::Backend {
     }
     if (w->outstanding == 0) {  // nothing could be armed (or no descriptors and no timer)
       finish_poll(r, w);
-      delete w;
+      delete_poll(r, w);
+      return;
     }
+    w->reply.wait_begin(*this, token(r, kWaitPoll, reinterpret_cast<uintptr_t>(w)));
+  }
+
+  void delete_poll(Ring& r, PollWait* w) {
+    r.polls.erase(w);
+    delete w;
   }
 
   void arm_timer(Ring& r, PollWait* w) {
@@ -1386,7 +1492,7 @@ class IouringBackend final : public net::Backend {
         finish_poll(r, w, poll_now(*w) > 0 ? 0 : -EBUSY);
       }
     }
-    if (w->done && w->outstanding == 0) delete w;
+    if (w->done && w->outstanding == 0) delete_poll(r, w);
   }
 
   void cancel_poll_ops(Ring& r, PollWait* w) {

@@ -657,6 +657,225 @@ TEST_P(NetTest, ThousandConcurrentConnectionsToAKernelServer) {
   EXPECT_EQ(bad, 0) << "first: " << o[0];
 }
 
+// ---- lanes of one warp call do not wait on each other --------------------------------
+//
+// The lanes of a warp call are answered together, so without the host letting blocked
+// lanes go (net/backend.hpp, "Stragglers") a lane that is done would wait for the call's
+// lanes still blocked, here for ever: what they wait for comes only after it goes on.
+
+// Every lane of one warp accepts a connection and serves it: (optionally polls it,) reads
+// an 8-byte id, answers id * 3 and waits for the end of the stream. out[lane]: 0, or what
+// went wrong.
+struct OneClientAtATime {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, int use_poll) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    if (lane == 0) {
+      uint16_t port = 0;
+      int lfd = listen_loopback(&port, 64);
+      publish(box, 1, static_cast<uint32_t>(lfd < 0 ? 0 : lfd) + 1);
+      publish(box, 0, lfd < 0 ? 0xffffffffu : port);
+    }
+    const int lfd = static_cast<int>(await_box(box, 1)) - 1;
+    int64_t status = 0;
+    const int c = raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      status = 1000 - c;
+    } else {
+      if (use_poll) {
+        pollfd p{c, POLLIN, 0};
+        const int pr = raw::poll(&p, 1, 60000);
+        if (pr != 1 || (p.revents & POLLIN) == 0) status = 2000 + (pr < 0 ? -pr : pr);
+      }
+      uint64_t id = 0;
+      const int64_t r = raw::recv(c, &id, sizeof id, MSG_WAITALL);
+      const uint64_t a = id * 3;
+      const int64_t w = raw::send(c, &a, sizeof a, 0);
+      char x;
+      const int64_t eof = raw::recv(c, &x, 1, 0);
+      raw::close(c);
+      if (status == 0 && (r != 8 || w != 8 || eof != 0)) status = 3000 + (r != 8) * 100 + (w != 8) * 10 + (eof != 0);
+    }
+    out[lane] = status;
+    if (gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[2]).fetch_add(1, gpusock::Order::kAcqRel) + 1 == 32) {
+      raw::close(lfd);
+    }
+  }
+};
+
+TEST_P(NetTest, LanesOfOneCallDoNotWaitForEachOtherInAcceptAndRecv) {
+  Start();
+  auto out = Buffer<int64_t>(32);
+  auto k = Launch({1}, {32}, OneClientAtATime{}, box_.dev, out.data(), 0);
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int served = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int fd = host_connect(static_cast<uint16_t>(port));
+    ASSERT_GE(fd, 0) << "client " << i;
+    timeval tv{30, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    const uint64_t id = 7000 + i;
+    uint64_t a = 0;
+    const bool ok = send_all(fd, &id, sizeof id) && recv_all(fd, &a, sizeof a) && a == id * 3;
+    ::close(fd);
+    if (!ok) break;
+    ++served;
+  }
+  EXPECT_EQ(served, 32) << "client " << served << " got no answer within 30 s";
+  if (served != 32) rt_->shutdown();
+  Finish(k);
+  auto o = Read(out);
+  for (int i = 0; i < 32 && served == 32; ++i) EXPECT_EQ(o[i], 0) << "lane " << i;
+}
+
+TEST_P(NetTest, LanesOfOneCallDoNotWaitForEachOtherInPoll) {
+  Start();
+  auto out = Buffer<int64_t>(32);
+  auto k = Launch({1}, {32}, OneClientAtATime{}, box_.dev, out.data(), 1);
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  // Every client connects first (so every accept is answered at once); then they are
+  // served one at a time, and each lane waits in poll until its client speaks.
+  std::vector<int> fds;
+  for (int i = 0; i < 32; ++i) {
+    const int fd = host_connect(static_cast<uint16_t>(port));
+    ASSERT_GE(fd, 0) << "client " << i;
+    timeval tv{30, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    fds.push_back(fd);
+  }
+  int served = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint64_t id = 9000 + i;
+    uint64_t a = 0;
+    const bool ok = send_all(fds[i], &id, sizeof id) && recv_all(fds[i], &a, sizeof a) && a == id * 3;
+    if (!ok) break;
+    ::close(fds[i]);
+    fds[i] = -1;
+    ++served;
+  }
+  EXPECT_EQ(served, 32) << "client " << served << " got no answer within 30 s";
+  for (int fd : fds) if (fd >= 0) ::close(fd);
+  if (served != 32) rt_->shutdown();
+  Finish(k);
+  auto o = Read(out);
+  for (int i = 0; i < 32 && served == 32; ++i) EXPECT_EQ(o[i], 0) << "lane " << i;
+}
+
+inline constexpr uint64_t kSmallHello = 0x5348454c4c4f3031ull, kSmallDone = 0x5348444f4e453031ull;
+
+// Lanes 0 and 1 each accept a connection, then send together: lane 0 kBig bytes into a
+// connection its peer does not read yet (small buffers, so the send blocks), lane 1 eight
+// bytes; lane 1 then needs the peer's answer before it sends its last eight, and only then
+// does the peer read lane 0's bytes. out[0]: lane 0's send result; out[1]: lane 1's status.
+struct SendBesideABlockedSend {
+  static constexpr uint32_t kBig = 4u << 20, kPiece = 64u << 10;
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, uint8_t* big) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    if (lane > 1) return;
+    if (lane == 0) {
+      for (uint32_t i = 0; i < kBig; ++i) big[i] = pattern_byte(i);
+      uint16_t port = 0;
+      int lfd = listen_loopback(&port, 16);
+      publish(box, 1, static_cast<uint32_t>(lfd < 0 ? 0 : lfd) + 1);
+      publish(box, 0, lfd < 0 ? 0xffffffffu : port);
+    }
+    const int lfd = static_cast<int>(await_box(box, 1)) - 1;
+    const int c = raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      out[lane] = c;
+      return;
+    }
+    if (lane == 0) {
+      int small = 4096;
+      raw::setsockopt(c, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    }
+    const uint64_t hello = kSmallHello;
+    // Both lanes send in one call: lane 0 its first piece (small enough that the two
+    // payloads share a staging run, which a whole-run piece would not), lane 1 its eight.
+    gpusock::warp::sync(0x3u);
+    const int64_t s = raw::send(c, lane == 0 ? static_cast<const void*>(big) : &hello, lane == 0 ? kPiece : 8, 0);
+    if (lane == 0) {
+      uint64_t sent = s > 0 ? static_cast<uint64_t>(s) : 0;
+      int64_t r = s;
+      while (r > 0 && sent < kBig) {
+        const uint64_t n = kBig - sent < kPiece ? kBig - sent : kPiece;
+        r = raw::send(c, big + sent, n, 0);
+        if (r > 0) sent += static_cast<uint64_t>(r);
+      }
+      out[0] = r < 0 ? r : static_cast<int64_t>(sent);
+    } else {
+      uint64_t answer = 0, done = kSmallDone;
+      const int64_t r = raw::recv(c, &answer, 8, MSG_WAITALL);
+      const int64_t d = raw::send(c, &done, 8, 0);
+      out[1] = (s == 8 && r == 8 && answer == kSmallHello + 1 && d == 8) ? 0 : 1 + (s != 8) * 100 + (r != 8) * 10 + (d != 8);
+    }
+    char x;
+    raw::recv(c, &x, 1, 0);  // the peer's close
+    raw::close(c);
+    if (lane == 0) raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, LanesOfOneCallDoNotWaitForEachOtherInSend) {
+  Start();
+  auto out = Buffer<int64_t>(2);
+  auto big = Buffer<uint8_t>(SendBesideABlockedSend::kBig);
+  auto k = Launch({1}, {32}, SendBesideABlockedSend{}, box_.dev, out.data(), big.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int fds[2];
+  for (int& fd : fds) {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int small = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    timeval tv{30, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+  }
+  // Which lane took which connection is the kernel's business: the first eight bytes say.
+  uint64_t first[2] = {};
+  ASSERT_TRUE(recv_all(fds[0], &first[0], 8));
+  ASSERT_TRUE(recv_all(fds[1], &first[1], 8));
+  const int small = first[0] == kSmallHello ? 0 : 1;
+  ASSERT_EQ(first[small], kSmallHello);
+  const int bigfd = fds[1 - small];
+  const uint64_t answer = kSmallHello + 1;
+  ASSERT_TRUE(send_all(fds[small], &answer, 8));
+  uint64_t done = 0;
+  const bool got_done = recv_all(fds[small], &done, 8);
+  EXPECT_TRUE(got_done) << "lane 1 sent nothing more within 30 s: it waited for lane 0's blocked send";
+  EXPECT_EQ(done, kSmallDone);
+  // Now lane 0's bytes, every one in order.
+  uint64_t wrong = 0, n = 8;
+  for (uint64_t i = 0; i < 8; ++i) wrong += reinterpret_cast<uint8_t*>(&first[1 - small])[i] != pattern_byte(i);
+  std::vector<uint8_t> buf(1 << 16);
+  while (got_done && n < SendBesideABlockedSend::kBig) {
+    const ssize_t r = ::recv(bigfd, buf.data(), buf.size(), 0);
+    if (r <= 0) break;
+    for (ssize_t i = 0; i < r; ++i) wrong += buf[i] != pattern_byte(n + i);
+    n += static_cast<uint64_t>(r);
+  }
+  EXPECT_EQ(n, got_done ? SendBesideABlockedSend::kBig : n);
+  EXPECT_EQ(wrong, 0u);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  if (!got_done) rt_->shutdown();
+  Finish(k);
+  if (got_done) {
+    auto o = Read(out);
+    EXPECT_EQ(o[0], SendBesideABlockedSend::kBig);
+    EXPECT_EQ(o[1], 0);
+  }
+}
+
 TEST_P(NetTest, ExternalNcClientAgainstAKernelServer) {
   if (std::system("command -v nc >/dev/null 2>&1") != 0) GTEST_SKIP() << "nc (netcat-openbsd) is not installed";
   Start();

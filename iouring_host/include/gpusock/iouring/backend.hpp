@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -106,6 +107,11 @@ struct Options {
   // Accepted connections a listener keeps queued before it pauses its multishot accept
   // (at least the listen() backlog).
   uint32_t accept_queue = 1024;
+  // How long the lanes of a warp call that are answered wait for the call's lanes still
+  // blocked in accept/recv/send/poll before those are let go to ask again on their own
+  // (net/backend.hpp, "Stragglers"). Shorter: less delay for answered lanes when a warp's
+  // connections are unevenly busy; longer: fewer repeated calls when they are evenly busy.
+  std::chrono::nanoseconds straggler_wait = std::chrono::microseconds(20);
   // Fault injection for tests (above); null in production, where it costs one predictable
   // branch per submission and one per service-loop pass.
   std::shared_ptr<FaultPlan> faults;

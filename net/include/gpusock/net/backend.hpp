@@ -11,11 +11,23 @@
 // they are the backend's) and hands it to Backend::serve() with a Reply that answers that
 // lane. The lanes of one warp call are answered together once every lane's Reply has
 // finished, in whatever order and on whatever threads they finish.
+//
+// Stragglers. Because a call is answered only when its last lane is, a lane blocked in a
+// wait (recv with no data, accept with no connection, poll with nothing ready, a send into
+// a full socket) holds back the lanes of its call that are done, and deadlocks when their
+// progress is what it waits for. So a backend marks each lane it parks in such a wait with
+// Reply::wait_begin(); once another lane of the call has been answered for longer than
+// straggler_wait(), net/ calls Backend::straggle() with the lane's token, and the backend
+// ends the wait without losing a byte: it answers kAskAgain (protocol.hpp), or a stream
+// send's bytes so far | kSendMore, and the device asks again in a call of its own. A
+// backend that calls sweep_stragglers() from its poll() drives this; one that does not
+// keeps the plain rule (its lanes are answered when their operations end).
 #pragma once
 
 #include <sys/socket.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -62,6 +74,8 @@ struct Request {
   uint32_t addr_len = 0;
 };
 
+class Backend;
+
 namespace internal {
 struct CallGroup;
 struct HostReply;
@@ -96,8 +110,22 @@ class Reply {
   void set_addr(uint32_t len_word, const void* addr, uint32_t len, uint64_t extra = 0);
   // Result word 0 (a value or -errno) and done. The call is answered when its last lane is.
   void finish(int64_t result);
+  // As finish(), for a lane that only helps another lane of its call and has nothing of
+  // its own to wait for (a warp_recv() lane asking 0 bytes): its answer does not make the
+  // call's other lanes stragglers (see Stragglers above).
+  void finish_helper(int64_t result);
+
+  // This lane now waits in `owner` until something outside happens; `token` is what
+  // owner.straggle() will be given if the lane is to be let go (see Stragglers above). A
+  // later wait_begin() replaces it; finish() ends it. No effect on a host Reply.
+  void wait_begin(Backend& owner, uint64_t token);
+  // Whether the call's other lanes have waited on this one for longer than
+  // straggler_wait(): a backend answers such a lane kAskAgain instead of parking it again.
+  bool straggling() const;
 
  private:
+  void finish_impl(int64_t result, bool holds);
+
   internal::CallGroup* group_ = nullptr;
   internal::HostReply* host_ = nullptr;
   uint32_t lane_ = 0;
@@ -148,6 +176,17 @@ class SocketObserver {
 class Backend : public hostcall::ServiceHook {
  public:
   ~Backend() override = default;
+
+  // Lets go of the lane that called reply.wait_begin(*this, token): answers it kAskAgain
+  // (or a send's partial count | kSendMore) as soon as that can be done without losing a
+  // byte, and only if reply.straggling(); a token whose lane has finished is ignored.
+  // Called from any thread (a sweep_stragglers() of any backend), so it must be
+  // thread-safe. Default: nothing (lanes wait until their operations end).
+  virtual void straggle(uint64_t token) { (void)token; }
+  // How long the lanes of a call that are done wait for its others before those are let
+  // go (20 us by default). Set it before kernels run.
+  std::chrono::nanoseconds straggler_wait() const { return straggler_wait_; }
+  void set_straggler_wait(std::chrono::nanoseconds wait) { straggler_wait_ = wait; }
   virtual const char* name() const = 0;
   // One line: what the backend found at start (kernel features, fallbacks taken).
   virtual std::string describe() const = 0;
@@ -185,10 +224,16 @@ class Backend : public hostcall::ServiceHook {
   }
 
  private:
+  std::chrono::nanoseconds straggler_wait_ = std::chrono::microseconds(20);
   std::mutex observer_mu_;
   std::shared_ptr<SocketObserver> observer_;
   std::atomic<bool> has_observer_{false};
 };
+
+// Lets go of the lanes due (Backend::straggle()) across every backend in the process;
+// returns how many calls it looked at. Cheap when none is due: one relaxed load, plus a
+// clock read while some call is partly answered. Backends call it from poll().
+uint32_t sweep_stragglers();
 
 // Registers the socket hostcalls on `rt` and installs `backend` as its service hook.
 // Returns ok, or EEXIST when the runtime already has a backend (or another service hook).

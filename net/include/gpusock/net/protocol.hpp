@@ -32,6 +32,14 @@
 // kPoll        nfds, timeout_ms                     pollfd[nfds]     ready count; the host
 //                writes each entry's revents back into the payload before it answers
 // kFcntl       fd, cmd, arg                         -                value
+//
+// Lanes of one warp call are answered together (one slot, one reply), so a lane blocked
+// in accept, recv, send or poll would hold back lanes of its call already answered, and
+// deadlock where their progress is what it waits for (a client that connects again only
+// after its first connection was served). The host therefore answers a lane still blocked
+// some time after another lane of its call was answered (Backend::straggler_wait()) with
+// kAskAgain, or a blocking stream send with the bytes it sent so far | kSendMore, and the
+// lane asks again in a call of its own. Neither ever reaches the caller.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +68,13 @@ inline constexpr uint32_t kFcntl = 0x010e;
 inline constexpr uint32_t kLast = 0x010e;
 static_assert(kFirst >= hostcall::kModuleFirst && kLast <= hostcall::kModuleLast);
 }  // namespace op
+
+// r[0] of a lane the host let go before its operation ended: nothing happened, ask again.
+// Below every -errno (errno values are under 4096); fits an inline reply (32 bits).
+inline constexpr int64_t kAskAgain = -(int64_t{1} << 20);
+// Or'ed into a blocking stream send's byte count when the host let the lane go before the
+// last byte went: send the rest. Above any one send's size (internal::kMaxSendPiece).
+inline constexpr int64_t kSendMore = int64_t{1} << 40;
 
 // Largest address that travels in argument or result words (4 words).
 inline constexpr uint32_t kMaxAddrBytes = 32;

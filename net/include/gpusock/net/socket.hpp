@@ -125,7 +125,10 @@ GPUSOCK_HD inline int listen(int fd, int backlog) {
 GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
   uint64_t r[5];
   if (net::local::is_local_fd(fd)) return net::local::accept4(fd, addr, len, flags);
-  int64_t ret = hostcall::wait(hostcall::submit(net::op::kAccept, fd, flags), r, 5);
+  int64_t ret;
+  do {  // kAskAgain: the host let this lane go so the rest of its call could go on
+    ret = hostcall::wait(hostcall::submit(net::op::kAccept, fd, flags), r, 5);
+  } while (ret == net::kAskAgain);
   if (ret >= 0) net::internal::addr_to_caller(r + 1, static_cast<uint32_t>(r[0]), addr, len);
   return static_cast<int>(ret);
 }
@@ -165,9 +168,14 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
                                                                 : net::internal::kMaxSendPiece;
     int64_t r = hostcall::wait(
         hostcall::submit_with_payload(net::op::kSend, p + done, piece, fd, fl, a[0], a[1], a[2], a[3]));
+    // The host let this lane go so the rest of its call could go on (protocol.hpp): with
+    // nothing sent (kAskAgain), or with part of the piece sent (| kSendMore).
+    if (r == net::kAskAgain) continue;
+    const bool more = r > 0 && (r & net::kSendMore) != 0;
+    r &= ~(more ? net::kSendMore : 0);
     if (r < 0) return done > 0 ? static_cast<int64_t>(done) : r;
     done += static_cast<uint64_t>(r);
-    if (static_cast<uint64_t>(r) < piece) break;  // non-blocking: the socket buffer is full
+    if (!more && static_cast<uint64_t>(r) < piece) break;  // non-blocking: the socket buffer is full
   } while (done < len);
   return static_cast<int64_t>(done);
 }
@@ -207,6 +215,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
       // the host can see the flag and hand the buffer to the kernel's network stack again.
       AtomicRef<uint32_t, Scope::kSystem>(*reinterpret_cast<uint32_t*>(r[1])).store(0, Order::kRelease);
     }
+    if (n == net::kAskAgain) continue;  // let go so the rest of its call could go on
     if (n == -ENOBUFS) {
       // The host had no free receive buffer (those lent to this call's other lanes have
       // just been given back above): ask again. Ends when a buffer frees, or with the
@@ -283,16 +292,25 @@ GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
 }  // namespace raw
 
 namespace net::internal {
-// poll() of host sockets: one hostcall.
+// poll() of host sockets: one hostcall (and one more each time the host lets the lane go).
 GPUSOCK_HD inline int host_poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
-  hostcall::Ticket t = hostcall::submit_with_payload(net::op::kPoll, fds, nfds * sizeof(pollfd), nfds, timeout_ms);
-  int64_t r = hostcall::wait_keep_staging(t);
-  // The host wrote revents into this lane's copy of the array; bring it back (fd and
-  // events come back unchanged).
-  const uint32_t back = (r >= 0 && t.slot != hostcall::kNoSlot) ? nfds * static_cast<uint32_t>(sizeof(pollfd)) : 0;
-  hostcall::internal::group_copy(t.mask, reinterpret_cast<uint8_t*>(fds), back ? hostcall::payload_view(t) : nullptr, back, true);
-  hostcall::release(t);
-  return static_cast<int>(r);
+  const uint64_t start = timeout_ms > 0 ? globaltimer_ns() : 0;
+  int left_ms = timeout_ms;
+  for (;;) {
+    hostcall::Ticket t = hostcall::submit_with_payload(net::op::kPoll, fds, nfds * sizeof(pollfd), nfds, left_ms);
+    int64_t r = hostcall::wait_keep_staging(t);
+    // The host wrote revents into this lane's copy of the array; bring it back (fd and
+    // events come back unchanged).
+    const uint32_t back = (r >= 0 && t.slot != hostcall::kNoSlot) ? nfds * static_cast<uint32_t>(sizeof(pollfd)) : 0;
+    hostcall::internal::group_copy(t.mask, reinterpret_cast<uint8_t*>(fds), back ? hostcall::payload_view(t) : nullptr, back, true);
+    hostcall::release(t);
+    if (r != net::kAskAgain) return static_cast<int>(r);
+    // Let go so the rest of its call could go on: poll again for what is left of the time.
+    if (timeout_ms > 0) {
+      const uint64_t waited_ms = (globaltimer_ns() - start) / 1000000u;
+      left_ms = waited_ms >= static_cast<uint64_t>(timeout_ms) ? 0 : timeout_ms - static_cast<int>(waited_ms);
+    }
+  }
 }
 
 
@@ -385,13 +403,16 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     int64_t r = hostcall::wait(
         hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd, fl, 0, 0, 0, 0));
     r = warp::shfl(mask, r, leader);
+    if (r == net::kAskAgain) continue;  // let go with nothing sent (see sendto)
+    const bool more = r > 0 && (r & net::kSendMore) != 0;
+    r &= ~(more ? net::kSendMore : 0);
     if (r < 0) {
       result = done > 0 ? static_cast<int64_t>(done) : r;
       break;
     }
     done += static_cast<uint64_t>(r);
     result = static_cast<int64_t>(done);
-    if (static_cast<uint32_t>(r) < piece || done >= len) break;
+    if ((!more && static_cast<uint32_t>(r) < piece) || done >= len) break;
   }
   return result;
 }
