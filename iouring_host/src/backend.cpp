@@ -184,7 +184,7 @@ struct Ring {
   std::vector<uint32_t> lent;      // buffers the device holds
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
-  std::unordered_set<PollWait*> polls;  // every PollWait not yet deleted
+  std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
   // Operations a FaultPlan failed at submission, with their result: completed on the next
   // pass, as the kernel would complete them (Options::faults).
   std::vector<std::pair<Op*, int>> injected;
@@ -668,10 +668,7 @@ class IouringBackend final : public net::Backend {
     }
     r.live.clear();
     for (PollWait* w : waits) delete w;  // an unanswered one answers -ECANCELED
-    for (PollWait* w : r.polls) {
-      if (!waits.contains(w)) delete w;
-    }
-    r.polls.clear();
+    r.polls.clear();  // each had an operation in `live` (one with none left is deleted)
     std::vector<std::shared_ptr<Sock>> mine;
     {
       std::lock_guard<std::mutex> lock(table_mu_);
@@ -1135,8 +1132,7 @@ class IouringBackend final : public net::Backend {
     }
     if (op->straggling && op->done < op->len && (res > 0 || res == -ECANCELED) && !op->sock->closed &&
         !op->sock->aborted.load(std::memory_order_relaxed)) {
-      // Let go (straggle()): the bytes sent so far, and the lane sends the rest.
-      const int64_t result = op->done > 0 ? static_cast<int64_t>(op->done) | net::kSendMore : net::kAskAgain;
+      const int64_t result = let_go_answer(*op);
       if (notif_follows) {
         op->zc_result = result;
         return;
@@ -1168,11 +1164,17 @@ class IouringBackend final : public net::Backend {
 
   static constexpr int64_t kResendAfterNotif = INT64_MIN;
 
+  // A blocking send let go (straggle()): the bytes sent so far, and the lane sends the
+  // rest; or, with none sent, ask again.
+  static int64_t let_go_answer(const Op& op) {
+    return op.done > 0 ? static_cast<int64_t>(op.done) | net::kSendMore : net::kAskAgain;
+  }
+
   void finish_send(Ring& r, Op* op, int64_t result) {
     if (op->zc_result == kResendAfterNotif) {
       op->zc_result = 0;
       if (op->straggling) {
-        result = op->done > 0 ? static_cast<int64_t>(op->done) | net::kSendMore : net::kAskAgain;
+        result = let_go_answer(*op);
       } else {
         submit_send(r, op);
         return;
@@ -1336,7 +1338,6 @@ class IouringBackend final : public net::Backend {
     const uint32_t n = static_cast<uint32_t>(req.a[0]);
     const int timeout = static_cast<int>(req.a[1]);
     auto* w = new PollWait;
-    r.polls.insert(w);
     w->reply = std::move(reply);
     w->fds = req.data;
     w->host.resize(n);
@@ -1357,7 +1358,7 @@ class IouringBackend final : public net::Backend {
     }
     if (poll_now(*w) > 0 || timeout == 0) {
       finish_poll(r, w);
-      delete_poll(r, w);
+      delete w;
       return;
     }
     // Nothing ready: arm a one-shot poll per descriptor, and a timer.
@@ -1376,9 +1377,10 @@ class IouringBackend final : public net::Backend {
     }
     if (w->outstanding == 0) {  // nothing could be armed (or no descriptors and no timer)
       finish_poll(r, w);
-      delete_poll(r, w);
+      delete w;
       return;
     }
+    r.polls.insert(w);
     w->reply.wait_begin(*this, token(r, kWaitPoll, reinterpret_cast<uintptr_t>(w)));
   }
 
