@@ -699,9 +699,51 @@ RuntimeStats Core::stats() const {
   r.foreign_lanes = foreign_lanes_.load(std::memory_order_relaxed);
   r.reclaimed_slots = reclaimed_slots_.load(std::memory_order_relaxed);
   r.reclaimed_calls = reclaimed_calls_.load(std::memory_order_relaxed);
+  r.deliveries = deliveries_.load(std::memory_order_relaxed);
+  r.delivered_bytes = delivered_bytes_.load(std::memory_order_relaxed);
   occupancy(r);
   return r;
 }
+
+void Core::note_allocation(void* dev, size_t bytes) {
+  std::unique_lock<std::shared_mutex> lock(allocs_mu_);
+  allocs_[reinterpret_cast<uintptr_t>(dev)] = bytes;
+}
+
+void Core::forget_allocation(void* dev) {
+  std::unique_lock<std::shared_mutex> lock(allocs_mu_);
+  allocs_.erase(reinterpret_cast<uintptr_t>(dev));
+}
+
+bool Core::inside_locked(uintptr_t p, size_t bytes) const {
+  // The allocation that starts at or below p must hold all of [p, p + bytes).
+  auto it = allocs_.upper_bound(p);
+  if (bytes == 0 || it == allocs_.begin()) return false;
+  --it;
+  const uintptr_t off = p - it->first;
+  return off < it->second && bytes <= it->second - off;
+}
+
+bool Core::inside_allocation(const void* p, size_t bytes) {
+  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
+  return inside_locked(reinterpret_cast<uintptr_t>(p), bytes);
+}
+
+Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait) {
+  if (failed()) return health();
+  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
+  if (!inside_locked(reinterpret_cast<uintptr_t>(dst), bytes)) {
+    return Status(EFAULT, "deliver: not inside one device_alloc() allocation");
+  }
+  Status s = wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes);
+  if (s.ok()) {
+    deliveries_.fetch_add(1, std::memory_order_relaxed);
+    delivered_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  return s;
+}
+
+Status Core::finish_deliveries() { return device_->finish_copies(); }
 
 void Core::occupancy(RuntimeStats& r) const {
   r.slots = nslots_;

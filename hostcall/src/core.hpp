@@ -8,7 +8,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <map>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -39,6 +41,13 @@ class DeviceBackend {
   virtual void free_device(void* dev) = 0;
   virtual Status copy_to_device(void* dev, const void* host, size_t bytes) = 0;
   virtual Status copy_from_device(void* host, const void* dev, size_t bytes) = 0;
+  // Starts a copy into device memory that runs beside kernels; finish_copies() waits for
+  // every copy the calling thread started. `host` must stay valid until then. Default
+  // (cpu device): the copy is made at once.
+  virtual Status start_copy_to_device(void* dev, const void* host, size_t bytes) {
+    return copy_to_device(dev, host, bytes);
+  }
+  virtual Status finish_copies() { return {}; }
   virtual uint32_t max_resident_warps() const = 0;
   virtual uint32_t sm_count() const = 0;
   virtual uint32_t threads_per_sm() const = 0;
@@ -124,6 +133,14 @@ class Core : public std::enable_shared_from_this<Core> {
     adopted_device_.push_back(dev);
   }
   Status set_module_state(uint32_t index, void* device_ptr);
+
+  // ---- device allocations, for deliver() (docs/architecture.md 12.4, receive 3a) ----
+  void note_allocation(void* dev, size_t bytes);
+  // Blocks while a delivery into the allocation is running.
+  void forget_allocation(void* dev);
+  Status deliver(void* dst, const void* src, size_t bytes, bool wait = true);
+  Status finish_deliveries();
+  bool inside_allocation(const void* p, size_t bytes);
 
   // ---- aborted kernels (abort.cpp; docs/architecture.md section 18.3) ----
   // cpu device: one record per slot (ClaimRecord), null on cuda (its table is in device
@@ -249,6 +266,13 @@ class Core : public std::enable_shared_from_this<Core> {
 
   // kWrite: one lock per output so calls never interleave mid-write.
   std::mutex stdout_mu_, stderr_mu_;
+
+  // Live device_alloc() allocations, start -> bytes. Shared while a delivery copies into
+  // one, exclusive while one is freed, so a free never races a copy into it.
+  std::shared_mutex allocs_mu_;
+  std::map<uintptr_t, size_t> allocs_;
+  bool inside_locked(uintptr_t p, size_t bytes) const;  // allocs_mu_ held
+  std::atomic<uint64_t> deliveries_{0}, delivered_bytes_{0};
 
   // Counters.
   std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cerrno>
 #include <chrono>
@@ -118,6 +119,32 @@ class CudaBackend : public DeviceBackend {
   // CUDA's current device is per host thread: every entry point that may run on a thread
   // other than the creator's selects ours first.
   void bind() const { cudaSetDevice(device_); }
+  // The calling thread's copy stream for this backend (made when `make`), or null.
+  cudaStream_t copy_stream(bool make = true) {
+    struct Local {
+      uint64_t owner = 0;
+      cudaStream_t stream = nullptr;
+      ~Local() {
+        if (stream != nullptr) cudaStreamDestroy(stream);
+      }
+    };
+    thread_local Local local;
+    if (local.owner == id_ && local.stream != nullptr) {
+      bind();
+      return local.stream;
+    }
+    if (!make) return nullptr;
+    bind();
+    // A stream of an earlier runtime on this thread: its device may have been reset since,
+    // so it is dropped, not destroyed.
+    local.stream = nullptr;
+    if (cudaStreamCreateWithFlags(&local.stream, cudaStreamNonBlocking) != cudaSuccess) {
+      local.stream = nullptr;
+      return nullptr;
+    }
+    local.owner = id_;
+    return local.stream;
+  }
   DeviceKind kind() const override { return DeviceKind::kCuda; }
   std::string name() const override {
     return std::string(props_.name) + " (sm_" + std::to_string(props_.major) + std::to_string(props_.minor) +
@@ -152,6 +179,20 @@ class CudaBackend : public DeviceBackend {
     bind();
     cudaError_t e = cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice);
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpy");
+  }
+  // Each thread's copies go on a stream of its own (non-blocking: never ordered behind
+  // kernels), made at its first copy and destroyed when the thread ends.
+  Status start_copy_to_device(void* dev, const void* host, size_t bytes) override {
+    cudaStream_t s = copy_stream();
+    if (s == nullptr) return copy_to_device(dev, host, bytes);
+    cudaError_t e = cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s);
+    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpyAsync");
+  }
+  Status finish_copies() override {
+    cudaStream_t s = copy_stream(false);
+    if (s == nullptr) return {};
+    cudaError_t e = cudaStreamSynchronize(s);
+    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaStreamSynchronize");
   }
   Status copy_from_device(void* host, const void* dev, size_t bytes) override {
     bind();
@@ -214,6 +255,9 @@ class CudaBackend : public DeviceBackend {
   // The give-back kernels' own stream, made at first use (guarded by give_back_mu_).
   std::mutex give_back_mu_;
   cudaStream_t give_back_stream_ = nullptr;
+  // Tells this backend's copy streams from those of earlier ones on the same thread.
+  static inline std::atomic<uint64_t> next_id_{1};
+  const uint64_t id_ = next_id_.fetch_add(1);
 };
 
 namespace {

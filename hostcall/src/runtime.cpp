@@ -63,12 +63,16 @@ uint32_t Runtime::max_resident_warps() const { return core_->device().max_reside
 Result<void*> Runtime::device_alloc(size_t bytes) {
   if (core_->failed()) return core_->health();
   void* p = nullptr;
-  Status s = core_->device().alloc_device(bytes == 0 ? 1 : bytes, &p);
+  const size_t n = bytes == 0 ? 1 : bytes;
+  Status s = core_->device().alloc_device(n, &p);
   if (!s.ok()) return s;
+  core_->note_allocation(p, n);
   return p;
 }
 void Runtime::device_free(void* ptr) {
-  if (ptr != nullptr) core_->device().free_device(ptr);
+  if (ptr == nullptr) return;
+  core_->forget_allocation(ptr);
+  core_->device().free_device(ptr);
 }
 Result<Runtime::Mapped> Runtime::mapped_alloc(size_t bytes) {
   if (core_->failed()) return core_->health();
@@ -92,6 +96,10 @@ Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   if (core_->failed()) return core_->health();
   return core_->device().copy_to_device(dst, src, bytes);
 }
+Status Runtime::deliver(void* dst, const void* src, size_t bytes) { return core_->deliver(dst, src, bytes, true); }
+Status Runtime::start_delivery(void* dst, const void* src, size_t bytes) { return core_->deliver(dst, src, bytes, false); }
+Status Runtime::finish_deliveries() { return core_->finish_deliveries(); }
+bool Runtime::is_device_memory(const void* p, size_t bytes) const { return core_->inside_allocation(p, bytes); }
 Status Runtime::copy_from_device(void* dst, const void* src, size_t bytes) {
   if (core_->failed()) return core_->health();
   return core_->device().copy_from_device(dst, src, bytes);

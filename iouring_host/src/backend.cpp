@@ -34,6 +34,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "gpusock/hostcall/service_hook.hpp"
@@ -58,6 +59,13 @@ struct Op {
   // send
   const uint8_t* data = nullptr;
   uint32_t len = 0, done = 0;
+  // recv: where the lane wants the bytes (net/protocol.hpp), 0: not said; how many it
+  // asked for; and, while the host delivers them there itself (`gathering`), the buffers
+  // whose copies are still running (given back once they end) and `done`, bytes so far.
+  uint64_t dst = 0;
+  uint32_t want = 0;
+  bool gathering = false;
+  std::vector<uint32_t> held;
   int flags = 0;
   bool zc = false, zc_notif_pending = false;
   int64_t zc_result = 0;
@@ -92,6 +100,9 @@ struct Sock {
   bool stream = false;
   std::atomic<bool> nonblock{false};
   bool closed = false;        // home thread only
+  // An error a receive met after it had delivered bytes: that receive answers the bytes,
+  // the next one answers this (home thread only).
+  int pending_error = 0;
   // Aborted by the control plane (abort_socket): every call but close answers
   // -ECONNABORTED. Set by any thread; a relaxed load on the hot path.
   std::atomic<bool> aborted{false};
@@ -182,6 +193,7 @@ struct Ring {
   uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
+  uint32_t held = 0;               // buffers whose delivery copies are running (Op::held)
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
@@ -213,7 +225,10 @@ class IouringBackend final : public net::Backend {
  public:
   IouringBackend(Runtime& rt, const Options& o, const KernelFeatures& f, unsigned setup_flags)
       : opt_(o), feat_(f), setup_flags_(setup_flags),
-        deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0), staging_(rt.staging_host()), staging_bytes_(rt.staging_size()) {
+        deferred_taskrun_((setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)) != 0),
+        rt_(&rt),
+        staging_(rt.staging_host()),
+        staging_bytes_(rt.staging_size()) {
     rings_.resize(rt.service_threads());
     faults_ = opt_.faults.get();
     set_straggler_wait(opt_.straggler_wait);
@@ -1196,14 +1211,20 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EOPNOTSUPP);
       return;
     }
-    const uint32_t want = static_cast<uint32_t>(std::min<int64_t>(req.a[1], r.buf_bytes));
+    const uint32_t want = static_cast<uint32_t>(std::min<int64_t>(req.a[1], 0xffffffff));
     if (want == 0) {
       reply.finish_helper(0);  // warp_recv()'s other lanes ask 0 bytes; nothing to wait for
       return;
     }
+    if (s->pending_error != 0 && (user & MSG_PEEK) == 0) {
+      reply.finish(std::exchange(s->pending_error, 0));
+      return;
+    }
     Op* op = new_op(r, Kind::kRecv, s);
     op->reply = std::move(reply);
-    op->len = want;
+    op->want = want;
+    op->len = std::min(want, r.buf_bytes);  // one buffer per receive
+    op->dst = static_cast<uint64_t>(req.a[2]);
     // MSG_WAITALL is the device's loop (one buffer per call); the kernel sees the rest.
     op->flags = user & ~MSG_WAITALL;
     if (s->nonblock.load(std::memory_order_relaxed)) op->flags |= MSG_DONTWAIT;
@@ -1240,6 +1261,17 @@ class IouringBackend final : public net::Backend {
   void on_recv(Ring& r, Op* op, int res, uint32_t flags) {
     const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
     const uint32_t b = has_buf ? (flags >> IORING_CQE_BUFFER_SHIFT) : 0;
+    if (op->gathering && (res <= 0 || op->sock->closed || op->sock->aborted.load(std::memory_order_relaxed))) {
+      // A further receive of a delivering one found no more bytes (EAGAIN), the end of the
+      // stream, an error, a cancel (close, abort, let go) or no free buffer: the lane gets
+      // the bytes delivered so far. A real error waits for the next receive; the end of
+      // the stream repeats by itself.
+      if (has_buf) return_buffer_now(r, b);
+      if (res < 0 && res != -EAGAIN && res != -ECANCELED && res != -ENOBUFS && res != -EBADF && res != -ECONNABORTED) {
+        op->sock->pending_error = res;
+      }
+      return finish_gather(r, op);
+    }
     if (op->straggling && (res == -ECANCELED || res == -ENOBUFS) && !op->sock->closed &&
         !op->sock->aborted.load(std::memory_order_relaxed)) {
       // Let go (straggle()) before a byte came: the lane asks again.
@@ -1258,7 +1290,7 @@ class IouringBackend final : public net::Backend {
       // failed this recv before recycle() put buffers back): submit it again at once.
       // Parking it until the next recycle() would wait forever, since recycle() runs only
       // while buffers are lent.
-      if (!r.lent.empty()) {
+      if (!r.lent.empty() || r.held > 0) {
         op->reply.finish(-ENOBUFS);
         return retire(r, op);
       }
@@ -1294,16 +1326,83 @@ class IouringBackend final : public net::Backend {
       auto& in = op->sock->bytes_in;  // home thread is the only writer
       in.store(in.load(std::memory_order_relaxed) + static_cast<uint64_t>(res), std::memory_order_relaxed);
     }
+    const uint32_t alen = op->sock->stream ? 0 : std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes);
+    const uint64_t kind = op->sock->stream ? net::kStreamBit : 0;
+    // What the lane gets: at most what it asked for (a longer datagram is cut, as recv(2)
+    // cuts it); MSG_TRUNC reports the real length, as on Linux.
+    const uint32_t take = std::min<uint32_t>(static_cast<uint32_t>(res), op->len);
+    const int answer = (op->flags & MSG_TRUNC) ? res : static_cast<int>(take);
+    const uint8_t* bytes = r.bufs_host + static_cast<size_t>(b) * r.buf_bytes;
+    const bool more_ok = op->sock->stream && (op->flags & MSG_PEEK) == 0;
+    if (op->gathering) {
+      // A further piece: its range was checked when delivery began.
+      if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, bytes, take).ok()) {
+        // The device is gone (the runtime reports it): nothing can reach the lane.
+        return_buffer_now(r, b);
+        op->done = 0;
+        op->sock->pending_error = -EIO;
+        return finish_gather(r, op);
+      }
+      hold(r, op, b, take);
+      return gather_more(r, op, take);
+    }
+    if (op->dst != 0 && opt_.deliver_min_bytes != 0 && take >= opt_.deliver_min_bytes &&
+        rt_->is_device_memory(reinterpret_cast<void*>(op->dst), more_ok ? op->want : take) &&
+        rt_->start_delivery(reinterpret_cast<void*>(op->dst), bytes, take).ok()) {
+      // Into the lane's own buffer (a DMA copy on a GPU), nothing lent (docs 12.4, receive
+      // step 3a). A stream receive that filled its buffer goes on to fill what the lane
+      // asked for with what the socket already holds, in this same call.
+      op->gathering = true;
+      hold(r, op, b, take);
+      if (!op->sock->stream) {
+        op->done = static_cast<uint32_t>(answer);  // MSG_TRUNC: the datagram's length
+        return finish_gather(r, op);
+      }
+      return more_ok ? gather_more(r, op, take) : finish_gather(r, op);
+    }
     // Lend the buffer: flag first (plain store; the reply's release store publishes it).
     std::atomic_ref<uint32_t>(r.flags_host[b]).store(1, std::memory_order_relaxed);
     r.lent.push_back(b);
     op->reply.set_word(1, r.bufs_dev + static_cast<uint64_t>(b) * r.buf_bytes);
     op->reply.set_word(2, r.flags_dev + static_cast<uint64_t>(b) * sizeof(uint32_t));
-    const uint32_t alen = op->sock->stream ? 0 : std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes);
-    op->reply.set_addr(3, &op->addr, alen, op->sock->stream ? (1ull << 32) : 0);
-    // A datagram longer than the buffer is cut, as recv(2) cuts it; MSG_TRUNC reports the
-    // real length, as on Linux — the device copies at most what it asked for.
-    op->reply.finish(std::min<int>(res, static_cast<int>((op->flags & MSG_TRUNC) ? res : op->len)));
+    op->reply.set_addr(3, &op->addr, alen, kind);
+    op->reply.finish(answer);
+    retire(r, op);
+  }
+
+  // Delivery (docs 12.4, receive step 3a): buffer b's copy into the lane's memory is
+  // running; it goes back to the kernel once finish_gather() has seen the copies end.
+  void hold(Ring& r, Op* op, uint32_t b, uint32_t take) {
+    op->held.push_back(b);
+    ++r.held;
+    op->done += take;
+  }
+  // Receives the next piece with MSG_DONTWAIT while the last one filled its buffer, the
+  // lane wants more and the call holds at most a quarter of the ring's buffers.
+  void gather_more(Ring& r, Op* op, uint32_t take) {
+    if (take == op->len && op->done < op->want && op->held.size() < std::max<uint32_t>(1, r.nbufs / 4)) {
+      op->len = std::min(op->want - op->done, r.buf_bytes);
+      op->flags |= MSG_DONTWAIT;
+      submit_recv(r, op);
+      return;
+    }
+    finish_gather(r, op);
+  }
+  // Waits for the copies, gives their buffers back and answers the bytes delivered.
+  void finish_gather(Ring& r, Op* op) {
+    const bool copied = rt_->finish_deliveries().ok();
+    int added = 0;
+    for (uint32_t b : op->held) add_buffer(r, b, added++);
+    if (added > 0) io_uring_buf_ring_advance(r.br, added);
+    r.held -= static_cast<uint32_t>(op->held.size());
+    op->held.clear();
+    if (!copied) {
+      op->reply.finish(-EIO);  // the device is gone: the runtime's health() says why
+      return retire(r, op);
+    }
+    if (op->sock->stream) op->reply.set_addr(3, nullptr, 0, net::kStreamBit | net::kDelivered);
+    else op->reply.set_addr(3, &op->addr, std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes), net::kDelivered);
+    op->reply.finish(static_cast<int64_t>(op->done));
     retire(r, op);
   }
 
@@ -1515,6 +1614,7 @@ class IouringBackend final : public net::Backend {
   KernelFeatures feat_;
   unsigned setup_flags_;
   bool deferred_taskrun_;
+  Runtime* rt_;  // deliver(); alive while any service thread that calls it runs
   uint8_t* staging_;
   uint64_t staging_bytes_;
   std::vector<std::unique_ptr<Ring>> rings_;

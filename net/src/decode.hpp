@@ -107,6 +107,7 @@ int decode_request(const Lane& lane, Op op, bool descriptor_write, Request& req)
       req.fd = static_cast<int32_t>(arg(0));
       req.a[0] = static_cast<int32_t>(arg(1));
       req.a[1] = static_cast<int64_t>(static_cast<uint32_t>(arg(2)));
+      req.a[2] = static_cast<int64_t>(arg(3));  // dst: only ever checked by Runtime::deliver()
       return 0;
     case Op::kClose:
     case Op::kGetsockname:

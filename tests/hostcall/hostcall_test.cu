@@ -709,6 +709,56 @@ TEST_P(HostcallTest, RegisterHandlerRejectsBadOpcodes) {
   EXPECT_EQ(rt_->register_handler(hc::kUserFirst + 1, "late", noop).code(), ESHUTDOWN);
 }
 
+// deliver() copies only into runtime allocations, whole; anything else is EFAULT and the
+// memory around it is untouched.
+TEST_P(HostcallTest, DeliverWritesOnlyInsideALiveDeviceAllocation) {
+  Start();
+  // a's size is no multiple of the GPU's allocation grain, so a + kA is in no allocation
+  // (cudaMalloc may place b right after a's rounded-up end).
+  constexpr size_t kN = 64 * 1024, kA = kN - 256;
+  auto a = Buffer<uint8_t>(kA);
+  auto b = Buffer<uint8_t>(kN);
+  std::vector<uint8_t> src(kN);
+  for (size_t i = 0; i < kN; ++i) src[i] = static_cast<uint8_t>(i * 7 + 1);
+  const gpusock::RuntimeStats before = rt_->stats();
+  // Inside: the whole allocation, and a piece at an offset.
+  ASSERT_TRUE(rt_->deliver(a.data(), src.data(), kA).ok());
+  ASSERT_TRUE(rt_->deliver(b.data() + 1000, src.data(), 5000).ok());
+  EXPECT_TRUE(rt_->is_device_memory(a.data() + 10, kA - 10));
+  EXPECT_FALSE(rt_->is_device_memory(a.data() + 10, kA - 9));
+  // Outside or across an end: refused.
+  EXPECT_EQ(rt_->deliver(a.data() + 1, src.data(), kA).code(), EFAULT);            // runs past the end
+  EXPECT_EQ(rt_->deliver(a.data() + kA, src.data(), 1).code(), EFAULT);            // just past it
+  EXPECT_EQ(rt_->deliver(a.data() - 1, src.data(), 2).code(), EFAULT);             // starts before it
+  EXPECT_EQ(rt_->deliver(src.data(), src.data() + 1, 16).code(), EFAULT);          // host memory
+  EXPECT_EQ(rt_->deliver(nullptr, src.data(), 16).code(), EFAULT);
+  EXPECT_EQ(rt_->deliver(a.data(), src.data(), SIZE_MAX).code(), EFAULT);          // size overflows
+  auto m = rt_->mapped_alloc(4096);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(rt_->deliver(m->device, src.data(), 16).code(), EFAULT);               // mapped, not device_alloc
+  rt_->mapped_free(m->host);
+  const gpusock::RuntimeStats after = rt_->stats();
+  EXPECT_EQ(after.deliveries - before.deliveries, 2u);
+  EXPECT_EQ(after.delivered_bytes - before.delivered_bytes, kA + 5000);
+  EXPECT_EQ(a.to_host(), std::vector<uint8_t>(src.begin(), src.begin() + kA));
+  std::vector<uint8_t> want(kN, 0);
+  std::copy(src.begin(), src.begin() + 5000, want.begin() + 1000);
+  EXPECT_EQ(b.to_host(), want);
+  // Started, then waited for.
+  std::vector<uint8_t> src2(kN);
+  for (size_t i = 0; i < kN; ++i) src2[i] = static_cast<uint8_t>(i * 13 + 5);
+  ASSERT_TRUE(rt_->start_delivery(b.data(), src2.data(), kN / 2).ok());
+  ASSERT_TRUE(rt_->start_delivery(b.data() + kN / 2, src2.data() + kN / 2, kN / 2).ok());
+  EXPECT_EQ(rt_->start_delivery(b.data() + 1, src2.data(), kN).code(), EFAULT);
+  ASSERT_TRUE(rt_->finish_deliveries().ok());
+  EXPECT_EQ(b.to_host(), src2);
+  // Freed: refused.
+  void* p = rt_->device_alloc(4096).value();
+  ASSERT_TRUE(rt_->deliver(p, src.data(), 4096).ok());
+  rt_->device_free(p);
+  EXPECT_EQ(rt_->deliver(p, src.data(), 16).code(), EFAULT);
+}
+
 TEST_P(HostcallTest, LaunchRejectsBadDimensions) {
   Start();
   auto out = Buffer<int64_t>(1);

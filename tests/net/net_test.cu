@@ -583,6 +583,171 @@ TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {
   EXPECT_EQ(static_cast<uint64_t>(o[1]), host_stream_hash(kGiB));
 }
 
+// One warp receives a stream in turn into three kinds of memory: device_alloc() memory
+// (whole warp, warp_recv), mapped host memory (whole warp), and device_alloc() memory at
+// an odd offset (lane 0 alone, MSG_WAITALL). Every byte is checked. out: {bytes, hash,
+// mismatches, error}.
+struct MixedReceiver {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dev, uint8_t* mapped, uint32_t piece, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    int fd = -1;
+    if (lane == 0) {
+      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = loopback4(port);
+      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+      if (r < 0) fd = r;
+    }
+    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    if (fd < 0) {
+      if (lane == 0) out[3] = fd;
+      return;
+    }
+    uint64_t off = 0, hash = 0, bad = 0;
+    int64_t n = 0;
+    for (uint32_t turn = 0;; ++turn) {
+      uint8_t* into = turn % 3 == 1 ? mapped : (turn % 3 == 2 ? dev + 3 : dev);
+      if (turn % 3 == 2) {
+        int64_t r = 0;
+        if (lane == 0) r = raw::recv(fd, into, piece, MSG_WAITALL);
+        n = gpusock::warp::shfl(0xffffffffu, r, 0);
+      } else {
+        n = raw::warp_recv(0xffffffffu, fd, into, piece, 0);
+      }
+      if (n <= 0) break;
+      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
+        hash += byte_hash(off + i, into[i]);
+        bad += into[i] != pattern_byte(off + i);
+      }
+      off += static_cast<uint64_t>(n);
+      gpusock::warp::sync(0xffffffffu);
+    }
+    for (uint32_t d = 16; d > 0; d /= 2) {
+      hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
+      bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+    }
+    if (lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = static_cast<int64_t>(hash);
+      out[2] = static_cast<int64_t>(bad);
+      out[3] = n;
+    }
+  }
+};
+
+// Receives of at least deliver_min_bytes into device_alloc() memory are copied there by
+// the host (Runtime::deliver(), by DMA on a GPU); the rest are lent and copied by the
+// warp. Both ways, and the same stream with delivery off, arrive whole and in order.
+TEST_P(NetTest, LargeReceivesIntoDeviceMemoryAreDeliveredByTheHost) {
+  for (const bool deliver : {true, false}) {
+    SCOPED_TRACE(deliver ? "delivery on" : "delivery off");
+    rt_.reset();
+    gpusock::iouring::Options io;
+    if (!deliver) io.deliver_min_bytes = 0;
+    Start(io);
+    ASSERT_FALSE(HasFatalFailure());
+    constexpr uint64_t kTotal = 24ull << 20;
+    constexpr uint32_t kPiece = 100 * 1024;  // above one 64 KiB receive buffer: MSG_WAITALL loops
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    std::thread source([&] {
+      int c = ::accept(lfd, nullptr, nullptr);
+      std::vector<uint8_t> buf(1 << 20);
+      for (uint64_t off = 0; off < kTotal; off += buf.size()) {
+        for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
+        if (!send_all(c, buf.data(), buf.size())) break;
+      }
+      ::close(c);
+    });
+    auto dev = Buffer<uint8_t>(kPiece + 3);
+    auto mapped = rt_->mapped_alloc(kPiece);
+    ASSERT_TRUE(mapped.ok());
+    rt_->mapped_free_at_exit(mapped->host);
+    auto out = Buffer<int64_t>(4);
+    const gpusock::RuntimeStats before = rt_->stats();
+    auto k = Launch({1}, {32}, MixedReceiver{}, port, dev.data(), static_cast<uint8_t*>(mapped->device), kPiece,
+                    out.data());
+    Finish(k);
+    source.join();
+    ::close(lfd);
+    auto o = Read(out);
+    EXPECT_EQ(o[3], 0) << "recv ended with an error";
+    EXPECT_EQ(o[0], static_cast<int64_t>(kTotal));
+    EXPECT_EQ(o[2], 0) << "bytes differing from what the host sent";
+    EXPECT_EQ(static_cast<uint64_t>(o[1]), host_stream_hash(kTotal));
+    const gpusock::RuntimeStats after = rt_->stats();
+    const uint64_t delivered = after.delivered_bytes - before.delivered_bytes;
+    if (deliver) {
+      // Two turns in three receive into device memory; the mapped turn is always lent.
+      EXPECT_GT(after.deliveries, before.deliveries);
+      EXPECT_GT(delivered, 0u);
+      EXPECT_LT(delivered, kTotal);
+    } else {
+      EXPECT_EQ(after.deliveries, before.deliveries);
+    }
+  }
+}
+
+// Lane 0 connects, waits for box[0] (the host has sent), then makes one recv of `ask`
+// bytes into `dev`. out: {recv's result, mismatches}.
+struct OneReceive {
+  GPUSOCK_HD void operator()(uint32_t* box, uint16_t port, uint8_t* dev, uint32_t ask, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) {
+      out[0] = r;
+      return;
+    }
+    await_box(box, 0);
+    const int64_t n = raw::recv(fd, dev, ask, 0);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad += dev[i] != pattern_byte(static_cast<uint64_t>(i));
+    raw::close(fd);
+    out[0] = n;
+    out[1] = bad;
+  }
+};
+
+// A delivered receive that fills its buffer goes on, in the same call, with what the
+// socket already holds: 48 KiB waiting, 16 KiB buffers, one recv of 100 KiB gets all 48.
+// With delivery off the same recv gets one buffer.
+TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
+  for (const bool deliver : {true, false}) {
+    SCOPED_TRACE(deliver ? "delivery on" : "delivery off");
+    rt_.reset();
+    gpusock::iouring::Options io;
+    io.recv_buffer_bytes = 16 * 1024;
+    io.deliver_min_bytes = deliver ? 8 * 1024 : 0;
+    Start(io);
+    ASSERT_FALSE(HasFatalFailure());
+    constexpr uint32_t kSent = 48 * 1024;
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    auto dev = Buffer<uint8_t>(100 * 1024);
+    auto out = Buffer<int64_t>(2);
+    auto k = Launch({1}, {32}, OneReceive{}, box_.dev, port, dev.data(), 100u * 1024, out.data());
+    int c = ::accept(lfd, nullptr, nullptr);
+    ASSERT_GE(c, 0);
+    std::vector<uint8_t> buf(kSent);
+    for (uint32_t i = 0; i < kSent; ++i) buf[i] = pattern_byte(i);
+    ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
+    // Loopback queues the bytes at the receiver before send() returns; a moment more
+    // for the receiving side's processing.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    Post(0, 1);
+    Finish(k);
+    ::close(c);
+    ::close(lfd);
+    auto o = Read(out);
+    EXPECT_EQ(o[0], deliver ? int64_t{kSent} : int64_t{16 * 1024});
+    EXPECT_EQ(o[1], 0) << "bytes differing from what the host sent";
+  }
+}
+
 // ---- many connections ---------------------------------------------------------------
 
 // One listener (lane 0 of block 0 makes it and publishes the port in box[0]); every lane

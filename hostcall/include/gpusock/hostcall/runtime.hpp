@@ -118,6 +118,8 @@ struct RuntimeStats {
   uint32_t calls_in_flight = 0;    // slots published and not yet answered
   uint32_t staging_pages = 0;      // 4 KiB pages in the staging arena
   uint32_t staging_pages_used = 0; // pages held by calls (staging bitmap)
+  uint64_t deliveries = 0;         // deliver() copies made for modules (net/ receives)
+  uint64_t delivered_bytes = 0;
 };
 
 namespace internal {
@@ -167,6 +169,23 @@ class Runtime {
   void device_free(void* ptr);
   Status copy_to_device(void* dst, const void* src, size_t bytes);
   Status copy_from_device(void* dst, const void* src, size_t bytes);
+  // Copies host bytes into memory a kernel named, for modules answering kernels (net/
+  // puts received bytes straight into the kernel's buffer this way): a DMA copy on a GPU
+  // (synchronous, beside running kernels), memcpy on the cpu device. Only into memory
+  // from device_alloc(): returns EFAULT unless [dst, dst + bytes) lies inside one live
+  // allocation, so a kernel's wrong pointer can never make the host write elsewhere.
+  // Thread-safe; device_free() of the allocation waits for a copy into it to end.
+  Status deliver(void* dst, const void* src, size_t bytes);
+  // The same, started and not waited for: the copy runs on the calling thread's own copy
+  // stream while the thread goes on (on the cpu device it is made at once). `src` must
+  // stay unchanged until finish_deliveries() on the same thread returns, which waits for
+  // every delivery that thread started. A delivery whose allocation is freed before it
+  // ends is the caller's mistake, as with any copy.
+  Status start_delivery(void* dst, const void* src, size_t bytes);
+  // Whether [p, p + bytes) lies inside one live device_alloc() allocation (what deliver()
+  // checks).
+  bool is_device_memory(const void* p, size_t bytes) const;
+  Status finish_deliveries();
 
   // Pinned host memory that kernels read and write directly (zero-copy), zeroed:
   // `host` for host threads, `device` for kernels. Freed with mapped_free(host).

@@ -97,6 +97,13 @@ struct Options {
   // copied the bytes out.
   uint32_t recv_buffers = 256;
   uint32_t recv_buffer_bytes = 64 * 1024;
+  // A stream or datagram receive of at least this many bytes into a kernel's device_alloc()
+  // memory is copied there by the host (Runtime::deliver(): a DMA copy on a GPU, on the
+  // service thread) and the buffer goes straight back to the kernel's network stack,
+  // instead of being lent to the device for the warp to copy out across PCIe. Smaller
+  // ones are lent, where a DMA copy's fixed cost would outweigh it. 0: never deliver.
+  // bench/net measures both ways (bench/RESULTS.md).
+  uint32_t deliver_min_bytes = 32 * 1024;
   // Most sockets (listeners, connections, datagram sockets) open at once: socket() and
   // accept() beyond it fail with EMFILE.
   uint32_t max_sockets = 65536;

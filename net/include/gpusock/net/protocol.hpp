@@ -18,11 +18,14 @@
 // kSend        fd, flags|addrlen<<32, addr[4]       data             bytes sent
 //                (addrlen 0: no destination; kRideAlong: a lane of warp_send() that
 //                carries no bytes, answered 0 with no I/O)
-// kRecv        fd, flags, len                       -                bytes, data, flag, addrlen, addr[4]
+// kRecv        fd, flags, len, dst                  -                bytes, data, flag, addrlen, addr[4]
 //                data: device address of the bytes (a receive buffer the host lent);
 //                flag: device address of the buffer's 32-bit lent flag: the lane stores 0
 //                there (release) once it has copied the bytes out, which gives the buffer
 //                back. bytes <= 0: no buffer was lent (data = flag = 0).
+//                dst: where the caller wants the bytes (0: not said). A backend may copy
+//                them there itself (Runtime::deliver(), only into device_alloc() memory)
+//                and say so with kDelivered in the addrlen word; then nothing is lent.
 // kShutdown    fd, how                              -                0
 // kClose       fd                                   -                0
 // kSetsockopt  fd, level, optname                   optval           0
@@ -72,6 +75,10 @@ static_assert(kFirst >= hostcall::kModuleFirst && kLast <= hostcall::kModuleLast
 // r[0] of a lane the host let go before its operation ended: nothing happened, ask again.
 // Below every -errno (errno values are under 4096); fits an inline reply (32 bits).
 inline constexpr int64_t kAskAgain = -(int64_t{1} << 20);
+// kRecv's addrlen word: bit 32 says the socket is a stream; kDelivered says the bytes are
+// already in the caller's buffer (dst), copied by the host, and no buffer was lent.
+inline constexpr uint64_t kStreamBit = uint64_t{1} << 32;
+inline constexpr uint64_t kDelivered = uint64_t{1} << 33;
 // Or'ed into a blocking stream send's byte count when the host let the lane go before the
 // last byte went: send the rest. Above any one send's size (internal::kMaxSendPiece).
 inline constexpr int64_t kSendMore = int64_t{1} << 40;

@@ -84,6 +84,16 @@ GPUSOCK_HD inline int name_call(uint32_t opcode, int fd, sockaddr* addr, socklen
   return static_cast<int>(ret);
 }
 
+// A receive's dst word (protocol.hpp kRecv): the buffer's address when the host could
+// copy into it, 0 when it cannot be (a GPU's local or shared memory). The host checks the
+// rest: it delivers only into device_alloc() memory (Runtime::deliver()).
+GPUSOCK_HD inline uint64_t deliver_to(const void* p) {
+#if defined(__CUDA_ARCH__)
+  if (!__isGlobal(p)) return 0;
+#endif
+  return reinterpret_cast<uint64_t>(p);
+}
+
 GPUSOCK_HD inline int64_t posix(int64_t r) {
   if (r < 0) {
     hostcall::errno_ref() = static_cast<int32_t>(-r);
@@ -202,11 +212,13 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
     // own kind: sharing one with other lanes' first recvs could make it wait for a
     // blocking recv whose data depends on this lane's progress.
     const uint64_t group = net::op::kRecv | (again ? uint64_t{1} << 32 : 0);
-    hostcall::Ticket t = hostcall::submit_grouped(group, net::op::kRecv, fd, flags, want);
+    hostcall::Ticket t = hostcall::submit_grouped(group, net::op::kRecv, fd, flags, want, net::internal::deliver_to(p + done));
     again = true;
     int64_t n = hostcall::wait(t, r, 7);
-    uint8_t* data = n > 0 ? reinterpret_cast<uint8_t*>(r[0]) : nullptr;
-    const uint32_t take = n > 0 ? static_cast<uint32_t>(n < static_cast<int64_t>(want) ? n : want) : 0;
+    // kDelivered: the host copied the bytes into p + done itself (by DMA on a GPU).
+    const bool delivered = n > 0 && (r[2] & net::kDelivered) != 0;
+    uint8_t* data = n > 0 && !delivered ? reinterpret_cast<uint8_t*>(r[0]) : nullptr;
+    const uint32_t take = data != nullptr ? static_cast<uint32_t>(n < static_cast<int64_t>(want) ? n : want) : 0;
     // The lanes that asked together copy together; each lane's bytes come from its buffer.
     hostcall::internal::group_copy(t.mask, p + done, data, take, true);
     if (data != nullptr) {
