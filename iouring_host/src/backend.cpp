@@ -60,12 +60,11 @@ struct Op {
   const uint8_t* data = nullptr;
   uint32_t len = 0, done = 0;
   // recv: where the lane wants the bytes (net/protocol.hpp), 0: not said; how many it
-  // asked for; and, while the host delivers them there itself (`gathering`), the buffers
-  // whose copies are still running (given back once they end) and `done`, bytes so far.
+  // asked for. While the host delivers them there itself, `held` is the receive buffer
+  // whose copy is running (given back once it ends) and `done` the bytes so far.
   uint64_t dst = 0;
   uint32_t want = 0;
-  bool gathering = false;
-  std::vector<uint32_t> held;
+  int64_t held = -1;
   int flags = 0;
   bool zc = false, zc_notif_pending = false;
   int64_t zc_result = 0;
@@ -194,6 +193,8 @@ struct Ring {
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
   uint32_t held = 0;               // buffers whose delivery copies are running (Op::held)
+  uint8_t* bounce = nullptr;       // delivery's bounce area: two halves of bounce_half bytes
+  uint32_t bounce_half = 0;
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
@@ -242,7 +243,10 @@ class IouringBackend final : public net::Backend {
   Status init(Runtime& rt) {
     const size_t per_ring = static_cast<size_t>(opt_.recv_buffers) * opt_.recv_buffer_bytes;
     const size_t flags_bytes = static_cast<size_t>(opt_.recv_buffers) * sizeof(uint32_t);
-    const size_t slice = per_ring + ((flags_bytes + 4095) & ~size_t{4095});
+    // Delivery's bounce area (docs 12.4, receive 3a): two halves of deliver_chunk_bytes.
+    const size_t bounce = opt_.deliver_min_bytes != 0 ? 2 * static_cast<size_t>(opt_.deliver_chunk_bytes) : 0;
+    const size_t slice = per_ring + ((flags_bytes + 4095) & ~size_t{4095}) + bounce;
+    flags_span_ = (flags_bytes + 4095) & ~size_t{4095};
     auto m = rt.mapped_alloc(slice * rings_.size());
     if (!m.ok()) return m.status();
     rt.mapped_free_at_exit(m->host);
@@ -630,6 +634,10 @@ class IouringBackend final : public net::Backend {
     r->bufs_dev = pool_dev_ + slice_bytes_ * index;
     r->flags_host = reinterpret_cast<uint32_t*>(r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes);
     r->flags_dev = r->bufs_dev + static_cast<uint64_t>(r->nbufs) * r->buf_bytes;
+    if (opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0) {
+      r->bounce = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
+      r->bounce_half = opt_.deliver_chunk_bytes;
+    }
     r->br_bytes = (sizeof(io_uring_buf) * r->nbufs + 4095) & ~size_t{4095};
     void* mem = mmap(nullptr, r->br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     if (mem == MAP_FAILED) {
@@ -1261,17 +1269,6 @@ class IouringBackend final : public net::Backend {
   void on_recv(Ring& r, Op* op, int res, uint32_t flags) {
     const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
     const uint32_t b = has_buf ? (flags >> IORING_CQE_BUFFER_SHIFT) : 0;
-    if (op->gathering && (res <= 0 || op->sock->closed || op->sock->aborted.load(std::memory_order_relaxed))) {
-      // A further receive of a delivering one found no more bytes (EAGAIN), the end of the
-      // stream, an error, a cancel (close, abort, let go) or no free buffer: the lane gets
-      // the bytes delivered so far. A real error waits for the next receive; the end of
-      // the stream repeats by itself.
-      if (has_buf) return_buffer_now(r, b);
-      if (res < 0 && res != -EAGAIN && res != -ECANCELED && res != -ENOBUFS && res != -EBADF && res != -ECONNABORTED) {
-        op->sock->pending_error = res;
-      }
-      return finish_gather(r, op);
-    }
     if (op->straggling && (res == -ECANCELED || res == -ENOBUFS) && !op->sock->closed &&
         !op->sock->aborted.load(std::memory_order_relaxed)) {
       // Let go (straggle()) before a byte came: the lane asks again.
@@ -1334,31 +1331,17 @@ class IouringBackend final : public net::Backend {
     const int answer = (op->flags & MSG_TRUNC) ? res : static_cast<int>(take);
     const uint8_t* bytes = r.bufs_host + static_cast<size_t>(b) * r.buf_bytes;
     const bool more_ok = op->sock->stream && (op->flags & MSG_PEEK) == 0;
-    if (op->gathering) {
-      // A further piece: its range was checked when delivery began.
-      if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, bytes, take).ok()) {
-        // The device is gone (the runtime reports it): nothing can reach the lane.
-        return_buffer_now(r, b);
-        op->done = 0;
-        op->sock->pending_error = -EIO;
-        return finish_gather(r, op);
-      }
-      hold(r, op, b, take);
-      return gather_more(r, op, take);
-    }
     if (op->dst != 0 && opt_.deliver_min_bytes != 0 && take >= opt_.deliver_min_bytes &&
         rt_->is_device_memory(reinterpret_cast<void*>(op->dst), more_ok ? op->want : take) &&
         rt_->start_delivery(reinterpret_cast<void*>(op->dst), bytes, take).ok()) {
       // Into the lane's own buffer (a DMA copy on a GPU), nothing lent (docs 12.4, receive
       // step 3a). A stream receive that filled its buffer goes on to fill what the lane
       // asked for with what the socket already holds, in this same call.
-      op->gathering = true;
-      hold(r, op, b, take);
-      if (!op->sock->stream) {
-        op->done = static_cast<uint32_t>(answer);  // MSG_TRUNC: the datagram's length
-        return finish_gather(r, op);
-      }
-      return more_ok ? gather_more(r, op, take) : finish_gather(r, op);
+      op->held = b;
+      ++r.held;
+      op->done = static_cast<uint32_t>(answer);  // a datagram's: with MSG_TRUNC its length
+      if (more_ok && take == op->len) gather_more(r, op);
+      return finish_gather(r, op);
     }
     // Lend the buffer: flag first (plain store; the reply's release store publishes it).
     std::atomic_ref<uint32_t>(r.flags_host[b]).store(1, std::memory_order_relaxed);
@@ -1370,38 +1353,58 @@ class IouringBackend final : public net::Backend {
     retire(r, op);
   }
 
-  // Delivery (docs 12.4, receive step 3a): buffer b's copy into the lane's memory is
-  // running; it goes back to the kernel once finish_gather() has seen the copies end.
-  void hold(Ring& r, Op* op, uint32_t b, uint32_t take) {
-    op->held.push_back(b);
-    ++r.held;
-    op->done += take;
-  }
-  // Receives the next piece with MSG_DONTWAIT while the last one filled its buffer, the
-  // lane wants more and the call holds at most a quarter of the ring's buffers.
-  void gather_more(Ring& r, Op* op, uint32_t take) {
-    if (take == op->len && op->done < op->want && op->held.size() < std::max<uint32_t>(1, r.nbufs / 4)) {
-      op->len = std::min(op->want - op->done, r.buf_bytes);
-      op->flags |= MSG_DONTWAIT;
-      submit_recv(r, op);
-      return;
+  // Delivery (docs 12.4, receive 3a): the first buffer filled up, so the socket may hold
+  // more. Takes it with non-blocking recv(2) calls straight into the ring's bounce area,
+  // one half while the other half's copy runs, until the lane's request is full, the
+  // socket is empty or deliver_gather_max bytes came in this call. Blocks this service
+  // thread for those calls (each brings up to deliver_chunk_bytes); the first receive
+  // went through the ring, so the lane never waits here for bytes that are not there.
+  void gather_more(Ring& r, Op* op) {
+    if (r.bounce == nullptr) return;
+    const uint64_t limit = std::min<uint64_t>(op->want, static_cast<uint64_t>(op->done) + opt_.deliver_gather_max);
+    bool busy[2] = {false, false};
+    for (uint32_t half = 0; op->done < limit; half ^= 1) {
+      if (busy[half]) {
+        if (!rt_->finish_deliveries().ok()) break;  // the device is gone; finish_gather() says so
+        busy[0] = busy[1] = false;
+      }
+      uint8_t* area = r.bounce + static_cast<size_t>(half) * r.bounce_half;
+      const size_t ask = std::min<uint64_t>(limit - op->done, r.bounce_half);
+      const ssize_t n = ::recv(op->sock->fd, area, ask, MSG_DONTWAIT);
+      if (n <= 0) {
+        // Empty now, or the end of the stream (the next receive sees it again), or an
+        // error: kept for the next receive, since this one answers bytes.
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) op->sock->pending_error = -errno;
+        break;
+      }
+      auto& in = op->sock->bytes_in;  // home thread is the only writer
+      in.store(in.load(std::memory_order_relaxed) + static_cast<uint64_t>(n), std::memory_order_relaxed);
+      if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, area, static_cast<size_t>(n)).ok()) {
+        op->sock->pending_error = -EIO;  // the device is gone: these bytes cannot reach it
+        break;
+      }
+      busy[half] = true;
+      op->done += static_cast<uint32_t>(n);
+      if (static_cast<size_t>(n) < ask) break;  // the socket is empty
     }
-    finish_gather(r, op);
   }
-  // Waits for the copies, gives their buffers back and answers the bytes delivered.
+  // Waits for the copies, gives the receive buffer back and answers the bytes delivered.
   void finish_gather(Ring& r, Op* op) {
     const bool copied = rt_->finish_deliveries().ok();
-    int added = 0;
-    for (uint32_t b : op->held) add_buffer(r, b, added++);
-    if (added > 0) io_uring_buf_ring_advance(r.br, added);
-    r.held -= static_cast<uint32_t>(op->held.size());
-    op->held.clear();
+    if (op->held >= 0) {
+      return_buffer_now(r, static_cast<uint32_t>(op->held));
+      --r.held;
+      op->held = -1;
+    }
     if (!copied) {
       op->reply.finish(-EIO);  // the device is gone: the runtime's health() says why
       return retire(r, op);
     }
-    if (op->sock->stream) op->reply.set_addr(3, nullptr, 0, net::kStreamBit | net::kDelivered);
-    else op->reply.set_addr(3, &op->addr, std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes), net::kDelivered);
+    if (op->sock->stream) {
+      op->reply.set_addr(3, nullptr, 0, net::kStreamBit | net::kDelivered);
+    } else {
+      op->reply.set_addr(3, &op->addr, std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes), net::kDelivered);
+    }
     op->reply.finish(static_cast<int64_t>(op->done));
     retire(r, op);
   }
@@ -1621,6 +1624,7 @@ class IouringBackend final : public net::Backend {
   uint8_t* pool_host_ = nullptr;
   uint64_t pool_dev_ = 0;
   size_t slice_bytes_ = 0;
+  size_t flags_span_ = 0;
   std::mutex table_mu_;
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};

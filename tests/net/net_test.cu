@@ -748,6 +748,61 @@ TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
   }
 }
 
+// Lane 0 connects, waits for box[0], then makes three recvs of `ask` bytes into `dev`.
+// out: their results.
+struct ThreeReceives {
+  GPUSOCK_HD void operator()(uint32_t* box, uint16_t port, uint8_t* dev, uint32_t ask, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) {
+      out[0] = r;
+      return;
+    }
+    await_box(box, 0);
+    for (int i = 0; i < 3; ++i) out[i] = raw::recv(fd, dev, ask, 0);
+    raw::close(fd);
+  }
+};
+
+// A reset that a delivering receive meets after its first buffer is answered by the next
+// receive, as recv(2) would: 16 KiB (one whole buffer) then a reset; the kernel sees
+// 16384, ECONNRESET, 0, with delivery on and off.
+TEST_P(NetTest, AResetMetWhileDeliveringAnswersTheNextReceive) {
+  for (const bool deliver : {true, false}) {
+    SCOPED_TRACE(deliver ? "delivery on" : "delivery off");
+    rt_.reset();
+    gpusock::iouring::Options io;
+    io.recv_buffer_bytes = 16 * 1024;
+    io.deliver_min_bytes = deliver ? 8 * 1024 : 0;
+    Start(io);
+    ASSERT_FALSE(HasFatalFailure());
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    auto dev = Buffer<uint8_t>(100 * 1024);
+    auto out = Buffer<int64_t>(3);
+    Post(0, 0);
+    auto k = Launch({1}, {32}, ThreeReceives{}, box_.dev, port, dev.data(), 100u * 1024, out.data());
+    int c = ::accept(lfd, nullptr, nullptr);
+    ASSERT_GE(c, 0);
+    std::vector<uint8_t> buf(16 * 1024, 0x5a);
+    ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
+    linger lg{1, 0};
+    ::setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    ::close(c);  // a reset, after the 16 KiB
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    Post(0, 1);
+    Finish(k);
+    ::close(lfd);
+    auto o = Read(out);
+    EXPECT_EQ(o[0], 16 * 1024);
+    EXPECT_EQ(o[1], -ECONNRESET);
+    EXPECT_EQ(o[2], 0);
+  }
+}
+
 // ---- many connections ---------------------------------------------------------------
 
 // One listener (lane 0 of block 0 makes it and publishes the port in box[0]); every lane
