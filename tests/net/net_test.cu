@@ -166,6 +166,15 @@ class NetTest : public gpusock::testing::KernelTest {
     gpusock::Status s = gpusock::iouring::enable(*rt_, io);
     ASSERT_TRUE(s.ok()) << s.to_string();
   }
+  // A fresh runtime whose backend has 16 KiB receive buffers and delivers receives of
+  // 8 KiB and up, or none.
+  void StartSmallBuffers(bool deliver) {
+    rt_.reset();
+    gpusock::iouring::Options io;
+    io.recv_buffer_bytes = 16 * 1024;
+    io.deliver_min_bytes = deliver ? 8 * 1024 : 0;
+    Start(io);
+  }
   uint64_t Lanes(uint32_t opcode) {
     for (auto& o : rt_->stats().by_opcode) if (o.opcode == opcode) return o.lanes;
     return 0;
@@ -438,19 +447,49 @@ constexpr uint64_t kGiB = 64ull << 20;
 constexpr uint64_t kGiB = 1ull << 30;
 #endif
 
+// Lane 0 connects to 127.0.0.1:port; every lane gets the descriptor, or -errno.
+GPUSOCK_HD inline int warp_connect4(uint16_t port) {
+  int fd = -1;
+  if (gpusock::warp::lane_id() == 0) {
+    fd = raw::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = loopback4(port);
+    int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
+    if (r < 0) fd = r;
+  }
+  return gpusock::warp::shfl(0xffffffffu, fd, 0);
+}
+
+// This lane's share of checking piece[0, n), which starts at stream offset `off`.
+GPUSOCK_HD inline void check_piece(const uint8_t* piece, uint32_t n, uint64_t off, uint64_t& hash, uint64_t& bad) {
+  for (uint32_t i = gpusock::warp::lane_id(); i < n; i += 32) {
+    hash += byte_hash(off + i, piece[i]);
+    bad += piece[i] != pattern_byte(off + i);
+  }
+}
+
+// Sums the lanes' hash and mismatches; lane 0 closes fd and writes {bytes, hash,
+// mismatches, last recv result}.
+GPUSOCK_HD inline void report_stream(int fd, uint64_t bytes, uint64_t hash, uint64_t bad, int64_t last, int64_t* out) {
+  const uint32_t lane = gpusock::warp::lane_id();
+  for (uint32_t d = 16; d > 0; d /= 2) {
+    hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
+    bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+  }
+  if (lane == 0) {
+    raw::close(fd);
+    out[0] = static_cast<int64_t>(bytes);
+    out[1] = static_cast<int64_t>(hash);
+    out[2] = static_cast<int64_t>(bad);
+    out[3] = last;
+  }
+}
+
 // The whole warp: lane 0 connects and sends `total` pattern bytes from a device buffer
 // the warp fills. out[0]: bytes sent or -errno.
 struct BulkSender {
   GPUSOCK_HD void operator()(uint16_t port, uint64_t total, uint8_t* chunk, uint32_t chunk_bytes, int64_t* out) const {
     const uint32_t lane = gpusock::warp::lane_id();
-    int fd = -1;
-    if (lane == 0) {
-      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a = loopback4(port);
-      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
-      if (r < 0) fd = r;
-    }
-    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+    const int fd = warp_connect4(port);
     if (fd < 0) {
       if (lane == 0) out[0] = fd;
       return;
@@ -473,48 +512,49 @@ struct BulkSender {
   }
 };
 
-// The whole warp: lane 0 receives into a device buffer until EOF; all lanes hash it and
-// check every byte against the pattern. out: {bytes, hash, mismatches, error}.
-struct BulkReceiver {
-  GPUSOCK_HD void operator()(uint16_t port, uint8_t* chunk, uint32_t chunk_bytes, int64_t* out) const {
-    const uint32_t lane = gpusock::warp::lane_id();
-    int fd = -1;
-    if (lane == 0) {
-      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a = loopback4(port);
-      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
-      if (r < 0) fd = r;
-    }
-    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
+// The whole warp receives a stream until EOF and checks every byte (hash and pattern).
+// With `mapped` null, every receive is a warp_recv of `piece` bytes into `dev`. Otherwise
+// the receives take turns over three kinds of memory: device_alloc() memory (whole warp,
+// warp_recv), mapped host memory (whole warp), and device_alloc() memory at an odd
+// offset (lane 0 alone, MSG_WAITALL). out: {bytes, hash, mismatches, last recv result}.
+struct StreamReceiver {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dev, uint8_t* mapped, uint32_t piece, int64_t* out) const {
+    const int fd = warp_connect4(port);
     if (fd < 0) {
-      if (lane == 0) out[3] = fd;
+      if (gpusock::warp::lane_id() == 0) out[3] = fd;
       return;
     }
     uint64_t off = 0, hash = 0, bad = 0;
     int64_t n = 0;
-    for (;;) {
-      n = raw::warp_recv(0xffffffffu, fd, chunk, chunk_bytes, 0);
-      if (n <= 0) break;
-      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
-        hash += byte_hash(off + i, chunk[i]);
-        bad += chunk[i] != pattern_byte(off + i);
+    for (uint32_t turn = 0;; ++turn) {
+      const uint32_t kind = mapped == nullptr ? 0 : turn % 3;
+      uint8_t* into = kind == 1 ? mapped : (kind == 2 ? dev + 3 : dev);
+      if (kind == 2) {
+        int64_t r = 0;
+        if (gpusock::warp::lane_id() == 0) r = raw::recv(fd, into, piece, MSG_WAITALL);
+        n = gpusock::warp::shfl(0xffffffffu, r, 0);
+      } else {
+        n = raw::warp_recv(0xffffffffu, fd, into, piece, 0);
       }
+      if (n <= 0) break;
+      check_piece(into, static_cast<uint32_t>(n), off, hash, bad);
       off += static_cast<uint64_t>(n);
       gpusock::warp::sync(0xffffffffu);
     }
-    for (uint32_t d = 16; d > 0; d /= 2) {
-      hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
-      bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
-    }
-    if (lane == 0) {
-      raw::close(fd);
-      out[0] = static_cast<int64_t>(off);
-      out[1] = static_cast<int64_t>(hash);
-      out[2] = static_cast<int64_t>(bad);
-      out[3] = n;
-    }
+    report_stream(fd, off, hash, bad, n, out);
   }
 };
+
+// Accepts one connection on lfd, sends `total` pattern bytes and closes it.
+void send_pattern(int lfd, uint64_t total) {
+  int c = ::accept(lfd, nullptr, nullptr);
+  std::vector<uint8_t> buf(1 << 20);
+  for (uint64_t off = 0; off < total; off += buf.size()) {
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
+    if (!send_all(c, buf.data(), static_cast<size_t>(std::min<uint64_t>(buf.size(), total - off)))) break;
+  }
+  ::close(c);
+}
 
 uint64_t host_stream_hash(uint64_t total) {
   uint64_t h = 0;
@@ -560,19 +600,11 @@ TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {
   uint16_t port;
   int lfd = host_listen(&port);
   ASSERT_GE(lfd, 0);
-  std::thread source([&] {
-    int c = ::accept(lfd, nullptr, nullptr);
-    std::vector<uint8_t> buf(1 << 20);
-    for (uint64_t off = 0; off < kGiB; off += buf.size()) {
-      for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
-      if (!send_all(c, buf.data(), buf.size())) break;
-    }
-    ::close(c);
-  });
+  std::thread source(send_pattern, lfd, kGiB);
   constexpr uint32_t kChunk = 256 * 1024;
   auto chunk = Buffer<uint8_t>(kChunk);
   auto out = Buffer<int64_t>(4);
-  auto k = Launch({1}, {32}, BulkReceiver{}, port, chunk.data(), kChunk, out.data());
+  auto k = Launch({1}, {32}, StreamReceiver{}, port, chunk.data(), static_cast<uint8_t*>(nullptr), kChunk, out.data());
   Finish(k);
   source.join();
   ::close(lfd);
@@ -582,58 +614,6 @@ TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {
   EXPECT_EQ(o[2], 0) << "bytes differing from what the host sent";
   EXPECT_EQ(static_cast<uint64_t>(o[1]), host_stream_hash(kGiB));
 }
-
-// One warp receives a stream in turn into three kinds of memory: device_alloc() memory
-// (whole warp, warp_recv), mapped host memory (whole warp), and device_alloc() memory at
-// an odd offset (lane 0 alone, MSG_WAITALL). Every byte is checked. out: {bytes, hash,
-// mismatches, error}.
-struct MixedReceiver {
-  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dev, uint8_t* mapped, uint32_t piece, int64_t* out) const {
-    const uint32_t lane = gpusock::warp::lane_id();
-    int fd = -1;
-    if (lane == 0) {
-      fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a = loopback4(port);
-      int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
-      if (r < 0) fd = r;
-    }
-    fd = gpusock::warp::shfl(0xffffffffu, fd, 0);
-    if (fd < 0) {
-      if (lane == 0) out[3] = fd;
-      return;
-    }
-    uint64_t off = 0, hash = 0, bad = 0;
-    int64_t n = 0;
-    for (uint32_t turn = 0;; ++turn) {
-      uint8_t* into = turn % 3 == 1 ? mapped : (turn % 3 == 2 ? dev + 3 : dev);
-      if (turn % 3 == 2) {
-        int64_t r = 0;
-        if (lane == 0) r = raw::recv(fd, into, piece, MSG_WAITALL);
-        n = gpusock::warp::shfl(0xffffffffu, r, 0);
-      } else {
-        n = raw::warp_recv(0xffffffffu, fd, into, piece, 0);
-      }
-      if (n <= 0) break;
-      for (uint32_t i = lane; i < static_cast<uint32_t>(n); i += 32) {
-        hash += byte_hash(off + i, into[i]);
-        bad += into[i] != pattern_byte(off + i);
-      }
-      off += static_cast<uint64_t>(n);
-      gpusock::warp::sync(0xffffffffu);
-    }
-    for (uint32_t d = 16; d > 0; d /= 2) {
-      hash += gpusock::warp::shfl(0xffffffffu, hash, (lane + d) % 32);
-      bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
-    }
-    if (lane == 0) {
-      raw::close(fd);
-      out[0] = static_cast<int64_t>(off);
-      out[1] = static_cast<int64_t>(hash);
-      out[2] = static_cast<int64_t>(bad);
-      out[3] = n;
-    }
-  }
-};
 
 // Receives of at least deliver_min_bytes into device_alloc() memory are copied there by
 // the host (Runtime::deliver(), by DMA on a GPU); the rest are lent and copied by the
@@ -651,22 +631,14 @@ TEST_P(NetTest, LargeReceivesIntoDeviceMemoryAreDeliveredByTheHost) {
     uint16_t port;
     int lfd = host_listen(&port);
     ASSERT_GE(lfd, 0);
-    std::thread source([&] {
-      int c = ::accept(lfd, nullptr, nullptr);
-      std::vector<uint8_t> buf(1 << 20);
-      for (uint64_t off = 0; off < kTotal; off += buf.size()) {
-        for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(off + i);
-        if (!send_all(c, buf.data(), buf.size())) break;
-      }
-      ::close(c);
-    });
+    std::thread source(send_pattern, lfd, kTotal);
     auto dev = Buffer<uint8_t>(kPiece + 3);
     auto mapped = rt_->mapped_alloc(kPiece);
     ASSERT_TRUE(mapped.ok());
     rt_->mapped_free_at_exit(mapped->host);
     auto out = Buffer<int64_t>(4);
     const gpusock::RuntimeStats before = rt_->stats();
-    auto k = Launch({1}, {32}, MixedReceiver{}, port, dev.data(), static_cast<uint8_t*>(mapped->device), kPiece,
+    auto k = Launch({1}, {32}, StreamReceiver{}, port, dev.data(), static_cast<uint8_t*>(mapped->device), kPiece,
                     out.data());
     Finish(k);
     source.join();
@@ -689,10 +661,11 @@ TEST_P(NetTest, LargeReceivesIntoDeviceMemoryAreDeliveredByTheHost) {
   }
 }
 
-// Lane 0 connects, waits for box[0] (the host has sent), then makes one recv of `ask`
-// bytes into `dev`. out: {recv's result, mismatches}.
-struct OneReceive {
-  GPUSOCK_HD void operator()(uint32_t* box, uint16_t port, uint8_t* dev, uint32_t ask, int64_t* out) const {
+// Lane 0 connects, waits for box[0] (the host has sent), then makes `count` recvs of
+// `ask` bytes into `dev`. out: their results, then the mismatches of the first one's bytes
+// against the pattern.
+struct Receives {
+  GPUSOCK_HD void operator()(uint32_t* box, uint16_t port, uint8_t* dev, uint32_t ask, int count, int64_t* out) const {
     if (gpusock::warp::lane_id() != 0) return;
     int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a = loopback4(port);
@@ -702,12 +675,11 @@ struct OneReceive {
       return;
     }
     await_box(box, 0);
-    const int64_t n = raw::recv(fd, dev, ask, 0);
+    for (int i = 0; i < count; ++i) out[i] = raw::recv(fd, dev, ask, 0);
     int64_t bad = 0;
-    for (int64_t i = 0; i < n; ++i) bad += dev[i] != pattern_byte(static_cast<uint64_t>(i));
+    for (int64_t i = 0; i < out[0]; ++i) bad += dev[i] != pattern_byte(static_cast<uint64_t>(i));
     raw::close(fd);
-    out[0] = n;
-    out[1] = bad;
+    out[count] = bad;
   }
 };
 
@@ -717,11 +689,7 @@ struct OneReceive {
 TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
   for (const bool deliver : {true, false}) {
     SCOPED_TRACE(deliver ? "delivery on" : "delivery off");
-    rt_.reset();
-    gpusock::iouring::Options io;
-    io.recv_buffer_bytes = 16 * 1024;
-    io.deliver_min_bytes = deliver ? 8 * 1024 : 0;
-    Start(io);
+    StartSmallBuffers(deliver);
     ASSERT_FALSE(HasFatalFailure());
     constexpr uint32_t kSent = 48 * 1024;
     uint16_t port;
@@ -729,7 +697,7 @@ TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
     ASSERT_GE(lfd, 0);
     auto dev = Buffer<uint8_t>(100 * 1024);
     auto out = Buffer<int64_t>(2);
-    auto k = Launch({1}, {32}, OneReceive{}, box_.dev, port, dev.data(), 100u * 1024, out.data());
+    auto k = Launch({1}, {32}, Receives{}, box_.dev, port, dev.data(), 100u * 1024, 1, out.data());
     int c = ::accept(lfd, nullptr, nullptr);
     ASSERT_GE(c, 0);
     std::vector<uint8_t> buf(kSent);
@@ -748,46 +716,25 @@ TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
   }
 }
 
-// Lane 0 connects, waits for box[0], then makes three recvs of `ask` bytes into `dev`.
-// out: their results.
-struct ThreeReceives {
-  GPUSOCK_HD void operator()(uint32_t* box, uint16_t port, uint8_t* dev, uint32_t ask, int64_t* out) const {
-    if (gpusock::warp::lane_id() != 0) return;
-    int fd = raw::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a = loopback4(port);
-    int r = fd < 0 ? fd : raw::connect(fd, sa(a), sizeof a);
-    if (r < 0) {
-      out[0] = r;
-      return;
-    }
-    await_box(box, 0);
-    for (int i = 0; i < 3; ++i) out[i] = raw::recv(fd, dev, ask, 0);
-    raw::close(fd);
-  }
-};
-
 // A reset that a delivering receive meets after its first buffer is answered by the next
 // receive, as recv(2) would: 16 KiB (one whole buffer) then a reset; the kernel sees
 // 16384, ECONNRESET, 0, with delivery on and off.
 TEST_P(NetTest, AResetMetWhileDeliveringAnswersTheNextReceive) {
   for (const bool deliver : {true, false}) {
     SCOPED_TRACE(deliver ? "delivery on" : "delivery off");
-    rt_.reset();
-    gpusock::iouring::Options io;
-    io.recv_buffer_bytes = 16 * 1024;
-    io.deliver_min_bytes = deliver ? 8 * 1024 : 0;
-    Start(io);
+    StartSmallBuffers(deliver);
     ASSERT_FALSE(HasFatalFailure());
     uint16_t port;
     int lfd = host_listen(&port);
     ASSERT_GE(lfd, 0);
     auto dev = Buffer<uint8_t>(100 * 1024);
-    auto out = Buffer<int64_t>(3);
+    auto out = Buffer<int64_t>(4);
     Post(0, 0);
-    auto k = Launch({1}, {32}, ThreeReceives{}, box_.dev, port, dev.data(), 100u * 1024, out.data());
+    auto k = Launch({1}, {32}, Receives{}, box_.dev, port, dev.data(), 100u * 1024, 3, out.data());
     int c = ::accept(lfd, nullptr, nullptr);
     ASSERT_GE(c, 0);
-    std::vector<uint8_t> buf(16 * 1024, 0x5a);
+    std::vector<uint8_t> buf(16 * 1024);
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(i);
     ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
     linger lg{1, 0};
     ::setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -800,6 +747,7 @@ TEST_P(NetTest, AResetMetWhileDeliveringAnswersTheNextReceive) {
     EXPECT_EQ(o[0], 16 * 1024);
     EXPECT_EQ(o[1], -ECONNRESET);
     EXPECT_EQ(o[2], 0);
+    EXPECT_EQ(o[3], 0) << "bytes differing from what the host sent";
   }
 }
 
