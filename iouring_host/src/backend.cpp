@@ -59,12 +59,10 @@ struct Op {
   // send
   const uint8_t* data = nullptr;
   uint32_t len = 0, done = 0;
-  // recv: where the lane wants the bytes (net/protocol.hpp), 0: not said; how many it
-  // asked for. While the host delivers them there itself, `held` is the receive buffer
-  // whose copy is running (given back once it ends) and `done` the bytes so far.
+  // recv: where the lane wants the bytes (net/protocol.hpp), 0: not said, and how many
+  // it asked for. While the host delivers them there itself, `done` is the bytes so far.
   uint64_t dst = 0;
   uint32_t want = 0;
-  int64_t held = -1;
   int flags = 0;
   bool zc = false, zc_notif_pending = false;
   int64_t zc_result = 0;
@@ -192,7 +190,6 @@ struct Ring {
   uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
-  uint32_t held = 0;               // buffers whose delivery copies are running (Op::held)
   uint8_t* bounce = nullptr;       // delivery's bounce area: two halves of bounce_half bytes
   uint32_t bounce_half = 0;
   std::vector<int> free_fixed;     // free fixed-file indices
@@ -243,10 +240,10 @@ class IouringBackend final : public net::Backend {
   Status init(Runtime& rt) {
     const size_t per_ring = static_cast<size_t>(opt_.recv_buffers) * opt_.recv_buffer_bytes;
     const size_t flags_bytes = static_cast<size_t>(opt_.recv_buffers) * sizeof(uint32_t);
-    // Delivery's bounce area (docs 12.4, receive 3a): two halves of deliver_chunk_bytes.
-    const size_t bounce = opt_.deliver_min_bytes != 0 ? 2 * static_cast<size_t>(opt_.deliver_chunk_bytes) : 0;
-    const size_t slice = per_ring + ((flags_bytes + 4095) & ~size_t{4095}) + bounce;
     flags_span_ = (flags_bytes + 4095) & ~size_t{4095};
+    // Delivery's bounce area (docs 12.4, receive 3a): two halves of deliver_chunk_bytes.
+    const size_t bounce = delivers() ? 2 * static_cast<size_t>(opt_.deliver_chunk_bytes) : 0;
+    const size_t slice = per_ring + flags_span_ + bounce;
     auto m = rt.mapped_alloc(slice * rings_.size());
     if (!m.ok()) return m.status();
     rt.mapped_free_at_exit(m->host);
@@ -255,6 +252,8 @@ class IouringBackend final : public net::Backend {
     slice_bytes_ = slice;
     return {};
   }
+
+  bool delivers() const { return opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0; }
 
   const char* name() const override { return "io_uring"; }
 
@@ -634,7 +633,7 @@ class IouringBackend final : public net::Backend {
     r->bufs_dev = pool_dev_ + slice_bytes_ * index;
     r->flags_host = reinterpret_cast<uint32_t*>(r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes);
     r->flags_dev = r->bufs_dev + static_cast<uint64_t>(r->nbufs) * r->buf_bytes;
-    if (opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0) {
+    if (delivers()) {
       r->bounce = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
       r->bounce_half = opt_.deliver_chunk_bytes;
     }
@@ -1287,7 +1286,7 @@ class IouringBackend final : public net::Backend {
       // failed this recv before recycle() put buffers back): submit it again at once.
       // Parking it until the next recycle() would wait forever, since recycle() runs only
       // while buffers are lent.
-      if (!r.lent.empty() || r.held > 0) {
+      if (!r.lent.empty()) {
         op->reply.finish(-ENOBUFS);
         return retire(r, op);
       }
@@ -1319,12 +1318,7 @@ class IouringBackend final : public net::Backend {
       op->reply.finish(-EIO);
       return retire(r, op);
     }
-    if ((op->flags & MSG_PEEK) == 0) {
-      auto& in = op->sock->bytes_in;  // home thread is the only writer
-      in.store(in.load(std::memory_order_relaxed) + static_cast<uint64_t>(res), std::memory_order_relaxed);
-    }
-    const uint32_t alen = op->sock->stream ? 0 : std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes);
-    const uint64_t kind = op->sock->stream ? net::kStreamBit : 0;
+    if ((op->flags & MSG_PEEK) == 0) count_in(*op->sock, static_cast<uint64_t>(res));
     // What the lane gets: at most what it asked for (a longer datagram is cut, as recv(2)
     // cuts it); MSG_TRUNC reports the real length, as on Linux.
     const uint32_t take = std::min<uint32_t>(static_cast<uint32_t>(res), op->len);
@@ -1337,18 +1331,16 @@ class IouringBackend final : public net::Backend {
       // Into the lane's own buffer (a DMA copy on a GPU), nothing lent (docs 12.4, receive
       // step 3a). A stream receive that filled its buffer goes on to fill what the lane
       // asked for with what the socket already holds, in this same call.
-      op->held = b;
-      ++r.held;
       op->done = static_cast<uint32_t>(answer);  // a datagram's: with MSG_TRUNC its length
       if (more_ok && take == op->len) gather_more(r, op);
-      return finish_gather(r, op);
+      return finish_gather(r, op, b);
     }
     // Lend the buffer: flag first (plain store; the reply's release store publishes it).
     std::atomic_ref<uint32_t>(r.flags_host[b]).store(1, std::memory_order_relaxed);
     r.lent.push_back(b);
     op->reply.set_word(1, r.bufs_dev + static_cast<uint64_t>(b) * r.buf_bytes);
     op->reply.set_word(2, r.flags_dev + static_cast<uint64_t>(b) * sizeof(uint32_t));
-    op->reply.set_addr(3, &op->addr, alen, kind);
+    set_recv_addr(*op, 0);
     op->reply.finish(answer);
     retire(r, op);
   }
@@ -1377,8 +1369,7 @@ class IouringBackend final : public net::Backend {
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) op->sock->pending_error = -errno;
         break;
       }
-      auto& in = op->sock->bytes_in;  // home thread is the only writer
-      in.store(in.load(std::memory_order_relaxed) + static_cast<uint64_t>(n), std::memory_order_relaxed);
+      count_in(*op->sock, static_cast<uint64_t>(n));
       if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, area, static_cast<size_t>(n)).ok()) {
         op->sock->pending_error = -EIO;  // the device is gone: these bytes cannot reach it
         break;
@@ -1388,25 +1379,28 @@ class IouringBackend final : public net::Backend {
       if (static_cast<size_t>(n) < ask) break;  // the socket is empty
     }
   }
-  // Waits for the copies, gives the receive buffer back and answers the bytes delivered.
-  void finish_gather(Ring& r, Op* op) {
+  // Waits for the copies, gives receive buffer b back and answers the bytes delivered.
+  // All of a delivery happens inside the completion that started it, so no other
+  // operation of the ring ever sees b missing from both the buffer ring and `lent`.
+  void finish_gather(Ring& r, Op* op, uint32_t b) {
     const bool copied = rt_->finish_deliveries().ok();
-    if (op->held >= 0) {
-      return_buffer_now(r, static_cast<uint32_t>(op->held));
-      --r.held;
-      op->held = -1;
-    }
+    return_buffer_now(r, b);
     if (!copied) {
       op->reply.finish(-EIO);  // the device is gone: the runtime's health() says why
       return retire(r, op);
     }
-    if (op->sock->stream) {
-      op->reply.set_addr(3, nullptr, 0, net::kStreamBit | net::kDelivered);
-    } else {
-      op->reply.set_addr(3, &op->addr, std::min<uint32_t>(op->msg.msg_namelen, net::kMaxAddrBytes), net::kDelivered);
-    }
+    set_recv_addr(*op, net::kDelivered);
     op->reply.finish(static_cast<int64_t>(op->done));
     retire(r, op);
+  }
+  // A successful receive's address word: the stream bit, or a datagram's source; | extra.
+  static void set_recv_addr(Op& op, uint64_t extra) {
+    const uint32_t alen = op.sock->stream ? 0 : std::min<uint32_t>(op.msg.msg_namelen, net::kMaxAddrBytes);
+    op.reply.set_addr(3, &op.addr, alen, (op.sock->stream ? net::kStreamBit : 0) | extra);
+  }
+  // Bytes the kernel's socket gave this socket's receives (home thread only writes).
+  static void count_in(Sock& s, uint64_t n) {
+    s.bytes_in.store(s.bytes_in.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
 
   // ---- close ----
