@@ -8,18 +8,27 @@
 //            driven by the same LoadClient. req/s and p50/p99; ratio = kernel / CPU.
 //   bulk:    1 GiB GPU -> peer (a warp sends from device memory with warp_send) vs a CPU
 //            io_uring sender working from pinned memory, into the same sink; and peer ->
-//            GPU (one warp's warp_recv of 1 MiB asks into device memory, every byte checked
-//            by the 8 warps of its block) vs cpu_recv into pinned memory (every byte
-//            checked, one thread). GB/s; ratio = kernel / CPU.
+//            GPU (one warp's warp_recv of 2 MiB asks into device memory, every byte checked
+//            by the 16 warps of its block after each call) vs cpu_recv into pinned memory
+//            (recvs of up to 4 MiB, every byte checked after each, one thread). GB/s;
+//            ratio = kernel / CPU. Beside it, the same GPU receiver pipelined: 15 warps
+//            check one buffer while warp 0 receives into the other.
 //   send_zc: io_uring send vs send_zc by chunk size on loopback (the SEND_ZC threshold).
 //
-// Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick] [--recv-buffer-kib N]
-//                  [--deliver-min-kib N]
+// Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick] [--bulk-only]
+//                  [--recv-buffer-kib N] [--deliver-min-kib N] [--deliver-chunk-kib N]
+//                  [--deliver-chunks N] [--gather-max-kib N] [--recv-ask-kib N]
+//                  [--check-warps N]
+//   --bulk-only: only the bulk part (for sweeps of the options below).
 //   --recv-buffer-kib: the backend's receive buffer size (its default, 64, if not given);
 //   one recv() returns at most one buffer, so it bounds how much a call can bring.
 //   --deliver-min-kib: the backend's deliver_min_bytes in KiB (default 32): receives of at
 //   least this much into device memory are copied there by the host; 0 lends every
 //   buffer for the warp to copy out (the way before delivery).
+//   --deliver-chunk-kib, --deliver-chunks, --gather-max-kib: the backend's
+//   deliver_chunk_bytes, deliver_chunks and deliver_gather_max (defaults: the backend's).
+//   --recv-ask-kib (default 2048), --check-warps (default 16): the peer -> GPU
+//   receiver's warp_recv size and the warps of its block that check each call's bytes.
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -81,6 +90,21 @@ GPUSOCK_HD inline int warp_connect_loopback(uint16_t port) {
   }
   return gpusock::warp::shfl(0xffffffffu, fd, 0);
 }
+
+// One warp's copy of `n` bytes from device memory into mapped (pinned host) memory with
+// the same warp-wide copy warp_send uses into staging, `reps` times, then a system-scope
+// fence: the part of each GPU -> peer piece that the warp spends before its hostcall.
+struct WarpStagingCopy {
+  GPUSOCK_HD void operator()(uint8_t* pinned, const uint8_t* src, uint32_t n, uint32_t reps, int64_t* out) const {
+    const int64_t t0 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    // Lane 0's buffer, copied by the whole warp (the other lanes bring no bytes of their own).
+    const uint32_t mine = gpusock::warp::lane_id() == 0 ? n : 0;
+    for (uint32_t i = 0; i < reps; ++i) gpusock::hostcall::internal::group_copy(0xffffffffu, pinned, src, mine);
+    gpusock::fence<gpusock::Scope::kSystem>(gpusock::Order::kSeqCst);
+    const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    if (gpusock::warp::lane_id() == 0) out[0] = t1 - t0;
+  }
+};
 
 struct WarpSender {
   GPUSOCK_HD void operator()(uint16_t port, uint64_t total, const uint8_t* src, uint32_t chunk, int64_t* out) const {
@@ -150,8 +174,15 @@ GPUSOCK_HD inline uint64_t check(const uint8_t* dst, uint32_t len, uint64_t off,
 // block checks its share of the bytes, as an application would spread work on what it
 // received over the block. One warp alone checks at about 3.4 GB/s on the H100 (bound by
 // load latency), below the CPU receiver's rate, which would measure the check.
+//
+// Pipelined (`overlap`): dst holds two buffers of `chunk`; while warp 0 receives into one,
+// warps 1.. check the other (what the call before brought), so the check runs beside
+// the host's receiving instead of after it. The CPU receiver cannot do that on its one
+// thread (its recv copies inline), so this figure is reported beside the serial one,
+// not instead of it.
 struct BlockReceiver {
-  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out) const {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out, bool overlap) const {
+    if (overlap) return pipelined(port, dst, chunk, out);
     const uint32_t lane = gpusock::warp::lane_id();
     const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32, w = t / 32;
     int64_t* shared_n = out + 4;  // warp 0's answer for the block (global memory)
@@ -195,6 +226,53 @@ struct BlockReceiver {
       out[3] = in_recv;  // of out[1], the time inside warp_recv (the rest is the check)
     }
   }
+
+  GPUSOCK_HD void pipelined(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32, w = t / 32;
+    int64_t* shared_n = out + 4;  // out[4], out[5]: the answer of the call into buffer 0 / 1
+    int fd = -1;
+    if (w == 0) {
+      fd = warp_connect_loopback(port);
+      if (lane == 0) shared_n[0] = fd < 0 ? -1 : 0;
+    }
+    gpusock::sync_block();
+    if (shared_n[0] < 0 || warps < 2) return;
+    uint64_t off = 0, off_prev = 0, bad = 0;
+    int64_t t0 = 0, in_recv = 0, prev = 0;  // prev: bytes of the call before, in buffer (i + 1) % 2
+    for (uint32_t i = 0;; ++i) {
+      if (w == 0) {
+        const int64_t r0 = static_cast<int64_t>(gpusock::globaltimer_ns());
+        const int64_t n = raw::warp_recv(0xffffffffu, fd, dst + (i & 1) * static_cast<uint64_t>(chunk), chunk, 0);
+        const int64_t r1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+        if (i == 0) t0 = r0;
+        in_recv += r1 - r0;
+        if (lane == 0) shared_n[i & 1] = n;
+      } else if (prev > 0) {
+        const uint8_t* b = dst + ((i + 1) & 1) * static_cast<uint64_t>(chunk);
+        constexpr uint32_t kSlice = 64 * 1024;
+        for (uint32_t s = (w - 1) * kSlice; s < static_cast<uint32_t>(prev); s += (warps - 1) * kSlice) {
+          const uint32_t len = static_cast<uint32_t>(prev) - s < kSlice ? static_cast<uint32_t>(prev) - s : kSlice;
+          bad += check(b + s, len, off_prev + s, lane);
+        }
+      }
+      gpusock::sync_block();  // this call's answer is in; the buffer checked is free again
+      const int64_t n = shared_n[i & 1];
+      if (n <= 0) break;  // and the call before it has just been checked
+      off_prev = off;
+      prev = n;
+      off += static_cast<uint64_t>(n);
+    }
+    const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
+    for (uint32_t d = 16; d > 0; d /= 2) bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
+    if (lane == 0) gpusock::AtomicRef<int64_t, gpusock::Scope::kDevice>(out[2]).fetch_add(static_cast<int64_t>(bad), gpusock::Order::kRelaxed);
+    if (w == 0 && lane == 0) {
+      raw::close(fd);
+      out[0] = static_cast<int64_t>(off);
+      out[1] = t1 - t0;
+      out[3] = in_recv;
+    }
+  }
 };
 
 struct Json {
@@ -206,6 +284,16 @@ struct Json {
   }
 };
 
+// A launched kernel, or the launch's error and exit.
+template <typename R>
+R launched(R r, const char* what) {
+  if (!r.ok()) {
+    std::fprintf(stderr, "launch of the %s kernel: %s\n", what, r.status().to_string().c_str());
+    std::exit(1);
+  }
+  return r;
+}
+
 std::string num(double v) {
   char b[64];
   std::snprintf(b, sizeof b, "%.4g", v);
@@ -216,30 +304,50 @@ std::string num(double v) {
 
 int main(int argc, char** argv) {
   gpusock::iouring::Options bopts;
-  for (int i = 1; i + 1 < argc;) {
+  uint32_t recv_ask = 2u << 20, check_warps = 16;
+  bool bulk_only = false;
+  // This program's own flags; the rest go to parse_bench_args.
+  struct NumFlag {
+    const char* name;
+    long lo, hi, scale;
+    uint32_t* out;
+  };
+  const NumFlag num_flags[] = {
+      {"--recv-buffer-kib", 4, 4096, 1024, &bopts.recv_buffer_bytes},
+      {"--deliver-min-kib", 0, 4096, 1024, &bopts.deliver_min_bytes},
+      {"--deliver-chunk-kib", 4, 16384, 1024, &bopts.deliver_chunk_bytes},
+      {"--deliver-chunks", 2, 8, 1, &bopts.deliver_chunks},
+      {"--gather-max-kib", 64, 65536, 1024, &bopts.deliver_gather_max},
+      {"--recv-ask-kib", 64, 16384, 1024, &recv_ask},
+      {"--check-warps", 1, 32, 1, &check_warps},
+  };
+  for (int i = 1; i < argc;) {
     const std::string flag = argv[i];
-    if (flag != "--recv-buffer-kib" && flag != "--deliver-min-kib") {
+    int used = 0;
+    if (flag == "--bulk-only") {
+      bulk_only = true;
+      used = 1;
+    }
+    for (const NumFlag& f : num_flags) {
+      if (flag != f.name) continue;
+      const long v = i + 1 < argc ? std::atol(argv[i + 1]) : -1;
+      if (v < f.lo || v > f.hi) {
+        std::fprintf(stderr, "%s: %ld..%ld\n", f.name, f.lo, f.hi);
+        return 2;
+      }
+      *f.out = static_cast<uint32_t>(v * f.scale);
+      used = 2;
+    }
+    if (used == 0) {
       ++i;
       continue;
     }
-    const long kib = std::atol(argv[i + 1]);
     if (flag == "--recv-buffer-kib") {
-      if (kib < 4 || kib > 4096) {
-        std::fprintf(stderr, "--recv-buffer-kib: 4..4096\n");
-        return 2;
-      }
-      bopts.recv_buffer_bytes = static_cast<uint32_t>(kib) * 1024;
       // The same pinned memory per thread as the default (256 x 64 KiB), at least 16 buffers.
       bopts.recv_buffers = std::max<uint32_t>(16, std::bit_floor((16u << 20) / bopts.recv_buffer_bytes));
-    } else {
-      if (kib < 0 || kib > 4096) {
-        std::fprintf(stderr, "--deliver-min-kib: 0..4096\n");
-        return 2;
-      }
-      bopts.deliver_min_bytes = static_cast<uint32_t>(kib) * 1024;
     }
-    for (int k = i; k + 2 < argc; ++k) argv[k] = argv[k + 2];
-    argc -= 2;
+    for (int k = i; k + used < argc; ++k) argv[k] = argv[k + used];
+    argc -= used;
   }
   gpusock::bench::BenchArgs args;
   if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
@@ -264,23 +372,30 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "io_uring backend: %s\n", be.ok() ? "attach failed" : be.status().to_string().c_str());
     return 1;
   }
-  std::printf("device: %s\nbackend: %s\nreceive buffers: %u x %u KiB; delivery into device memory from %u KiB%s\n",
+  std::printf("device: %s\nbackend: %s\nreceive buffers: %u x %u KiB; delivery into device memory from %u KiB%s, "
+              "%u pieces of %u KiB, up to %u KiB a call\n",
               rt.device_name().c_str(), (*be)->describe().c_str(), bopts.recv_buffers, bopts.recv_buffer_bytes / 1024,
-              bopts.deliver_min_bytes / 1024, bopts.deliver_min_bytes == 0 ? " (off)" : "");
+              bopts.deliver_min_bytes / 1024, bopts.deliver_min_bytes == 0 ? " (off)" : "", bopts.deliver_chunks,
+              bopts.deliver_chunk_bytes / 1024, bopts.deliver_gather_max / 1024);
   Json js;
   js.add("device", "\"" + rt.device_name() + "\"");
   js.add("recv_buffer_bytes", std::to_string(bopts.recv_buffer_bytes));
   js.add("deliver_min_bytes", std::to_string(bopts.deliver_min_bytes));
+  js.add("deliver_chunk_bytes", std::to_string(bopts.deliver_chunk_bytes));
+  js.add("deliver_chunks", std::to_string(bopts.deliver_chunks));
+  js.add("deliver_gather_max", std::to_string(bopts.deliver_gather_max));
+  js.add("recv_ask_bytes", std::to_string(recv_ask));
+  js.add("check_warps", std::to_string(check_warps));
   const auto duration = quick ? std::chrono::milliseconds(500) : std::chrono::milliseconds(3000);
 
   // ---- request/response ----
-  std::printf("\nrequest/response (1 host thread each side of the comparison, same client)\n");
-  std::printf("%-8s %6s | %12s %9s %9s | %12s %9s %9s | %6s\n", "size", "conns", "kernel req/s", "p50 us", "p99 us",
+  if (!bulk_only) std::printf("\nrequest/response (1 host thread each side of the comparison, same client)\n");
+  if (!bulk_only) std::printf("%-8s %6s | %12s %9s %9s | %12s %9s %9s | %6s\n", "size", "conns", "kernel req/s", "p50 us", "p99 us",
               "cpu req/s", "p50 us", "p99 us", "ratio");
   std::string rr = "[";
   for (uint32_t size : {64u, 4096u}) {
     for (int conns : {64, 256}) {
-      if (quick && conns > 64) continue;
+      if ((quick && conns > 64) || bulk_only) continue;
       bn::LoadOptions lo;
       lo.connections = conns;
       lo.threads = 4;
@@ -292,7 +407,7 @@ int main(int argc, char** argv) {
       ecfg.addr_be = htonl(INADDR_LOOPBACK);
       ecfg.conns_per_warp = 256;
       auto es = gpusock::examples::EchoState::create(rt, 4, ecfg);
-      auto k = gpusock::launch(rt, {4}, {32}, gpusock::examples::EchoServer{}, (*es)->view());
+      auto k = launched(gpusock::launch(rt, {4}, {32}, gpusock::examples::EchoServer{}, (*es)->view()), "echo server");
       for (int i = 0; i < 100000 && (*es)->listening() == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
       lo.port = (*es)->listening() > 0 ? ecfg.port : 0;
       bn::LoadResult g = bn::LoadClient::run(lo);
@@ -336,7 +451,7 @@ int main(int argc, char** argv) {
   sk.checksum = false;
   std::string err;
   auto sink = bn::BulkSink::start(sk, &err);
-  auto k = gpusock::launch(rt, {1}, {32}, WarpSender{}, sink->port(), total, src->data(), kChunk, out->data());
+  auto k = launched(gpusock::launch(rt, {1}, {32}, WarpSender{}, sink->port(), total, src->data(), kChunk, out->data()), "sender");
   k->wait();
   sink->wait(60000);
   bn::BulkResult gs = sink->result();
@@ -352,34 +467,73 @@ int main(int argc, char** argv) {
   const double send_ratio = cs_sink.gbps > 0 ? gs.gbps / cs_sink.gbps : 0;
   std::printf("GPU -> peer: kernel %.2f GB/s   cpu (pinned) %.2f GB/s   ratio %.2f   (as the sink measured both)\n",
               gs.gbps, cs_sink.gbps, send_ratio);
-  // peer -> GPU.
-  auto dst = gpusock::DeviceBuffer<uint8_t>::create(rt, 1 << 20);
+  // What a warp_send piece costs the warp before its hostcall: its copy into staging.
+  constexpr uint32_t kCopyReps = 64;
+  auto kc = launched(gpusock::launch(rt, {1}, {32}, WarpStagingCopy{}, static_cast<uint8_t*>(pinned->device), src->data(),
+                                     kChunk, kCopyReps, out->data()),
+                     "staging copy");
+  kc->wait();
+  const int64_t copy_ns = out->to_host()[0];
+  const double copy_gbps = copy_ns > 0 ? static_cast<double>(kChunk) * kCopyReps / static_cast<double>(copy_ns) : 0;
+  std::printf("one warp's copy of %u KiB device -> pinned (as into staging): %.2f GB/s, %.1f us a piece\n", kChunk / 1024,
+              copy_gbps, copy_ns / 1e3 / kCopyReps);
+  // peer -> GPU: the block receiver checking after each call (the CPU receiver's shape),
+  // the CPU receiver, then the pipelined block receiver.
+  auto dst = gpusock::DeviceBuffer<uint8_t>::create(rt, 2 * static_cast<size_t>(recv_ask));
   bn::BulkSourceOptions so;
   so.total_bytes = total;
-  auto source = bn::BulkSource::start(so, &err);
-  auto out2 = gpusock::DeviceBuffer<int64_t>::create(rt, 5);
-  constexpr uint32_t kCheckWarps = 8;
-  auto k2 = gpusock::launch(rt, {1}, {32 * kCheckWarps}, BlockReceiver{}, source->port(), dst->data(), 1u << 20, out2->data());
-  k2->wait();
-  source->wait(60000);
-  auto o = out2->to_host();
-  const double grecv = o[1] > 0 ? static_cast<double>(o[0]) / static_cast<double>(o[1]) : 0;  // bytes/ns = GB/s
+  struct GpuRecv {
+    double gbps = 0, share = 0;
+    int64_t bytes = 0, wrong = 0;
+  };
+  auto gpu_receive = [&](bool overlap) {
+    auto source = bn::BulkSource::start(so, &err);
+    auto o2 = gpusock::DeviceBuffer<int64_t>::create(rt, 6);
+    auto kr = launched(gpusock::launch(rt, {1}, {32 * check_warps}, BlockReceiver{}, source->port(), dst->data(), recv_ask,
+                                       o2->data(), overlap),
+                       "receiver (fewer --check-warps may fit)");
+    kr->wait();
+    source->wait(60000);
+    auto o = o2->to_host();
+    GpuRecv g;
+    g.bytes = o[0];
+    g.wrong = o[2];
+    g.gbps = o[1] > 0 ? static_cast<double>(o[0]) / static_cast<double>(o[1]) : 0;  // bytes/ns = GB/s
+    g.share = o[1] > 0 ? static_cast<double>(o[3]) / static_cast<double>(o[1]) : 0;
+    return g;
+  };
+  const GpuRecv serial = gpu_receive(false);
   auto source2 = bn::BulkSource::start(so, &err);
   bn::BulkResult cr = bn::cpu_recv("127.0.0.1", source2->port(), total, pin, 4 << 20);
   source2->wait(60000);
   source2.reset();
-  const double recv_ratio = cr.gbps > 0 ? grecv / cr.gbps : 0;
-  const double recv_share = o[1] > 0 ? static_cast<double>(o[3]) / static_cast<double>(o[1]) : 0;
+  const GpuRecv piped = check_warps >= 2 ? gpu_receive(true) : GpuRecv{};
+  const double recv_ratio = cr.gbps > 0 ? serial.gbps / cr.gbps : 0;
+  const double piped_ratio = cr.gbps > 0 ? piped.gbps / cr.gbps : 0;
   std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong; %.0f%% of the time inside warp_recv, the rest "
               "checking with %u warps)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n",
-              grecv, static_cast<long long>(o[0]), static_cast<long long>(o[2]), 100.0 * recv_share, kCheckWarps, cr.gbps,
-              cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
+              serial.gbps, static_cast<long long>(serial.bytes), static_cast<long long>(serial.wrong), 100.0 * serial.share,
+              check_warps, cr.gbps, cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
+  std::printf("peer -> GPU, checking while the next call runs: kernel %.2f GB/s (%lld bytes, %lld wrong; %u warps check)"
+              "   ratio to the same cpu %.2f\n",
+              piped.gbps, static_cast<long long>(piped.bytes), static_cast<long long>(piped.wrong),
+              check_warps >= 2 ? check_warps - 1 : 0, piped_ratio);
   js.add("bulk", "{\"bytes\":" + std::to_string(total) + ",\"gpu_to_peer_gbps\":" + num(gs.gbps) +
                      ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) +
-                     ",\"peer_to_gpu_gbps\":" + num(grecv) + ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(o[2]) + ",\"peer_to_gpu_recv_share\":" + num(recv_share) +
-                     ",\"cpu_recv_gbps\":" + num(cr.gbps) + ",\"recv_ratio\":" + num(recv_ratio) + "}");
+                     ",\"warp_staging_copy_gbps\":" + num(copy_gbps) + ",\"peer_to_gpu_gbps\":" + num(serial.gbps) +
+                     ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(serial.wrong) +
+                     ",\"peer_to_gpu_recv_share\":" + num(serial.share) + ",\"cpu_recv_gbps\":" + num(cr.gbps) +
+                     ",\"recv_ratio\":" + num(recv_ratio) + ",\"peer_to_gpu_pipelined_gbps\":" + num(piped.gbps) +
+                     ",\"peer_to_gpu_pipelined_wrong_bytes\":" + std::to_string(piped.wrong) +
+                     ",\"pipelined_recv_ratio\":" + num(piped_ratio) + "}");
 
   // ---- SEND_ZC threshold ----
+  if (bulk_only) {
+    js.s += "\n}\n";
+    if (!json_path.empty()) std::ofstream(json_path) << js.s;
+    rt.mapped_free(pinned->host);
+    return 0;
+  }
   std::printf("\nio_uring send vs send_zc on loopback, GB/s\n%-10s %8s %8s\n", "chunk", "send", "send_zc");
   auto pts = bn::sweep_send_zc({4096, 16384, 65536, 262144, 1 << 20}, quick ? (64ull << 20) : (512ull << 20));
   std::string zc = "[";

@@ -729,13 +729,15 @@ bool Core::inside_allocation(const void* p, size_t bytes) {
   return inside_locked(reinterpret_cast<uintptr_t>(p), bytes);
 }
 
-Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait) {
+Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait, uint64_t* ticket) {
+  uint64_t unused = 0;
+  if (ticket == nullptr) ticket = &unused;
   if (failed()) return health();
   std::shared_lock<std::shared_mutex> lock(allocs_mu_);
   if (!inside_locked(reinterpret_cast<uintptr_t>(dst), bytes)) {
     return Status(EFAULT, "deliver: not inside one device_alloc() allocation");
   }
-  Status s = wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes);
+  Status s = wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes, ticket);
   if (s.ok()) {
     deliveries_.fetch_add(1, std::memory_order_relaxed);
     delivered_bytes_.fetch_add(bytes, std::memory_order_relaxed);
@@ -743,7 +745,7 @@ Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait) {
   return s;
 }
 
-Status Core::finish_deliveries() { return device_->finish_copies(); }
+Status Core::finish_deliveries(uint64_t ticket) { return device_->finish_copies(ticket); }
 
 void Core::occupancy(RuntimeStats& r) const {
   r.slots = nslots_;

@@ -41,13 +41,16 @@ class DeviceBackend {
   virtual void free_device(void* dev) = 0;
   virtual Status copy_to_device(void* dev, const void* host, size_t bytes) = 0;
   virtual Status copy_from_device(void* host, const void* dev, size_t bytes) = 0;
-  // Starts a copy into device memory that runs beside kernels; finish_copies() waits for
-  // every copy the calling thread started. `host` must stay valid until then. Default
-  // (cpu device): the copy is made at once.
-  virtual Status start_copy_to_device(void* dev, const void* host, size_t bytes) {
+  // Starts a copy into device memory that runs beside kernels and writes its ticket (the
+  // calling thread's copies are numbered from 1 in the order they start, and end in that
+  // order); finish_copies(t) waits for the thread's copies up to ticket t (~0: all of
+  // them). `host` must stay valid until then. Default (cpu device): the copy is made at
+  // once, every ticket 0.
+  virtual Status start_copy_to_device(void* dev, const void* host, size_t bytes, uint64_t* ticket) {
+    *ticket = 0;
     return copy_to_device(dev, host, bytes);
   }
-  virtual Status finish_copies() { return {}; }
+  virtual Status finish_copies(uint64_t /*ticket*/) { return {}; }
   virtual uint32_t max_resident_warps() const = 0;
   virtual uint32_t sm_count() const = 0;
   virtual uint32_t threads_per_sm() const = 0;
@@ -138,8 +141,8 @@ class Core : public std::enable_shared_from_this<Core> {
   void note_allocation(void* dev, size_t bytes);
   // Blocks while a delivery into the allocation is running.
   void forget_allocation(void* dev);
-  Status deliver(void* dst, const void* src, size_t bytes, bool wait = true);
-  Status finish_deliveries();
+  Status deliver(void* dst, const void* src, size_t bytes, bool wait = true, uint64_t* ticket = nullptr);
+  Status finish_deliveries(uint64_t ticket);
   bool inside_allocation(const void* p, size_t bytes);
 
   // ---- aborted kernels (abort.cpp; docs/architecture.md section 18.3) ----

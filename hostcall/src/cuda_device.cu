@@ -120,30 +120,48 @@ class CudaBackend : public DeviceBackend {
   // other than the creator's selects ours first.
   void bind() const { cudaSetDevice(device_); }
   // The calling thread's copy stream for this backend (made when `make`), or null.
-  cudaStream_t copy_stream(bool make = true) {
-    struct Local {
-      uint64_t owner = 0;
-      cudaStream_t stream = nullptr;
-      ~Local() {
-        if (stream != nullptr) cudaStreamDestroy(stream);
+  // A thread's copy stream, with an event recorded after each of its last kCopyEvents
+  // copies: copy t's event is events[t % kCopyEvents] until copy t + kCopyEvents reuses it.
+  static constexpr uint64_t kCopyEvents = 8;
+  struct CopyStream {
+    uint64_t owner = 0;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t events[kCopyEvents] = {};
+    uint64_t next = 1;  // the next copy's ticket
+    ~CopyStream() { drop(true); }
+    void drop(bool destroy) {
+      for (auto& e : events) {
+        if (destroy && e != nullptr) cudaEventDestroy(e);
+        e = nullptr;
       }
-    };
-    thread_local Local local;
+      if (destroy && stream != nullptr) cudaStreamDestroy(stream);
+      stream = nullptr;
+      next = 1;
+    }
+  };
+  CopyStream* copy_stream(bool make = true) {
+    thread_local CopyStream local;
     if (local.owner == id_ && local.stream != nullptr) {
       bind();
-      return local.stream;
+      return &local;
     }
     if (!make) return nullptr;
     bind();
     // A stream of an earlier runtime on this thread: its device may have been reset since,
     // so it is dropped, not destroyed.
-    local.stream = nullptr;
+    local.drop(false);
     if (cudaStreamCreateWithFlags(&local.stream, cudaStreamNonBlocking) != cudaSuccess) {
       local.stream = nullptr;
       return nullptr;
     }
+    for (auto& e : local.events) {
+      if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) != cudaSuccess) {
+        local.drop(true);
+        return nullptr;
+      }
+    }
     local.owner = id_;
-    return local.stream;
+    return &local;
   }
   DeviceKind kind() const override { return DeviceKind::kCuda; }
   std::string name() const override {
@@ -182,17 +200,28 @@ class CudaBackend : public DeviceBackend {
   }
   // Each thread's copies go on a stream of its own (non-blocking: never ordered behind
   // kernels), made at its first copy and destroyed when the thread ends.
-  Status start_copy_to_device(void* dev, const void* host, size_t bytes) override {
-    cudaStream_t s = copy_stream();
-    if (s == nullptr) return copy_to_device(dev, host, bytes);
-    cudaError_t e = cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s);
-    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaMemcpyAsync");
+  Status start_copy_to_device(void* dev, const void* host, size_t bytes, uint64_t* ticket) override {
+    *ticket = 0;
+    CopyStream* c = copy_stream();
+    if (c == nullptr) return copy_to_device(dev, host, bytes);
+    cudaError_t e = cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, c->stream);
+    if (e != cudaSuccess) return cuda_status(e, "cudaMemcpyAsync");
+    e = cudaEventRecord(c->events[c->next % kCopyEvents], c->stream);
+    if (e != cudaSuccess) return cuda_status(e, "cudaEventRecord");
+    *ticket = c->next++;
+    return {};
   }
-  Status finish_copies() override {
-    cudaStream_t s = copy_stream(false);
-    if (s == nullptr) return {};
-    cudaError_t e = cudaStreamSynchronize(s);
-    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaStreamSynchronize");
+  Status finish_copies(uint64_t ticket) override {
+    CopyStream* c = copy_stream(false);
+    if (c == nullptr) return {};
+    if (ticket == 0 || ticket >= c->next) {
+      const cudaError_t e = cudaStreamSynchronize(c->stream);
+      return e == cudaSuccess ? Status{} : cuda_status(e, "cudaStreamSynchronize");
+    }
+    // A ticket whose event a later copy reused: that later copy's end implies its end.
+    const uint64_t t = std::max(ticket, c->next > kCopyEvents ? c->next - kCopyEvents : uint64_t{1});
+    const cudaError_t e = cudaEventSynchronize(c->events[t % kCopyEvents]);
+    return e == cudaSuccess ? Status{} : cuda_status(e, "cudaEventSynchronize");
   }
   Status copy_from_device(void* host, const void* dev, size_t bytes) override {
     bind();

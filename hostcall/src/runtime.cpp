@@ -97,8 +97,10 @@ Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   return core_->device().copy_to_device(dst, src, bytes);
 }
 Status Runtime::deliver(void* dst, const void* src, size_t bytes) { return core_->deliver(dst, src, bytes, true); }
-Status Runtime::start_delivery(void* dst, const void* src, size_t bytes) { return core_->deliver(dst, src, bytes, false); }
-Status Runtime::finish_deliveries() { return core_->finish_deliveries(); }
+Status Runtime::start_delivery(void* dst, const void* src, size_t bytes, uint64_t* ticket) {
+  return core_->deliver(dst, src, bytes, false, ticket);
+}
+Status Runtime::finish_deliveries(uint64_t ticket) { return core_->finish_deliveries(ticket); }
 bool Runtime::is_device_memory(const void* p, size_t bytes) const { return core_->inside_allocation(p, bytes); }
 Status Runtime::copy_from_device(void* dst, const void* src, size_t bytes) {
   if (core_->failed()) return core_->health();

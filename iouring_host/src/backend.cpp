@@ -44,6 +44,7 @@ namespace {
 
 constexpr uint64_t kIgnore = 0;  // user_data of SQEs whose completions need nothing
 constexpr uint16_t kBufGroup = 0;
+constexpr uint32_t kMaxBouncePieces = 8;  // Options::deliver_chunks at most
 
 struct Sock;
 struct Ring;
@@ -190,8 +191,8 @@ struct Ring {
   uint32_t* flags_host = nullptr;  // one lent flag per buffer, in mapped memory
   uint64_t flags_dev = 0;
   std::vector<uint32_t> lent;      // buffers the device holds
-  uint8_t* bounce = nullptr;       // delivery's bounce area: two halves of bounce_half bytes
-  uint32_t bounce_half = 0;
+  uint8_t* bounce = nullptr;       // delivery's bounce area: bounce_pieces of bounce_piece bytes
+  uint32_t bounce_piece = 0, bounce_pieces = 0;
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
@@ -241,8 +242,8 @@ class IouringBackend final : public net::Backend {
     const size_t per_ring = static_cast<size_t>(opt_.recv_buffers) * opt_.recv_buffer_bytes;
     const size_t flags_bytes = static_cast<size_t>(opt_.recv_buffers) * sizeof(uint32_t);
     flags_span_ = (flags_bytes + 4095) & ~size_t{4095};
-    // Delivery's bounce area (docs 12.4, receive 3a): two halves of deliver_chunk_bytes.
-    const size_t bounce = delivers() ? 2 * static_cast<size_t>(opt_.deliver_chunk_bytes) : 0;
+    // Delivery's bounce area (docs 12.4, receive 3a): deliver_chunks x deliver_chunk_bytes.
+    const size_t bounce = delivers() ? static_cast<size_t>(opt_.deliver_chunks) * opt_.deliver_chunk_bytes : 0;
     const size_t slice = per_ring + flags_span_ + bounce;
     auto m = rt.mapped_alloc(slice * rings_.size());
     if (!m.ok()) return m.status();
@@ -635,7 +636,8 @@ class IouringBackend final : public net::Backend {
     r->flags_dev = r->bufs_dev + static_cast<uint64_t>(r->nbufs) * r->buf_bytes;
     if (delivers()) {
       r->bounce = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
-      r->bounce_half = opt_.deliver_chunk_bytes;
+      r->bounce_piece = opt_.deliver_chunk_bytes;
+      r->bounce_pieces = opt_.deliver_chunks;
     }
     r->br_bytes = (sizeof(io_uring_buf) * r->nbufs + 4095) & ~size_t{4095};
     void* mem = mmap(nullptr, r->br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
@@ -1347,21 +1349,22 @@ class IouringBackend final : public net::Backend {
 
   // Delivery (docs 12.4, receive 3a): the first buffer filled up, so the socket may hold
   // more. Takes it with non-blocking recv(2) calls straight into the ring's bounce area,
-  // one half while the other half's copy runs, until the lane's request is full, the
-  // socket is empty or deliver_gather_max bytes came in this call. Blocks this service
-  // thread for those calls (each brings up to deliver_chunk_bytes); the first receive
-  // went through the ring, so the lane never waits here for bytes that are not there.
+  // piece after piece while the copies of the pieces before run (a piece is reused once
+  // its own copy has ended), until the lane's request is full, the socket is empty or
+  // deliver_gather_max bytes came in this call. Blocks this service thread for those
+  // calls (each brings up to deliver_chunk_bytes); the first receive went through the
+  // ring, so the lane never waits here for bytes that are not there.
   void gather_more(Ring& r, Op* op) {
     if (r.bounce == nullptr) return;
     const uint64_t limit = std::min<uint64_t>(op->want, static_cast<uint64_t>(op->done) + opt_.deliver_gather_max);
-    bool busy[2] = {false, false};
-    for (uint32_t half = 0; op->done < limit; half ^= 1) {
-      if (busy[half]) {
-        if (!rt_->finish_deliveries().ok()) break;  // the device is gone; finish_gather() says so
-        busy[0] = busy[1] = false;
+    uint64_t ticket[kMaxBouncePieces] = {};  // 0: the piece is free
+    for (uint32_t piece = 0; op->done < limit; piece = (piece + 1) % r.bounce_pieces) {
+      if (ticket[piece] != 0) {
+        if (!rt_->finish_deliveries(ticket[piece]).ok()) break;  // the device is gone; finish_gather() says so
+        ticket[piece] = 0;
       }
-      uint8_t* area = r.bounce + static_cast<size_t>(half) * r.bounce_half;
-      const size_t ask = std::min<uint64_t>(limit - op->done, r.bounce_half);
+      uint8_t* area = r.bounce + static_cast<size_t>(piece) * r.bounce_piece;
+      const size_t ask = std::min<uint64_t>(limit - op->done, r.bounce_piece);
       const ssize_t n = ::recv(op->sock->fd, area, ask, MSG_DONTWAIT);
       if (n <= 0) {
         // Empty now, or the end of the stream (the next receive sees it again), or an
@@ -1370,11 +1373,12 @@ class IouringBackend final : public net::Backend {
         break;
       }
       count_in(*op->sock, static_cast<uint64_t>(n));
-      if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, area, static_cast<size_t>(n)).ok()) {
+      uint64_t t = 0;
+      if (!rt_->start_delivery(reinterpret_cast<uint8_t*>(op->dst) + op->done, area, static_cast<size_t>(n), &t).ok()) {
         op->sock->pending_error = -EIO;  // the device is gone: these bytes cannot reach it
         break;
       }
-      busy[half] = true;
+      ticket[piece] = t != 0 ? t : Runtime::kAllDeliveries;  // 0 (cpu device): already made
       op->done += static_cast<uint32_t>(n);
       if (static_cast<size_t>(n) < ask) break;  // the socket is empty
     }
@@ -1852,6 +1856,11 @@ Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options&
     return Status(EINVAL, "iouring::Options::recv_buffer_bytes must be 4 KiB..16 MiB");
   }
   if (o.ring_entries < 8 || o.ring_entries > 32768) return Status(EINVAL, "iouring::Options::ring_entries must be 8..32768");
+  if (o.deliver_min_bytes != 0 && o.deliver_chunk_bytes != 0 &&
+      (o.deliver_chunks < 2 || o.deliver_chunks > kMaxBouncePieces || o.deliver_chunk_bytes < 4096 ||
+       o.deliver_chunk_bytes > (16u << 20))) {
+    return Status(EINVAL, "iouring::Options: deliver_chunks must be 2..8 and deliver_chunk_bytes 4 KiB..16 MiB");
+  }
   if (o.max_sockets == 0) return Status(EINVAL, "iouring::Options::max_sockets must be at least 1");
   KernelFeatures f;
   on_own_thread([&f, &rt] {

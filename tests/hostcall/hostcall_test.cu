@@ -759,6 +759,43 @@ TEST_P(HostcallTest, DeliverWritesOnlyInsideALiveDeviceAllocation) {
   EXPECT_EQ(rt_->deliver(p, src.data(), 16).code(), EFAULT);
 }
 
+// Tickets: a thread's started deliveries end in the order they started, and finishing one
+// waits for it and every earlier one, also after its event was reused by later ones. The
+// sources are pinned (a DMA reads them while the thread goes on), so a finish that did
+// not wait would let the overwrites below reach the device.
+TEST_P(HostcallTest, FinishingADeliveryByTicketWaitsForItAndEveryEarlierOne) {
+  Start();
+  constexpr size_t kPiece = 2u << 20, kPieces = 16;
+  auto dev = Buffer<uint8_t>(kPiece * kPieces);
+  auto m = rt_->mapped_alloc(kPiece * kPieces);
+  ASSERT_TRUE(m.ok());
+  uint8_t* src = static_cast<uint8_t*>(m->host);
+  auto value = [](size_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 13); };
+  for (size_t i = 0; i < kPiece * kPieces; ++i) src[i] = value(i);
+  std::vector<uint64_t> t(kPieces);
+  auto start = [&](size_t k) {
+    ASSERT_TRUE(rt_->start_delivery(dev.data() + k * kPiece, src + k * kPiece, kPiece, &t[k]).ok());
+  };
+  auto spoil = [&](size_t k) { std::memset(src + k * kPiece, 0xEE, kPiece); };
+  for (size_t k = 0; k < 6; ++k) start(k);
+  if (GetParam() == gpusock::DeviceKind::kCuda) {
+    for (size_t k = 1; k < 6; ++k) EXPECT_EQ(t[k], t[k - 1] + 1);  // numbered in order
+  } else {
+    for (size_t k = 0; k < 6; ++k) EXPECT_EQ(t[k], 0u);  // made at once
+  }
+  ASSERT_TRUE(rt_->finish_deliveries(t[2]).ok());
+  for (size_t k = 0; k <= 2; ++k) spoil(k);
+  for (size_t k = 6; k < kPieces; ++k) start(k);
+  ASSERT_TRUE(rt_->finish_deliveries(t[4]).ok());  // ten later copies reused its event
+  for (size_t k = 3; k <= 4; ++k) spoil(k);
+  ASSERT_TRUE(rt_->finish_deliveries().ok());
+  const std::vector<uint8_t> got = dev.to_host();
+  size_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != value(i);
+  EXPECT_EQ(wrong, 0u);
+  rt_->mapped_free(m->host);
+}
+
 TEST_P(HostcallTest, LaunchRejectsBadDimensions) {
   Start();
   auto out = Buffer<int64_t>(1);

@@ -178,14 +178,18 @@ class Runtime {
   Status deliver(void* dst, const void* src, size_t bytes);
   // The same, started and not waited for: the copy runs on the calling thread's own copy
   // stream while the thread goes on (on the cpu device it is made at once). `src` must
-  // stay unchanged until finish_deliveries() on the same thread returns, which waits for
-  // every delivery that thread started. A delivery whose allocation is freed before it
-  // ends is the caller's mistake, as with any copy.
-  Status start_delivery(void* dst, const void* src, size_t bytes);
+  // stay unchanged until finish_deliveries() on the same thread returns: with no
+  // argument it waits for every delivery that thread started; given the `ticket` a
+  // start_delivery() wrote, for that delivery and every one the thread started before it
+  // (a thread's deliveries end in the order they started), so a caller can reuse one
+  // source area while later copies still run. A delivery whose allocation is freed
+  // before it ends is the caller's mistake, as with any copy.
+  Status start_delivery(void* dst, const void* src, size_t bytes, uint64_t* ticket = nullptr);
   // Whether [p, p + bytes) lies inside one live device_alloc() allocation (what deliver()
   // checks).
   bool is_device_memory(const void* p, size_t bytes) const;
-  Status finish_deliveries();
+  static constexpr uint64_t kAllDeliveries = ~uint64_t{0};
+  Status finish_deliveries(uint64_t ticket = kAllDeliveries);
 
   // Pinned host memory that kernels read and write directly (zero-copy), zeroed:
   // `host` for host threads, `device` for kernels. Freed with mapped_free(host).

@@ -106,10 +106,12 @@ struct Options {
   uint32_t deliver_min_bytes = 32 * 1024;
   // A delivered stream receive that filled its buffer takes more of what the socket holds
   // in the same call, with non-blocking recv(2)s of up to deliver_chunk_bytes into a
-  // bounce area of two such pieces per service thread (pinned), each copied on while the
-  // next one comes, up to deliver_gather_max bytes a call (the service thread is busy
-  // with the call meanwhile).
-  uint32_t deliver_chunk_bytes = 512 * 1024;
+  // bounce area of deliver_chunks such pieces per service thread (pinned, 2..8), each
+  // copied on while the next ones come, up to deliver_gather_max bytes a call (the
+  // service thread is busy with the call meanwhile). bench/net sweeps them
+  // (bench/RESULTS.md).
+  uint32_t deliver_chunk_bytes = 256 * 1024;
+  uint32_t deliver_chunks = 4;
   uint32_t deliver_gather_max = 2 * 1024 * 1024;
   // Most sockets (listeners, connections, datagram sockets) open at once: socket() and
   // accept() beyond it fail with EMFILE.
