@@ -313,6 +313,8 @@ struct ControlServer::Impl final : public v1::Control::Service {
     out->set_calls_in_flight(st.calls_in_flight);
     out->set_staging_bytes(uint64_t{st.staging_pages} * hostcall::kStagingPageBytes);
     out->set_staging_bytes_used(uint64_t{st.staging_pages_used} * hostcall::kStagingPageBytes);
+    out->set_deliveries(st.deliveries);
+    out->set_delivered_bytes(st.delivered_bytes);
     std::map<std::tuple<std::string, std::string, std::string>, uint32_t> counts;
     uint64_t in = 0, outb = 0;
     for (const auto& i : all_sockets()) {

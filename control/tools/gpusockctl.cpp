@@ -228,6 +228,8 @@ class Ctl {
     std::printf("slots %u (owned %u, calls in flight %u); staging %" PRIu64 " of %" PRIu64 " bytes in use\n", r.slots(),
                 r.slots_owned(), r.calls_in_flight(), r.staging_bytes_used(), r.staging_bytes());
     std::printf("host sockets: bytes in %" PRIu64 ", out %" PRIu64 "%s\n", r.bytes_in(), r.bytes_out(), r.draining() ? " (draining)" : "");
+    std::printf("delivered into device memory by the host: %" PRIu64 " copies, %" PRIu64 " bytes\n", r.deliveries(),
+                r.delivered_bytes());
     std::printf("localdevice: %u listeners, %u connected, %" PRIu64 " bytes queued\n\n", r.localdevice_listeners(),
                 r.localdevice_connected(), r.localdevice_queued_bytes());
     rows.clear();
@@ -441,6 +443,9 @@ class Ctl {
     single("gpusock_calls_in_flight", "gauge", "Calls published and not yet answered.", n(r.calls_in_flight()));
     single("gpusock_staging_bytes", "gauge", "Size of the staging arena.", n(r.staging_bytes()));
     single("gpusock_staging_bytes_used", "gauge", "Staging bytes held by calls.", n(r.staging_bytes_used()));
+    single("gpusock_deliveries_total", "counter", "Copies the host made into kernels' device memory.", n(r.deliveries()));
+    single("gpusock_delivered_bytes_total", "counter", "Bytes the host copied into kernels' device memory.",
+           n(r.delivered_bytes()));
     help("gpusock_sockets", "gauge", "Open sockets by family, type and state.");
     for (const auto& s : r.sockets()) {
       line("gpusock_sockets", "family=\"" + esc(s.family()) + "\",type=\"" + esc(s.type()) + "\",state=\"" + esc(s.state()) + "\"",

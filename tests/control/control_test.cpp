@@ -1077,6 +1077,46 @@ CtlRun ctl(const std::string& args, const std::string& env = "") {
   return r;
 }
 
+// Copies the host made into device memory for kernels (received bytes delivered into a
+// kernel's buffer) show in GetStats, in `gpusockctl stats` and in its metrics. Made here
+// with Runtime::deliver(), the call the io_uring backend makes for a delivering receive.
+TEST_F(ControlTest, GetStatsCountsDeliveriesIntoDeviceMemory) {
+  gpusock::control::ServerOptions so;
+  so.tcp_address = "127.0.0.1:0";
+  so.token = "tok";
+  Start(so);
+  auto before = [&] {
+    grpc::ClientContext ctx;
+    v1::Stats st;
+    EXPECT_TRUE(stub_->GetStats(&ctx, {}, &st).ok());
+    return st;
+  }();
+  void* dev = rt_->device_alloc(8192).value();
+  std::vector<uint8_t> bytes(5000, 7);
+  ASSERT_TRUE(rt_->deliver(dev, bytes.data(), 5000).ok());
+  ASSERT_TRUE(rt_->deliver(static_cast<uint8_t*>(dev) + 5000, bytes.data(), 3000).ok());
+  EXPECT_EQ(rt_->deliver(static_cast<uint8_t*>(dev) + 5000, bytes.data(), 5000).code(), EFAULT);  // not counted
+  grpc::ClientContext ctx;
+  v1::Stats st;
+  ASSERT_TRUE(stub_->GetStats(&ctx, {}, &st).ok());
+  EXPECT_EQ(st.deliveries() - before.deliveries(), 2u);
+  EXPECT_EQ(st.delivered_bytes() - before.delivered_bytes(), 8000u);
+  const std::string ep = "--timeout 60 --endpoint " + server_->endpoint();
+  CtlRun r = ctl(ep + " stats");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("delivered into device memory by the host: " + std::to_string(st.deliveries()) + " copies, " +
+                       std::to_string(st.delivered_bytes()) + " bytes"),
+            std::string::npos)
+      << r.out;
+  r = ctl(ep + " metrics");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("# TYPE gpusock_deliveries_total counter\ngpusock_deliveries_total " + std::to_string(st.deliveries())),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("gpusock_delivered_bytes_total " + std::to_string(st.delivered_bytes())), std::string::npos) << r.out;
+  rt_->device_free(dev);
+}
+
 TEST_F(ControlTest, GpusockctlEndToEnd) {
   gpusock::control::ServerOptions so;
   so.tcp_address = "127.0.0.1:0";
