@@ -707,12 +707,45 @@ RuntimeStats Core::stats() const {
 
 void Core::note_allocation(void* dev, size_t bytes) {
   std::unique_lock<std::shared_mutex> lock(allocs_mu_);
-  allocs_[reinterpret_cast<uintptr_t>(dev)] = bytes;
+  allocs_[reinterpret_cast<uintptr_t>(dev)] = Range{bytes, false};
 }
 
 void Core::forget_allocation(void* dev) {
   std::unique_lock<std::shared_mutex> lock(allocs_mu_);
-  allocs_.erase(reinterpret_cast<uintptr_t>(dev));
+  auto it = allocs_.find(reinterpret_cast<uintptr_t>(dev));
+  if (it != allocs_.end() && !it->second.registered) allocs_.erase(it);
+}
+
+Status Core::register_range(void* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (p == nullptr || bytes == 0 || a + bytes < a) return Status(EINVAL, "register_device_memory: empty or overflowing range");
+  if (failed()) return health();
+  Status s = device_->check_device_range(p, bytes);
+  if (!s.ok()) return s;
+  std::unique_lock<std::shared_mutex> lock(allocs_mu_);
+  // Overlaps: the range starting at or below a reaching past it, or one starting inside.
+  auto next = allocs_.lower_bound(a);
+  if (next != allocs_.end() && next->first < a + bytes) {
+    return Status(EEXIST, "register_device_memory: overlaps a registered range or a device_alloc() allocation");
+  }
+  if (next != allocs_.begin()) {
+    auto prev = std::prev(next);
+    if (a - prev->first < prev->second.bytes) {
+      return Status(EEXIST, "register_device_memory: overlaps a registered range or a device_alloc() allocation");
+    }
+  }
+  allocs_.emplace(a, Range{bytes, true});
+  return {};
+}
+
+Status Core::unregister_range(void* p) {
+  std::unique_lock<std::shared_mutex> lock(allocs_mu_);
+  auto it = allocs_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == allocs_.end() || !it->second.registered) {
+    return Status(ENOENT, "unregister_device_memory: not the start of a registered range");
+  }
+  allocs_.erase(it);
+  return {};
 }
 
 bool Core::inside_locked(uintptr_t p, size_t bytes) const {
@@ -721,7 +754,7 @@ bool Core::inside_locked(uintptr_t p, size_t bytes) const {
   if (bytes == 0 || it == allocs_.begin()) return false;
   --it;
   const uintptr_t off = p - it->first;
-  return off < it->second && bytes <= it->second - off;
+  return off < it->second.bytes && bytes <= it->second.bytes - off;
 }
 
 bool Core::inside_allocation(const void* p, size_t bytes) {

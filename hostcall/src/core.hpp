@@ -51,6 +51,9 @@ class DeviceBackend {
     return copy_to_device(dev, host, bytes);
   }
   virtual Status finish_copies(uint64_t /*ticket*/) { return {}; }
+  // Whether [p, p + bytes) is memory of this device that copies to the device may write
+  // (the caller's own allocation, for register_range). Default (cpu device): any memory.
+  virtual Status check_device_range(const void* /*p*/, size_t /*bytes*/) { return {}; }
   virtual uint32_t max_resident_warps() const = 0;
   virtual uint32_t sm_count() const = 0;
   virtual uint32_t threads_per_sm() const = 0;
@@ -141,6 +144,9 @@ class Core : public std::enable_shared_from_this<Core> {
   void note_allocation(void* dev, size_t bytes);
   // Blocks while a delivery into the allocation is running.
   void forget_allocation(void* dev);
+  // Memory the caller allocated, registered for deliveries (Runtime::register_device_memory).
+  Status register_range(void* p, size_t bytes);
+  Status unregister_range(void* p);
   Status deliver(void* dst, const void* src, size_t bytes, bool wait = true, uint64_t* ticket = nullptr);
   Status finish_deliveries(uint64_t ticket);
   bool inside_allocation(const void* p, size_t bytes);
@@ -270,10 +276,15 @@ class Core : public std::enable_shared_from_this<Core> {
   // kWrite: one lock per output so calls never interleave mid-write.
   std::mutex stdout_mu_, stderr_mu_;
 
-  // Live device_alloc() allocations, start -> bytes. Shared while a delivery copies into
-  // one, exclusive while one is freed, so a free never races a copy into it.
+  // Live device_alloc() allocations and registered ranges, start -> size. Shared while a
+  // delivery copies into one, exclusive while one is freed or unregistered, so neither
+  // races a copy into it.
+  struct Range {
+    size_t bytes;
+    bool registered;  // register_range(), not device_alloc()
+  };
   std::shared_mutex allocs_mu_;
-  std::map<uintptr_t, size_t> allocs_;
+  std::map<uintptr_t, Range> allocs_;
   bool inside_locked(uintptr_t p, size_t bytes) const;  // allocs_mu_ held
   std::atomic<uint64_t> deliveries_{0}, delivered_bytes_{0};
 

@@ -223,6 +223,21 @@ class CudaBackend : public DeviceBackend {
     const cudaError_t e = cudaEventSynchronize(c->events[t % kCopyEvents]);
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaEventSynchronize");
   }
+  Status check_device_range(const void* p, size_t bytes) override {
+    for (const uint8_t* end : {static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + bytes - 1}) {
+      cudaPointerAttributes a{};
+      const cudaError_t e = cudaPointerGetAttributes(&a, end);
+      if (e != cudaSuccess) {
+        cudaGetLastError();  // not sticky; clear it
+        return Status(EINVAL, std::string("register_device_memory: cudaPointerGetAttributes: ") + cudaGetErrorName(e));
+      }
+      const bool ok = (a.type == cudaMemoryTypeDevice && a.device == device_) || a.type == cudaMemoryTypeManaged;
+      if (!ok) {
+        return Status(EINVAL, "register_device_memory: not device or managed memory of device " + std::to_string(device_));
+      }
+    }
+    return {};
+  }
   Status copy_from_device(void* host, const void* dev, size_t bytes) override {
     bind();
     cudaError_t e = cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost);

@@ -102,6 +102,8 @@ Status Runtime::start_delivery(void* dst, const void* src, size_t bytes, uint64_
 }
 Status Runtime::finish_deliveries(uint64_t ticket) { return core_->finish_deliveries(ticket); }
 bool Runtime::is_device_memory(const void* p, size_t bytes) const { return core_->inside_allocation(p, bytes); }
+Status Runtime::register_device_memory(void* p, size_t bytes) { return core_->register_range(p, bytes); }
+Status Runtime::unregister_device_memory(void* p) { return core_->unregister_range(p); }
 Status Runtime::copy_from_device(void* dst, const void* src, size_t bytes) {
   if (core_->failed()) return core_->health();
   return core_->device().copy_from_device(dst, src, bytes);

@@ -22,6 +22,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(GPUSOCK_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 #include "gpusock/hostcall/client.hpp"
 #include "gpusock/hostcall/device_buffer.hpp"
 #include "gpusock/hostcall/format.hpp"
@@ -757,6 +761,56 @@ TEST_P(HostcallTest, DeliverWritesOnlyInsideALiveDeviceAllocation) {
   ASSERT_TRUE(rt_->deliver(p, src.data(), 4096).ok());
   rt_->device_free(p);
   EXPECT_EQ(rt_->deliver(p, src.data(), 16).code(), EFAULT);
+}
+
+// Memory the program allocated itself takes deliveries while registered, with the same
+// range rule as an allocation; overlaps, empty ranges and (on a GPU) host memory are
+// refused; after unregistering, deliveries into it are refused again.
+TEST_P(HostcallTest, RegisteredMemoryTakesDeliveriesUntilUnregistered) {
+  Start();
+  constexpr size_t kN = 64 * 1024;
+  const bool gpu = GetParam() == gpusock::DeviceKind::kCuda;
+  uint8_t* mem = nullptr;
+  std::vector<uint8_t> host_mem;
+#if defined(GPUSOCK_HAVE_CUDA)
+  if (gpu) ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&mem), kN), cudaSuccess);
+#endif
+  if (!gpu) {
+    host_mem.resize(kN);
+    mem = host_mem.data();
+  }
+  ASSERT_NE(mem, nullptr);
+  std::vector<uint8_t> src(kN);
+  for (size_t i = 0; i < kN; ++i) src[i] = static_cast<uint8_t>(i * 7 + 3);
+  EXPECT_EQ(rt_->deliver(mem, src.data(), 16).code(), EFAULT);  // not registered yet
+  ASSERT_TRUE(rt_->register_device_memory(mem, kN).ok());
+  EXPECT_TRUE(rt_->is_device_memory(mem + 100, kN - 100));
+  EXPECT_FALSE(rt_->is_device_memory(mem + 100, kN - 99));
+  ASSERT_TRUE(rt_->deliver(mem + 10, src.data(), 1000).ok());
+  EXPECT_EQ(rt_->deliver(mem + kN - 1, src.data(), 2).code(), EFAULT);  // runs past the end
+  // Refused: overlaps (inside it, and an allocation), empty and null ranges.
+  EXPECT_EQ(rt_->register_device_memory(mem + kN - 16, 16).code(), EEXIST);
+  EXPECT_EQ(rt_->register_device_memory(mem, kN).code(), EEXIST);
+  auto a = Buffer<uint8_t>(4096);
+  EXPECT_EQ(rt_->register_device_memory(a.data() + 100, 16).code(), EEXIST);
+  EXPECT_EQ(rt_->register_device_memory(mem, 0).code(), EINVAL);
+  EXPECT_EQ(rt_->register_device_memory(nullptr, 16).code(), EINVAL);
+  if (gpu) {
+    EXPECT_EQ(rt_->register_device_memory(src.data(), 16).code(), EINVAL);  // host memory
+  }
+  EXPECT_EQ(rt_->unregister_device_memory(mem + 1).code(), ENOENT);
+  EXPECT_EQ(rt_->unregister_device_memory(a.data()).code(), ENOENT);  // an allocation
+  std::vector<uint8_t> back(kN);
+  ASSERT_TRUE(rt_->copy_from_device(back.data(), mem, kN).ok());
+  EXPECT_TRUE(std::equal(src.begin(), src.begin() + 1000, back.begin() + 10));
+  ASSERT_TRUE(rt_->unregister_device_memory(mem).ok());
+  EXPECT_EQ(rt_->deliver(mem + 10, src.data(), 16).code(), EFAULT);
+  EXPECT_FALSE(rt_->is_device_memory(mem, 1));
+  EXPECT_EQ(rt_->unregister_device_memory(mem).code(), ENOENT);
+  EXPECT_TRUE(a.to_host() == std::vector<uint8_t>(4096, 0));  // the allocation is untouched
+#if defined(GPUSOCK_HAVE_CUDA)
+  if (gpu) cudaFree(mem);
+#endif
 }
 
 // Tickets: a thread's started deliveries end in the order they started, and finishing one

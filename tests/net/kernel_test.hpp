@@ -11,6 +11,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(GPUSOCK_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 #include "gpusock/hostcall/device_buffer.hpp"
 #include "gpusock/hostcall/launch.hpp"
 #include "gpusock/hostcall/runtime.hpp"
@@ -45,6 +49,38 @@ GPUSOCK_HD inline uint32_t await_box(uint32_t* box, uint32_t i) {
   for (uint32_t n = 0; (v = read_box(box, i)) == 0; ++n) backoff(n);
   return v;
 }
+
+// Memory a program allocated itself, not through the runtime: cudaMalloc on a GPU,
+// operator new on the cpu device (where kernels are host threads). For
+// Runtime::register_device_memory().
+class ForeignMemory {
+ public:
+  ForeignMemory(DeviceKind kind, size_t bytes) : cuda_(kind == DeviceKind::kCuda) {
+#if defined(GPUSOCK_HAVE_CUDA)
+    if (cuda_) {
+      if (cudaMalloc(&p_, bytes) != cudaSuccess) p_ = nullptr;
+      return;
+    }
+#endif
+    p_ = ::operator new(bytes);
+  }
+  ~ForeignMemory() {
+#if defined(GPUSOCK_HAVE_CUDA)
+    if (cuda_) {
+      cudaFree(p_);
+      return;
+    }
+#endif
+    ::operator delete(p_);
+  }
+  ForeignMemory(const ForeignMemory&) = delete;
+  ForeignMemory& operator=(const ForeignMemory&) = delete;
+  uint8_t* data() const { return static_cast<uint8_t*>(p_); }
+
+ private:
+  bool cuda_;
+  void* p_ = nullptr;
+};
 
 // Each case runs with GetParam() as the device; a GPU case skips, with the reason, where
 // there is no GPU. Start the runtime with StartRuntime() (a suite's own Start() adds its

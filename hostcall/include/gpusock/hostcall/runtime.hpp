@@ -185,9 +185,22 @@ class Runtime {
   // source area while later copies still run. A delivery whose allocation is freed
   // before it ends is the caller's mistake, as with any copy.
   Status start_delivery(void* dst, const void* src, size_t bytes, uint64_t* ticket = nullptr);
-  // Whether [p, p + bytes) lies inside one live device_alloc() allocation (what deliver()
-  // checks).
+  // Whether [p, p + bytes) lies inside one live device_alloc() allocation or registered
+  // range (what deliver() checks).
   bool is_device_memory(const void* p, size_t bytes) const;
+  // Device memory the caller allocated itself (cudaMalloc, cudaMallocAsync, managed
+  // memory, a framework's tensor) that kernels receive into: once registered, the host
+  // delivers into it as into device_alloc() memory (docs/architecture.md 12.4, receive
+  // 3a) instead of lending buffers for the warps to copy out. On a GPU both ends of the
+  // range must be device or managed memory of the runtime's device
+  // (cudaPointerGetAttributes), else EINVAL; on the cpu device any memory. EEXIST when it
+  // overlaps a registered range or an allocation, EINVAL for an empty or overflowing
+  // range. The runtime only reads the pointer; it never frees it.
+  Status register_device_memory(void* p, size_t bytes);
+  // Removes the range that starts at p (ENOENT if none): no delivery writes into it after
+  // this returns, so unregister before freeing the memory. Waits for a synchronous
+  // deliver() into it; deliveries started and not finished are the caller's to finish.
+  Status unregister_device_memory(void* p);
   static constexpr uint64_t kAllDeliveries = ~uint64_t{0};
   Status finish_deliveries(uint64_t ticket = kAllDeliveries);
 
