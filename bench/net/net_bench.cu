@@ -182,85 +182,51 @@ GPUSOCK_HD inline uint64_t check(const uint8_t* dst, uint32_t len, uint64_t off,
 // not instead of it.
 struct BlockReceiver {
   GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out, bool overlap) const {
-    if (overlap) return pipelined(port, dst, chunk, out);
     const uint32_t lane = gpusock::warp::lane_id();
     const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32, w = t / 32;
-    int64_t* shared_n = out + 4;  // warp 0's answer for the block (global memory)
-    int fd = -1;
-    if (w == 0) {
-      fd = warp_connect_loopback(port);
-      if (lane == 0) *shared_n = fd < 0 ? -1 : 0;
-    }
-    gpusock::sync_block();
-    if (*shared_n < 0) return;
-    uint64_t off = 0, bad = 0;
-    int64_t t0 = 0, in_recv = 0;
-    for (;;) {
-      if (w == 0) {
-        const int64_t r0 = static_cast<int64_t>(gpusock::globaltimer_ns());
-        const int64_t n = raw::warp_recv(0xffffffffu, fd, dst, chunk, 0);
-        const int64_t r1 = static_cast<int64_t>(gpusock::globaltimer_ns());
-        if (off == 0) t0 = r0;
-        in_recv += r1 - r0;
-        if (lane == 0) *shared_n = n;
-      }
-      gpusock::sync_block();
-      const int64_t n = *shared_n;
-      if (n <= 0) break;
-      // Warp w checks 16-byte-aligned slices w, w + warps, ... of 64 KiB.
-      constexpr uint32_t kSlice = 64 * 1024;
-      for (uint32_t s = w * kSlice; s < static_cast<uint32_t>(n); s += warps * kSlice) {
-        const uint32_t len = static_cast<uint32_t>(n) - s < kSlice ? static_cast<uint32_t>(n) - s : kSlice;
-        bad += check(dst + s, len, off + s, lane);
-      }
-      off += static_cast<uint64_t>(n);
-      gpusock::sync_block();  // everyone is done with dst before warp 0 receives into it again
-    }
-    const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
-    for (uint32_t d = 16; d > 0; d /= 2) bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
-    if (lane == 0) gpusock::AtomicRef<int64_t, gpusock::Scope::kDevice>(out[2]).fetch_add(static_cast<int64_t>(bad), gpusock::Order::kRelaxed);
-    if (w == 0 && lane == 0) {
-      raw::close(fd);
-      out[0] = static_cast<int64_t>(off);
-      out[1] = t1 - t0;
-      out[3] = in_recv;  // of out[1], the time inside warp_recv (the rest is the check)
-    }
-  }
-
-  GPUSOCK_HD void pipelined(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out) const {
-    const uint32_t lane = gpusock::warp::lane_id();
-    const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32, w = t / 32;
-    int64_t* shared_n = out + 4;  // out[4], out[5]: the answer of the call into buffer 0 / 1
+    const uint32_t first_checker = overlap ? 1 : 0, checkers = warps - first_checker;
+    int64_t* shared_n = out + 4;  // out[4], out[5]: warp 0's answer of call i, at [i % 2]
     int fd = -1;
     if (w == 0) {
       fd = warp_connect_loopback(port);
       if (lane == 0) shared_n[0] = fd < 0 ? -1 : 0;
     }
     gpusock::sync_block();
-    if (shared_n[0] < 0 || warps < 2) return;
-    uint64_t off = 0, off_prev = 0, bad = 0;
-    int64_t t0 = 0, in_recv = 0, prev = 0;  // prev: bytes of the call before, in buffer (i + 1) % 2
+    if (shared_n[0] < 0 || checkers == 0) return;
+    // Checks [0, n) of b, stream offset `at`: this warp's 64 KiB slices.
+    auto check_share = [&](const uint8_t* b, int64_t n, uint64_t at) {
+      uint64_t bad_here = 0;
+      constexpr uint32_t kSlice = 64 * 1024;
+      for (uint32_t s = (w - first_checker) * kSlice; s < static_cast<uint32_t>(n); s += checkers * kSlice) {
+        const uint32_t len = static_cast<uint32_t>(n) - s < kSlice ? static_cast<uint32_t>(n) - s : kSlice;
+        bad_here += check(b + s, len, at + s, lane);
+      }
+      return bad_here;
+    };
+    uint64_t off = 0, bad = 0, prev_off = 0;
+    int64_t t0 = 0, in_recv = 0, prev = 0;  // prev: bytes of the call before (pipelined)
     for (uint32_t i = 0;; ++i) {
+      uint8_t* buf = dst + (overlap ? (i & 1) * static_cast<uint64_t>(chunk) : 0);
       if (w == 0) {
         const int64_t r0 = static_cast<int64_t>(gpusock::globaltimer_ns());
-        const int64_t n = raw::warp_recv(0xffffffffu, fd, dst + (i & 1) * static_cast<uint64_t>(chunk), chunk, 0);
+        const int64_t n = raw::warp_recv(0xffffffffu, fd, buf, chunk, 0);
         const int64_t r1 = static_cast<int64_t>(gpusock::globaltimer_ns());
         if (i == 0) t0 = r0;
         in_recv += r1 - r0;
         if (lane == 0) shared_n[i & 1] = n;
-      } else if (prev > 0) {
-        const uint8_t* b = dst + ((i + 1) & 1) * static_cast<uint64_t>(chunk);
-        constexpr uint32_t kSlice = 64 * 1024;
-        for (uint32_t s = (w - 1) * kSlice; s < static_cast<uint32_t>(prev); s += (warps - 1) * kSlice) {
-          const uint32_t len = static_cast<uint32_t>(prev) - s < kSlice ? static_cast<uint32_t>(prev) - s : kSlice;
-          bad += check(b + s, len, off_prev + s, lane);
-        }
+      } else if (overlap && prev > 0) {
+        bad += check_share(dst + ((i + 1) & 1) * static_cast<uint64_t>(chunk), prev, prev_off);
       }
-      gpusock::sync_block();  // this call's answer is in; the buffer checked is free again
+      gpusock::sync_block();  // call i's answer is in (pipelined: the buffer checked is free)
       const int64_t n = shared_n[i & 1];
-      if (n <= 0) break;  // and the call before it has just been checked
-      off_prev = off;
-      prev = n;
+      if (n <= 0) break;  // pipelined: the call before has just been checked
+      if (overlap) {
+        prev = n;
+        prev_off = off;
+      } else {
+        bad += check_share(buf, n, off);
+        gpusock::sync_block();  // everyone is done with buf before warp 0 receives into it again
+      }
       off += static_cast<uint64_t>(n);
     }
     const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
@@ -270,7 +236,7 @@ struct BlockReceiver {
       raw::close(fd);
       out[0] = static_cast<int64_t>(off);
       out[1] = t1 - t0;
-      out[3] = in_recv;
+      out[3] = in_recv;  // of out[1], the time inside warp_recv
     }
   }
 };
