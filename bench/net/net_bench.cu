@@ -355,48 +355,50 @@ int main(int argc, char** argv) {
   const auto duration = quick ? std::chrono::milliseconds(500) : std::chrono::milliseconds(3000);
 
   // ---- request/response ----
-  if (!bulk_only) std::printf("\nrequest/response (1 host thread each side of the comparison, same client)\n");
-  if (!bulk_only) std::printf("%-8s %6s | %12s %9s %9s | %12s %9s %9s | %6s\n", "size", "conns", "kernel req/s", "p50 us", "p99 us",
-              "cpu req/s", "p50 us", "p99 us", "ratio");
   std::string rr = "[";
-  for (uint32_t size : {64u, 4096u}) {
-    for (int conns : {64, 256}) {
-      if ((quick && conns > 64) || bulk_only) continue;
-      bn::LoadOptions lo;
-      lo.connections = conns;
-      lo.threads = 4;
-      lo.request_bytes = size;
-      lo.duration = duration;
-      // The kernel server: examples/echo's, on a port the host just saw free.
-      gpusock::examples::EchoConfig ecfg;
-      ecfg.port = free_loopback_port();
-      ecfg.addr_be = htonl(INADDR_LOOPBACK);
-      ecfg.conns_per_warp = 256;
-      auto es = gpusock::examples::EchoState::create(rt, 4, ecfg);
-      auto k = launched(gpusock::launch(rt, {4}, {32}, gpusock::examples::EchoServer{}, (*es)->view()), "echo server");
-      for (int i = 0; i < 100000 && (*es)->listening() == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
-      lo.port = (*es)->listening() > 0 ? ecfg.port : 0;
-      bn::LoadResult g = bn::LoadClient::run(lo);
-      (*es)->request_stop();
-      k->wait_for(std::chrono::seconds(30));
-      // The CPU io_uring server, same shape.
-      bn::EchoServerOptions so;
-      so.threads = 1;
-      so.request_bytes = size;
-      std::string err;
-      auto cpu = bn::CpuEchoServer::start(so, &err);
-      lo.port = cpu ? cpu->port() : 0;
-      bn::LoadResult c = bn::LoadClient::run(lo);
-      cpu.reset();
-      const double ratio = c.req_per_s > 0 ? g.req_per_s / c.req_per_s : 0;
-      std::printf("%-8u %6d | %12.0f %9.1f %9.1f | %12.0f %9.1f %9.1f | %6.2f%s%s\n", size, conns, g.req_per_s, g.p50_us,
-                  g.p99_us, c.req_per_s, c.p50_us, c.p99_us, ratio, g.error.empty() ? "" : ("  kernel: " + g.error).c_str(),
-                  c.error.empty() ? "" : ("  cpu: " + c.error).c_str());
-      rr += std::string(rr.size() > 1 ? "," : "") + "{\"bytes\":" + std::to_string(size) + ",\"connections\":" +
-            std::to_string(conns) + ",\"kernel_rps\":" + num(g.req_per_s) + ",\"kernel_p50_us\":" + num(g.p50_us) +
-            ",\"kernel_p99_us\":" + num(g.p99_us) + ",\"kernel_errors\":" + std::to_string(g.errors + g.mismatches) +
-            ",\"cpu_rps\":" + num(c.req_per_s) + ",\"cpu_p50_us\":" + num(c.p50_us) + ",\"cpu_p99_us\":" + num(c.p99_us) +
-            ",\"ratio\":" + num(ratio) + "}";
+  if (!bulk_only) {
+    std::printf("\nrequest/response (1 host thread each side of the comparison, same client)\n");
+    std::printf("%-8s %6s | %12s %9s %9s | %12s %9s %9s | %6s\n", "size", "conns", "kernel req/s", "p50 us", "p99 us",
+                "cpu req/s", "p50 us", "p99 us", "ratio");
+    for (uint32_t size : {64u, 4096u}) {
+      for (int conns : {64, 256}) {
+        if (quick && conns > 64) continue;
+        bn::LoadOptions lo;
+        lo.connections = conns;
+        lo.threads = 4;
+        lo.request_bytes = size;
+        lo.duration = duration;
+        // The kernel server: examples/echo's, on a port the host just saw free.
+        gpusock::examples::EchoConfig ecfg;
+        ecfg.port = free_loopback_port();
+        ecfg.addr_be = htonl(INADDR_LOOPBACK);
+        ecfg.conns_per_warp = 256;
+        auto es = gpusock::examples::EchoState::create(rt, 4, ecfg);
+        auto k = launched(gpusock::launch(rt, {4}, {32}, gpusock::examples::EchoServer{}, (*es)->view()), "echo server");
+        for (int i = 0; i < 100000 && (*es)->listening() == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+        lo.port = (*es)->listening() > 0 ? ecfg.port : 0;
+        bn::LoadResult g = bn::LoadClient::run(lo);
+        (*es)->request_stop();
+        k->wait_for(std::chrono::seconds(30));
+        // The CPU io_uring server, same shape.
+        bn::EchoServerOptions so;
+        so.threads = 1;
+        so.request_bytes = size;
+        std::string err;
+        auto cpu = bn::CpuEchoServer::start(so, &err);
+        lo.port = cpu ? cpu->port() : 0;
+        bn::LoadResult c = bn::LoadClient::run(lo);
+        cpu.reset();
+        const double ratio = c.req_per_s > 0 ? g.req_per_s / c.req_per_s : 0;
+        std::printf("%-8u %6d | %12.0f %9.1f %9.1f | %12.0f %9.1f %9.1f | %6.2f%s%s\n", size, conns, g.req_per_s, g.p50_us,
+                    g.p99_us, c.req_per_s, c.p50_us, c.p99_us, ratio, g.error.empty() ? "" : ("  kernel: " + g.error).c_str(),
+                    c.error.empty() ? "" : ("  cpu: " + c.error).c_str());
+        rr += std::string(rr.size() > 1 ? "," : "") + "{\"bytes\":" + std::to_string(size) + ",\"connections\":" +
+              std::to_string(conns) + ",\"kernel_rps\":" + num(g.req_per_s) + ",\"kernel_p50_us\":" + num(g.p50_us) +
+              ",\"kernel_p99_us\":" + num(g.p99_us) + ",\"kernel_errors\":" + std::to_string(g.errors + g.mismatches) +
+              ",\"cpu_rps\":" + num(c.req_per_s) + ",\"cpu_p50_us\":" + num(c.p50_us) + ",\"cpu_p99_us\":" + num(c.p99_us) +
+              ",\"ratio\":" + num(ratio) + "}";
+      }
     }
   }
   js.add("request_response", rr + "]");
@@ -494,21 +496,17 @@ int main(int argc, char** argv) {
                      ",\"pipelined_recv_ratio\":" + num(piped_ratio) + "}");
 
   // ---- SEND_ZC threshold ----
-  if (bulk_only) {
-    js.s += "\n}\n";
-    if (!json_path.empty()) std::ofstream(json_path) << js.s;
-    rt.mapped_free(pinned->host);
-    return 0;
+  if (!bulk_only) {
+    std::printf("\nio_uring send vs send_zc on loopback, GB/s\n%-10s %8s %8s\n", "chunk", "send", "send_zc");
+    auto pts = bn::sweep_send_zc({4096, 16384, 65536, 262144, 1 << 20}, quick ? (64ull << 20) : (512ull << 20));
+    std::string zc = "[";
+    for (auto& p : pts) {
+      std::printf("%-10zu %8.2f %8.2f%s\n", p.chunk_bytes, p.send_gbps, p.send_zc_gbps, p.error.empty() ? "" : (" " + p.error).c_str());
+      zc += std::string(zc.size() > 1 ? "," : "") + "{\"chunk\":" + std::to_string(p.chunk_bytes) + ",\"send_gbps\":" +
+            num(p.send_gbps) + ",\"send_zc_gbps\":" + num(p.send_zc_gbps) + "}";
+    }
+    js.add("send_zc_sweep", zc + "]");
   }
-  std::printf("\nio_uring send vs send_zc on loopback, GB/s\n%-10s %8s %8s\n", "chunk", "send", "send_zc");
-  auto pts = bn::sweep_send_zc({4096, 16384, 65536, 262144, 1 << 20}, quick ? (64ull << 20) : (512ull << 20));
-  std::string zc = "[";
-  for (auto& p : pts) {
-    std::printf("%-10zu %8.2f %8.2f%s\n", p.chunk_bytes, p.send_gbps, p.send_zc_gbps, p.error.empty() ? "" : (" " + p.error).c_str());
-    zc += std::string(zc.size() > 1 ? "," : "") + "{\"chunk\":" + std::to_string(p.chunk_bytes) + ",\"send_gbps\":" +
-          num(p.send_gbps) + ",\"send_zc_gbps\":" + num(p.send_zc_gbps) + "}";
-  }
-  js.add("send_zc_sweep", zc + "]");
   js.s += "\n}\n";
   if (!json_path.empty()) std::ofstream(json_path) << js.s;
   rt.mapped_free(pinned->host);

@@ -723,16 +723,12 @@ Status Core::register_range(void* p, size_t bytes) {
   Status s = device_->check_device_range(p, bytes);
   if (!s.ok()) return s;
   std::unique_lock<std::shared_mutex> lock(allocs_mu_);
-  // Overlaps: the range starting at or below a reaching past it, or one starting inside.
-  auto next = allocs_.lower_bound(a);
-  if (next != allocs_.end() && next->first < a + bytes) {
+  // Overlaps: a range starting inside [a, a + bytes), or the one before a reaching a.
+  const auto next = allocs_.lower_bound(a);
+  const bool starts_inside = next != allocs_.end() && next->first < a + bytes;
+  const bool reaches_in = next != allocs_.begin() && a - std::prev(next)->first < std::prev(next)->second.bytes;
+  if (starts_inside || reaches_in) {
     return Status(EEXIST, "register_device_memory: overlaps a registered range or a device_alloc() allocation");
-  }
-  if (next != allocs_.begin()) {
-    auto prev = std::prev(next);
-    if (a - prev->first < prev->second.bytes) {
-      return Status(EEXIST, "register_device_memory: overlaps a registered range or a device_alloc() allocation");
-    }
   }
   allocs_.emplace(a, Range{bytes, true});
   return {};
@@ -768,7 +764,7 @@ Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait, uint64
   if (failed()) return health();
   std::shared_lock<std::shared_mutex> lock(allocs_mu_);
   if (!inside_locked(reinterpret_cast<uintptr_t>(dst), bytes)) {
-    return Status(EFAULT, "deliver: not inside one device_alloc() allocation");
+    return Status(EFAULT, "deliver: not inside one device_alloc() allocation or registered range");
   }
   Status s = wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes, ticket);
   if (s.ok()) {

@@ -44,8 +44,8 @@ class DeviceBackend {
   // Starts a copy into device memory that runs beside kernels and writes its ticket (the
   // calling thread's copies are numbered from 1 in the order they start, and end in that
   // order); finish_copies(t) waits for the thread's copies up to ticket t (~0: all of
-  // them). `host` must stay valid until then. Default (cpu device): the copy is made at
-  // once, every ticket 0.
+  // them). `host` must stay valid until then. Ticket 0: the copy was made at once (the
+  // default, cpu device), nothing to wait for.
   virtual Status start_copy_to_device(void* dev, const void* host, size_t bytes, uint64_t* ticket) {
     *ticket = 0;
     return copy_to_device(dev, host, bytes);

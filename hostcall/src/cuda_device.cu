@@ -119,9 +119,9 @@ class CudaBackend : public DeviceBackend {
   // CUDA's current device is per host thread: every entry point that may run on a thread
   // other than the creator's selects ours first.
   void bind() const { cudaSetDevice(device_); }
-  // The calling thread's copy stream for this backend (made when `make`), or null.
-  // A thread's copy stream, with an event recorded after each of its last kCopyEvents
-  // copies: copy t's event is events[t % kCopyEvents] until copy t + kCopyEvents reuses it.
+  // The calling thread's copy stream for this backend, with an event recorded after each
+  // of its last kCopyEvents copies: copy t's event is events[t % kCopyEvents] until copy
+  // t + kCopyEvents reuses it. copy_stream() makes it when `make`, else returns null.
   static constexpr uint64_t kCopyEvents = 8;
   struct CopyStream {
     uint64_t owner = 0;
@@ -213,8 +213,8 @@ class CudaBackend : public DeviceBackend {
   }
   Status finish_copies(uint64_t ticket) override {
     CopyStream* c = copy_stream(false);
-    if (c == nullptr) return {};
-    if (ticket == 0 || ticket >= c->next) {
+    if (c == nullptr || ticket == 0) return {};  // 0: a copy made at once
+    if (ticket >= c->next) {
       const cudaError_t e = cudaStreamSynchronize(c->stream);
       return e == cudaSuccess ? Status{} : cuda_status(e, "cudaStreamSynchronize");
     }

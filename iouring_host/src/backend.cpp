@@ -1357,7 +1357,7 @@ class IouringBackend final : public net::Backend {
   void gather_more(Ring& r, Op* op) {
     if (r.bounce == nullptr) return;
     const uint64_t limit = std::min<uint64_t>(op->want, static_cast<uint64_t>(op->done) + opt_.deliver_gather_max);
-    uint64_t ticket[kMaxBouncePieces] = {};  // 0: the piece is free
+    uint64_t ticket[kMaxBouncePieces] = {};  // the copy out of each piece; 0: none running
     for (uint32_t piece = 0; op->done < limit; piece = (piece + 1) % r.bounce_pieces) {
       if (ticket[piece] != 0) {
         if (!rt_->finish_deliveries(ticket[piece]).ok()) break;  // the device is gone; finish_gather() says so
@@ -1378,7 +1378,7 @@ class IouringBackend final : public net::Backend {
         op->sock->pending_error = -EIO;  // the device is gone: these bytes cannot reach it
         break;
       }
-      ticket[piece] = t != 0 ? t : Runtime::kAllDeliveries;  // 0 (cpu device): already made
+      ticket[piece] = t;
       op->done += static_cast<uint32_t>(n);
       if (static_cast<size_t>(n) < ask) break;  // the socket is empty
     }

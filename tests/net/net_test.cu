@@ -169,6 +169,8 @@ class NetTest : public gpusock::testing::KernelTest {
   }
   // A fresh runtime whose backend has 16 KiB receive buffers and delivers receives of
   // 8 KiB and up, or none.
+  // Defined beside the Receives kernel it launches.
+  void OneReceiveOfWaitingBytes(uint8_t* dst, uint32_t ask, uint32_t sent, int64_t got[2]);
   void StartSmallBuffers(bool deliver) {
     rt_.reset();
     gpusock::iouring::Options io;
@@ -684,6 +686,31 @@ struct Receives {
   }
 };
 
+// The kernel connects; the host sends `sent` pattern bytes and gives them a moment to
+// queue (loopback queues them at the receiver before send() returns, plus the receiving
+// side's processing); then the kernel makes one recv of `ask` bytes into dst. got: its
+// result and the mismatching bytes among those it received.
+void NetTest::OneReceiveOfWaitingBytes(uint8_t* dst, uint32_t ask, uint32_t sent, int64_t got[2]) {
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, Receives{}, box_.dev, port, dst, ask, 1, out.data());
+  int c = ::accept(lfd, nullptr, nullptr);
+  ASSERT_GE(c, 0);
+  std::vector<uint8_t> buf(sent);
+  for (uint32_t i = 0; i < sent; ++i) buf[i] = pattern_byte(i);
+  ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  Post(0, 1);
+  Finish(k);
+  ::close(c);
+  ::close(lfd);
+  auto o = Read(out);
+  got[0] = o[0];
+  got[1] = o[1];
+}
+
 // A delivered receive that fills its buffer goes on, in the same call, with what the
 // socket already holds: 48 KiB waiting, 16 KiB buffers, one recv of 100 KiB gets all 48.
 // With delivery off the same recv gets one buffer.
@@ -693,25 +720,10 @@ TEST_P(NetTest, ADeliveredReceiveTakesWhatTheSocketHoldsInOneCall) {
     StartSmallBuffers(deliver);
     ASSERT_FALSE(HasFatalFailure());
     constexpr uint32_t kSent = 48 * 1024;
-    uint16_t port;
-    int lfd = host_listen(&port);
-    ASSERT_GE(lfd, 0);
     auto dev = Buffer<uint8_t>(100 * 1024);
-    auto out = Buffer<int64_t>(2);
-    auto k = Launch({1}, {32}, Receives{}, box_.dev, port, dev.data(), 100u * 1024, 1, out.data());
-    int c = ::accept(lfd, nullptr, nullptr);
-    ASSERT_GE(c, 0);
-    std::vector<uint8_t> buf(kSent);
-    for (uint32_t i = 0; i < kSent; ++i) buf[i] = pattern_byte(i);
-    ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
-    // Loopback queues the bytes at the receiver before send() returns; a moment more
-    // for the receiving side's processing.
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    Post(0, 1);
-    Finish(k);
-    ::close(c);
-    ::close(lfd);
-    auto o = Read(out);
+    int64_t o[2];
+    OneReceiveOfWaitingBytes(dev.data(), 100u * 1024, kSent, o);
+    ASSERT_FALSE(HasFatalFailure());
     EXPECT_EQ(o[0], deliver ? int64_t{kSent} : int64_t{16 * 1024});
     EXPECT_EQ(o[1], 0) << "bytes differing from what the host sent";
   }
@@ -730,23 +742,10 @@ TEST_P(NetTest, RegisteredMemoryOfTheProgramIsDeliveredInto) {
     ForeignMemory mem(GetParam(), kAsk);
     ASSERT_NE(mem.data(), nullptr);
     if (registered) ASSERT_TRUE(rt_->register_device_memory(mem.data(), kAsk).ok());
-    uint16_t port;
-    int lfd = host_listen(&port);
-    ASSERT_GE(lfd, 0);
-    auto out = Buffer<int64_t>(2);
     const gpusock::RuntimeStats before = rt_->stats();
-    auto k = Launch({1}, {32}, Receives{}, box_.dev, port, mem.data(), kAsk, 1, out.data());
-    int c = ::accept(lfd, nullptr, nullptr);
-    ASSERT_GE(c, 0);
-    std::vector<uint8_t> buf(kSent);
-    for (uint32_t i = 0; i < kSent; ++i) buf[i] = pattern_byte(i);
-    ASSERT_TRUE(send_all(c, buf.data(), buf.size()));
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // as in the test above
-    Post(0, 1);
-    Finish(k);
-    ::close(c);
-    ::close(lfd);
-    auto o = Read(out);
+    int64_t o[2];
+    OneReceiveOfWaitingBytes(mem.data(), kAsk, kSent, o);
+    ASSERT_FALSE(HasFatalFailure());
     EXPECT_EQ(o[0], registered ? int64_t{kSent} : int64_t{16 * 1024});
     EXPECT_EQ(o[1], 0) << "bytes differing from what the host sent";
     const gpusock::RuntimeStats after = rt_->stats();

@@ -182,7 +182,8 @@ class Runtime {
   // argument it waits for every delivery that thread started; given the `ticket` a
   // start_delivery() wrote, for that delivery and every one the thread started before it
   // (a thread's deliveries end in the order they started), so a caller can reuse one
-  // source area while later copies still run. A delivery whose allocation is freed
+  // source area while later copies still run. A ticket of 0 is a delivery made at once
+  // (the cpu device), which finish_deliveries(0) does not wait for. A delivery whose allocation is freed
   // before it ends is the caller's mistake, as with any copy.
   Status start_delivery(void* dst, const void* src, size_t bytes, uint64_t* ticket = nullptr);
   // Whether [p, p + bytes) lies inside one live device_alloc() allocation or registered
