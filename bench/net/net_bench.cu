@@ -6,8 +6,10 @@
 //            poll/recv/send event loop; one hostcall service thread) vs CpuEchoServer (one
 //            io_uring thread: multishot accept, provided-buffer multishot recv), both
 //            driven by the same LoadClient. req/s and p50/p99; ratio = kernel / CPU.
-//   bulk:    1 GiB GPU -> peer (a warp sends from device memory with warp_send) vs a CPU
-//            io_uring sender working from pinned memory, into the same sink; and peer ->
+//   bulk:    1 GiB GPU -> peer (a warp sends from device memory with warp_send, in sends
+//            of --send-chunk-kib; the host takes them out of device memory by DMA unless
+//            --no-pull) vs a CPU io_uring sender working from pinned memory with the same
+//            send size, into the same sink; and peer ->
 //            GPU (one warp's warp_recv of 2 MiB asks into device memory, every byte checked
 //            by the 16 warps of its block after each call) vs cpu_recv into pinned memory
 //            (recvs of up to 4 MiB, every byte checked after each, one thread). GB/s;
@@ -18,7 +20,8 @@
 // Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick] [--bulk-only]
 //                  [--recv-buffer-kib N] [--deliver-min-kib N] [--deliver-chunk-kib N]
 //                  [--deliver-chunks N] [--gather-max-kib N] [--recv-ask-kib N]
-//                  [--check-warps N]
+//                  [--check-warps N] [--send-chunk-kib N] [--no-pull] [--pull-chunk-kib N]
+//                  [--pull-chunks N]
 //   --bulk-only: only the bulk part (for sweeps of the options below).
 //   --recv-buffer-kib: the backend's receive buffer size (its default, 64, if not given);
 //   one recv() returns at most one buffer, so it bounds how much a call can bring.
@@ -29,6 +32,9 @@
 //   deliver_chunk_bytes, deliver_chunks and deliver_gather_max (defaults: the backend's).
 //   --recv-ask-kib (default 2048), --check-warps (default 16): the peer -> GPU
 //   receiver's warp_recv size and the warps of its block that check each call's bytes.
+//   --send-chunk-kib (default 256): the size of each GPU -> peer send, kernel and CPU alike.
+//   --no-pull: the backend's pull_sends off (the warp copies every send into staging);
+//   --pull-chunk-kib, --pull-chunks: its pull_chunk_bytes and pull_chunks.
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -270,8 +276,8 @@ std::string num(double v) {
 
 int main(int argc, char** argv) {
   gpusock::iouring::Options bopts;
-  uint32_t recv_ask = 2u << 20, check_warps = 16;
-  bool bulk_only = false;
+  uint32_t recv_ask = 2u << 20, check_warps = 16, send_chunk = 256u << 10;
+  bool bulk_only = false, no_pull = false;
   // This program's own flags; the rest go to parse_bench_args.
   struct NumFlag {
     const char* name;
@@ -286,12 +292,15 @@ int main(int argc, char** argv) {
       {"--gather-max-kib", 64, 65536, 1024, &bopts.deliver_gather_max},
       {"--recv-ask-kib", 64, 16384, 1024, &recv_ask},
       {"--check-warps", 1, 32, 1, &check_warps},
+      {"--send-chunk-kib", 4, 65536, 1024, &send_chunk},
+      {"--pull-chunk-kib", 4, 16384, 1024, &bopts.pull_chunk_bytes},
+      {"--pull-chunks", 2, 8, 1, &bopts.pull_chunks},
   };
   for (int i = 1; i < argc;) {
     const std::string flag = argv[i];
     int used = 0;
-    if (flag == "--bulk-only") {
-      bulk_only = true;
+    if (flag == "--bulk-only" || flag == "--no-pull") {
+      (flag == "--bulk-only" ? bulk_only : no_pull) = true;
       used = 1;
     }
     for (const NumFlag& f : num_flags) {
@@ -315,6 +324,7 @@ int main(int argc, char** argv) {
     for (int k = i; k + used < argc; ++k) argv[k] = argv[k + used];
     argc -= used;
   }
+  bopts.pull_sends = !no_pull;
   gpusock::bench::BenchArgs args;
   if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
   gpusock::RuntimeOptions opts;
@@ -343,11 +353,21 @@ int main(int argc, char** argv) {
               rt.device_name().c_str(), (*be)->describe().c_str(), bopts.recv_buffers, bopts.recv_buffer_bytes / 1024,
               bopts.deliver_min_bytes / 1024, bopts.deliver_min_bytes == 0 ? " (off)" : "", bopts.deliver_chunks,
               bopts.deliver_chunk_bytes / 1024, bopts.deliver_gather_max / 1024);
+  if (bopts.pull_sends) {
+    std::printf("sends out of device memory taken by the host: %u pieces of %u KiB\n", bopts.pull_chunks,
+                bopts.pull_chunk_bytes / 1024);
+  } else {
+    std::printf("sends out of device memory: copied into staging by the warp (--no-pull)\n");
+  }
   Json js;
   js.add("device", "\"" + rt.device_name() + "\"");
   js.add("recv_buffer_bytes", std::to_string(bopts.recv_buffer_bytes));
   js.add("deliver_min_bytes", std::to_string(bopts.deliver_min_bytes));
   js.add("deliver_chunk_bytes", std::to_string(bopts.deliver_chunk_bytes));
+  js.add("pull_sends", bopts.pull_sends ? "true" : "false");
+  js.add("pull_chunk_bytes", std::to_string(bopts.pull_chunk_bytes));
+  js.add("pull_chunks", std::to_string(bopts.pull_chunks));
+  js.add("send_chunk_bytes", std::to_string(send_chunk));
   js.add("deliver_chunks", std::to_string(bopts.deliver_chunks));
   js.add("deliver_gather_max", std::to_string(bopts.deliver_gather_max));
   js.add("recv_ask_bytes", std::to_string(recv_ask));
@@ -407,11 +427,12 @@ int main(int argc, char** argv) {
   const uint64_t total = quick ? (256ull << 20) : (1ull << 30);
   constexpr uint32_t kChunk = 256 * 1024;
   std::printf("\nbulk, %llu MiB over one connection\n", static_cast<unsigned long long>(total >> 20));
-  auto src = gpusock::DeviceBuffer<uint8_t>::create(rt, kChunk);
+  const uint32_t src_bytes = std::max(send_chunk, kChunk);
+  auto src = gpusock::DeviceBuffer<uint8_t>::create(rt, src_bytes);
   {
-    std::vector<uint8_t> h(kChunk);
-    for (uint32_t i = 0; i < kChunk; ++i) h[i] = pattern(i);
-    rt.copy_to_device(src->data(), h.data(), kChunk);
+    std::vector<uint8_t> h(src_bytes);
+    for (uint32_t i = 0; i < src_bytes; ++i) h[i] = pattern(i);
+    rt.copy_to_device(src->data(), h.data(), src_bytes);
   }
   auto out = gpusock::DeviceBuffer<int64_t>::create(rt, 4);
   // GPU -> peer.
@@ -419,22 +440,27 @@ int main(int argc, char** argv) {
   sk.checksum = false;
   std::string err;
   auto sink = bn::BulkSink::start(sk, &err);
-  auto k = launched(gpusock::launch(rt, {1}, {32}, WarpSender{}, sink->port(), total, src->data(), kChunk, out->data()), "sender");
+  const uint64_t fetched0 = rt.stats().fetched_bytes;
+  auto k = launched(gpusock::launch(rt, {1}, {32}, WarpSender{}, sink->port(), total, src->data(), send_chunk, out->data()),
+                    "sender");
   k->wait();
   sink->wait(60000);
   bn::BulkResult gs = sink->result();
+  const uint64_t taken = rt.stats().fetched_bytes - fetched0;
   sink.reset();
-  auto pinned = rt.mapped_alloc(4 << 20);
+  const uint32_t pin_bytes = std::max(4u << 20, send_chunk);
+  auto pinned = rt.mapped_alloc(pin_bytes);
   uint8_t* pin = static_cast<uint8_t*>(pinned->host);
-  bn::fill_pattern(pin, 0, 4 << 20);
+  bn::fill_pattern(pin, 0, pin_bytes);
   auto sink2 = bn::BulkSink::start(sk, &err);
-  bn::BulkResult cs = bn::cpu_send("127.0.0.1", sink2->port(), total, kChunk, pin, 4 << 20, false);
+  bn::BulkResult cs = bn::cpu_send("127.0.0.1", sink2->port(), total, send_chunk, pin, pin_bytes, false);
   sink2->wait(60000);
   bn::BulkResult cs_sink = sink2->result();
   sink2.reset();
   const double send_ratio = cs_sink.gbps > 0 ? gs.gbps / cs_sink.gbps : 0;
-  std::printf("GPU -> peer: kernel %.2f GB/s   cpu (pinned) %.2f GB/s   ratio %.2f   (as the sink measured both)\n",
-              gs.gbps, cs_sink.gbps, send_ratio);
+  std::printf("GPU -> peer, sends of %u KiB: kernel %.2f GB/s   cpu (pinned) %.2f GB/s   ratio %.2f   (as the sink "
+              "measured both; %.0f%% of the kernel's bytes taken out of device memory by the host)\n",
+              send_chunk / 1024, gs.gbps, cs_sink.gbps, send_ratio, 100.0 * static_cast<double>(taken) / static_cast<double>(total));
   // What a warp_send piece costs the warp before its hostcall: its copy into staging.
   constexpr uint32_t kCopyReps = 64;
   auto kc = launched(gpusock::launch(rt, {1}, {32}, WarpStagingCopy{}, static_cast<uint8_t*>(pinned->device), src->data(),
@@ -487,7 +513,7 @@ int main(int argc, char** argv) {
               piped.gbps, static_cast<long long>(piped.bytes), static_cast<long long>(piped.wrong),
               check_warps >= 2 ? check_warps - 1 : 0, piped_ratio);
   js.add("bulk", "{\"bytes\":" + std::to_string(total) + ",\"gpu_to_peer_gbps\":" + num(gs.gbps) +
-                     ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) +
+                     ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) + ",\"gpu_to_peer_taken_bytes\":" + std::to_string(taken) +
                      ",\"warp_staging_copy_gbps\":" + num(copy_gbps) + ",\"peer_to_gpu_gbps\":" + num(serial.gbps) +
                      ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(serial.wrong) +
                      ",\"peer_to_gpu_recv_share\":" + num(serial.share) + ",\"cpu_recv_gbps\":" + num(cr.gbps) +

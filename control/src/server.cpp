@@ -315,6 +315,8 @@ struct ControlServer::Impl final : public v1::Control::Service {
     out->set_staging_bytes_used(uint64_t{st.staging_pages_used} * hostcall::kStagingPageBytes);
     out->set_deliveries(st.deliveries);
     out->set_delivered_bytes(st.delivered_bytes);
+    out->set_fetches(st.fetches);
+    out->set_fetched_bytes(st.fetched_bytes);
     std::map<std::tuple<std::string, std::string, std::string>, uint32_t> counts;
     uint64_t in = 0, outb = 0;
     for (const auto& i : all_sockets()) {

@@ -230,6 +230,8 @@ class Ctl {
     std::printf("host sockets: bytes in %" PRIu64 ", out %" PRIu64 "%s\n", r.bytes_in(), r.bytes_out(), r.draining() ? " (draining)" : "");
     std::printf("delivered into device memory by the host: %" PRIu64 " copies, %" PRIu64 " bytes\n", r.deliveries(),
                 r.delivered_bytes());
+    std::printf("taken out of device memory by the host: %" PRIu64 " copies, %" PRIu64 " bytes\n", r.fetches(),
+                r.fetched_bytes());
     std::printf("localdevice: %u listeners, %u connected, %" PRIu64 " bytes queued\n\n", r.localdevice_listeners(),
                 r.localdevice_connected(), r.localdevice_queued_bytes());
     rows.clear();
@@ -446,6 +448,9 @@ class Ctl {
     single("gpusock_deliveries_total", "counter", "Copies the host made into kernels' device memory.", n(r.deliveries()));
     single("gpusock_delivered_bytes_total", "counter", "Bytes the host copied into kernels' device memory.",
            n(r.delivered_bytes()));
+    single("gpusock_fetches_total", "counter", "Copies the host made out of kernels' device memory.", n(r.fetches()));
+    single("gpusock_fetched_bytes_total", "counter", "Bytes the host copied out of kernels' device memory.",
+           n(r.fetched_bytes()));
     help("gpusock_sockets", "gauge", "Open sockets by family, type and state.");
     for (const auto& s : r.sockets()) {
       line("gpusock_sockets", "family=\"" + esc(s.family()) + "\",type=\"" + esc(s.type()) + "\",state=\"" + esc(s.state()) + "\"",

@@ -701,6 +701,8 @@ RuntimeStats Core::stats() const {
   r.reclaimed_calls = reclaimed_calls_.load(std::memory_order_relaxed);
   r.deliveries = deliveries_.load(std::memory_order_relaxed);
   r.delivered_bytes = delivered_bytes_.load(std::memory_order_relaxed);
+  r.fetches = fetches_.load(std::memory_order_relaxed);
+  r.fetched_bytes = fetched_bytes_.load(std::memory_order_relaxed);
   occupancy(r);
   return r;
 }
@@ -775,6 +777,23 @@ Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait, uint64
 }
 
 Status Core::finish_deliveries(uint64_t ticket) { return device_->finish_copies(ticket); }
+
+Status Core::fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket) {
+  uint64_t unused = 0;
+  if (ticket == nullptr) ticket = &unused;
+  *ticket = 0;
+  if (failed()) return health();
+  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
+  if (!inside_locked(reinterpret_cast<uintptr_t>(src), bytes)) {
+    return Status(EFAULT, "start_fetch: not inside one device_alloc() allocation or registered range");
+  }
+  Status s = device_->start_copy_from_device(dst, src, bytes, ticket);
+  if (s.ok()) {
+    fetches_.fetch_add(1, std::memory_order_relaxed);
+    fetched_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  return s;
+}
 
 void Core::occupancy(RuntimeStats& r) const {
   r.slots = nslots_;

@@ -50,6 +50,11 @@ class DeviceBackend {
     *ticket = 0;
     return copy_to_device(dev, host, bytes);
   }
+  // The same out of device memory into host memory, numbered with the copies above.
+  virtual Status start_copy_from_device(void* host, const void* dev, size_t bytes, uint64_t* ticket) {
+    *ticket = 0;
+    return copy_from_device(host, dev, bytes);
+  }
   virtual Status finish_copies(uint64_t /*ticket*/) { return {}; }
   // Whether [p, p + bytes) is memory of this device that copies to the device may write
   // (the caller's own allocation, for register_range). Default (cpu device): any memory.
@@ -149,6 +154,7 @@ class Core : public std::enable_shared_from_this<Core> {
   Status unregister_range(void* p);
   Status deliver(void* dst, const void* src, size_t bytes, bool wait = true, uint64_t* ticket = nullptr);
   Status finish_deliveries(uint64_t ticket);
+  Status fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket);
   bool inside_allocation(const void* p, size_t bytes);
 
   // ---- aborted kernels (abort.cpp; docs/architecture.md section 18.3) ----
@@ -286,7 +292,7 @@ class Core : public std::enable_shared_from_this<Core> {
   std::shared_mutex allocs_mu_;
   std::map<uintptr_t, Range> allocs_;
   bool inside_locked(uintptr_t p, size_t bytes) const;  // allocs_mu_ held
-  std::atomic<uint64_t> deliveries_{0}, delivered_bytes_{0};
+  std::atomic<uint64_t> deliveries_{0}, delivered_bytes_{0}, fetches_{0}, fetched_bytes_{0};
 
   // Counters.
   std::atomic<uint64_t> rejected_{0}, exceptions_{0}, doorbells_{0}, swept_{0}, sweeps_{0},

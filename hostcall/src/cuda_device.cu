@@ -201,10 +201,16 @@ class CudaBackend : public DeviceBackend {
   // Each thread's copies go on a stream of its own (non-blocking: never ordered behind
   // kernels), made at its first copy and destroyed when the thread ends.
   Status start_copy_to_device(void* dev, const void* host, size_t bytes, uint64_t* ticket) override {
+    return start_copy(dev, host, bytes, cudaMemcpyHostToDevice, ticket);
+  }
+  Status start_copy_from_device(void* host, const void* dev, size_t bytes, uint64_t* ticket) override {
+    return start_copy(host, dev, bytes, cudaMemcpyDeviceToHost, ticket);
+  }
+  Status start_copy(void* to, const void* from, size_t bytes, cudaMemcpyKind dir, uint64_t* ticket) {
     *ticket = 0;
     CopyStream* c = copy_stream();
-    if (c == nullptr) return copy_to_device(dev, host, bytes);
-    cudaError_t e = cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, c->stream);
+    if (c == nullptr) return dir == cudaMemcpyHostToDevice ? copy_to_device(to, from, bytes) : copy_from_device(to, from, bytes);
+    cudaError_t e = cudaMemcpyAsync(to, from, bytes, dir, c->stream);
     if (e != cudaSuccess) return cuda_status(e, "cudaMemcpyAsync");
     e = cudaEventRecord(c->events[c->next % kCopyEvents], c->stream);
     if (e != cudaSuccess) return cuda_status(e, "cudaEventRecord");

@@ -101,6 +101,9 @@ Status Runtime::start_delivery(void* dst, const void* src, size_t bytes, uint64_
   return core_->deliver(dst, src, bytes, false, ticket);
 }
 Status Runtime::finish_deliveries(uint64_t ticket) { return core_->finish_deliveries(ticket); }
+Status Runtime::start_fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket) {
+  return core_->fetch(dst, src, bytes, ticket);
+}
 bool Runtime::is_device_memory(const void* p, size_t bytes) const { return core_->inside_allocation(p, bytes); }
 Status Runtime::register_device_memory(void* p, size_t bytes) { return core_->register_range(p, bytes); }
 Status Runtime::unregister_device_memory(void* p) { return core_->unregister_range(p); }

@@ -44,13 +44,27 @@ namespace {
 
 constexpr uint64_t kIgnore = 0;  // user_data of SQEs whose completions need nothing
 constexpr uint16_t kBufGroup = 0;
-constexpr uint32_t kMaxBouncePieces = 8;  // Options::deliver_chunks at most
+constexpr uint32_t kMaxBouncePieces = 8;  // Options::deliver_chunks and pull_chunks at most
 
 struct Sock;
 struct Ring;
 struct PollWait;
 
 enum class Kind : uint8_t { kAccept, kConnect, kSend, kRecv, kPollArm, kPollTimer };
+
+// A send whose bytes the host takes out of device memory (docs 12.4, send step 2a): the
+// copies fill the ring's pull area piece after piece, and the pieces go out in order.
+// Pieces in use are the area's slots first, first + 1, ... (mod its piece count).
+struct Pull {
+  const uint8_t* src = nullptr;  // the lane's bytes, in device memory
+  uint64_t total = 0;
+  uint64_t fetched = 0;          // bytes whose copies have started
+  uint64_t sent = 0;             // bytes of the pieces wholly sent
+  uint32_t first = 0, pieces = 0;
+  uint32_t len[kMaxBouncePieces] = {};
+  uint64_t ticket[kMaxBouncePieces] = {};
+  int error = 0;                 // why a copy could not start (the device is gone, EFAULT)
+};
 
 struct Op {
   Kind kind;
@@ -78,6 +92,8 @@ struct Op {
   // straggle() asked to let the lane go: its cancel is on the way, and the next
   // completion answers instead of submitting again.
   bool straggling = false;
+  // A send out of device memory: `data`, `len` and `done` are its current piece.
+  std::unique_ptr<Pull> pull;
 };
 
 struct PollWait {
@@ -193,6 +209,9 @@ struct Ring {
   std::vector<uint32_t> lent;      // buffers the device holds
   uint8_t* bounce = nullptr;       // delivery's bounce area: bounce_pieces of bounce_piece bytes
   uint32_t bounce_piece = 0, bounce_pieces = 0;
+  uint8_t* pull = nullptr;         // sends out of device memory: pull_pieces of pull_piece bytes
+  uint32_t pull_piece = 0, pull_pieces = 0;
+  Op* pull_owner = nullptr;        // the send using the pull area (one at a time)
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
@@ -244,7 +263,10 @@ class IouringBackend final : public net::Backend {
     flags_span_ = (flags_bytes + 4095) & ~size_t{4095};
     // Delivery's bounce area (docs 12.4, receive 3a): deliver_chunks x deliver_chunk_bytes.
     const size_t bounce = delivers() ? static_cast<size_t>(opt_.deliver_chunks) * opt_.deliver_chunk_bytes : 0;
-    const size_t slice = per_ring + flags_span_ + bounce;
+    // The pull area (docs 12.4, send 2a): pull_chunks x pull_chunk_bytes.
+    bounce_span_ = bounce;
+    const size_t pull = opt_.pull_sends ? static_cast<size_t>(opt_.pull_chunks) * opt_.pull_chunk_bytes : 0;
+    const size_t slice = per_ring + flags_span_ + bounce + pull;
     auto m = rt.mapped_alloc(slice * rings_.size());
     if (!m.ok()) return m.status();
     rt.mapped_free_at_exit(m->host);
@@ -255,6 +277,7 @@ class IouringBackend final : public net::Backend {
   }
 
   bool delivers() const { return opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0; }
+  bool pulls() const override { return opt_.pull_sends; }
 
   const char* name() const override { return "io_uring"; }
 
@@ -638,6 +661,11 @@ class IouringBackend final : public net::Backend {
       r->bounce = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
       r->bounce_piece = opt_.deliver_chunk_bytes;
       r->bounce_pieces = opt_.deliver_chunks;
+    }
+    if (opt_.pull_sends) {
+      r->pull = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_ + bounce_span_;
+      r->pull_piece = opt_.pull_chunk_bytes;
+      r->pull_pieces = opt_.pull_chunks;
     }
     r->br_bytes = (sizeof(io_uring_buf) * r->nbufs + 4095) & ~size_t{4095};
     void* mem = mmap(nullptr, r->br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
@@ -1078,6 +1106,7 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EOPNOTSUPP);
       return;
     }
+    if (req.src != 0) return do_send_pull(r, s, req, std::move(reply), user);
     Op* op = new_op(r, Kind::kSend, s);
     op->reply = std::move(reply);
     op->data = req.data.data();
@@ -1104,7 +1133,9 @@ class IouringBackend final : public net::Backend {
     if (faults_ != nullptr && inject(r, op->zc ? FaultOp::kSendZc : FaultOp::kSend, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
-      op->reply.finish(op->done > 0 ? op->done : -EBUSY);
+      const uint64_t sent = sent_so_far(*op);
+      if (op->pull) r.pull_owner = nullptr;
+      op->reply.finish(sent > 0 ? static_cast<int64_t>(sent) : -EBUSY);
       retire(r, op);
       return;
     }
@@ -1131,7 +1162,106 @@ class IouringBackend final : public net::Backend {
     }
   }
 
+  // Bytes of a send handed to the kernel so far.
+  static uint64_t sent_so_far(const Op& op) { return (op.pull ? op.pull->sent : 0) + op.done; }
+
+  // ---- send out of device memory (docs 12.4, send step 2a) ----
+  // A blocking stream send of bytes in device_alloc() or registered memory: the host
+  // copies them into the ring's pull area by DMA (Runtime::start_fetch()), pull_chunks
+  // pieces ahead, and sends each piece once its own copy has ended while the later ones
+  // are still copied. One such send per ring at a time; anything else (a non-blocking
+  // send, a datagram socket, memory the runtime does not know, the area busy) answers
+  // kCopyInstead and the lane copies through staging, so no send ever waits for the area.
+  void do_send_pull(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply, int user) {
+    const auto* src = reinterpret_cast<const uint8_t*>(req.src);
+    const uint64_t total = static_cast<uint64_t>(req.a[1]);
+    const bool nonblock = (user & MSG_DONTWAIT) != 0 || s->nonblock.load(std::memory_order_relaxed);
+    if (r.pull == nullptr || r.pull_owner != nullptr || !s->stream || nonblock || req.addr_len != 0 ||
+        !rt_->is_device_memory(src, total)) {
+      reply.finish(net::kCopyInstead);
+      return;
+    }
+    Op* op = new_op(r, Kind::kSend, s);
+    op->reply = std::move(reply);
+    op->flags = user | MSG_NOSIGNAL;
+    op->pull = std::make_unique<Pull>();
+    op->pull->src = src;
+    op->pull->total = total;
+    r.pull_owner = op;
+    pull_fill(r, *op->pull);
+    pull_next(r, op);
+  }
+  // Starts copies into the free pieces, in order, while bytes are left to copy.
+  void pull_fill(Ring& r, Pull& p) {
+    while (p.pieces < r.pull_pieces && p.fetched < p.total && p.error == 0) {
+      const uint32_t slot = (p.first + p.pieces) % r.pull_pieces;
+      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(p.total - p.fetched, r.pull_piece));
+      uint64_t t = 0;
+      Status st = rt_->start_fetch(r.pull + static_cast<size_t>(slot) * r.pull_piece, p.src + p.fetched, n, &t);
+      if (!st.ok()) {
+        p.error = st.code() > 0 ? -st.code() : -EIO;
+        return;
+      }
+      p.len[slot] = n;
+      p.ticket[slot] = t;
+      ++p.pieces;
+      p.fetched += n;
+    }
+  }
+  // Sends the first piece once its copy has ended; with none left, answers.
+  void pull_next(Ring& r, Op* op) {
+    Pull& p = *op->pull;
+    if (p.pieces == 0 || !rt_->finish_deliveries(p.ticket[p.first]).ok()) {
+      // Every byte sent, or a copy could not start or end (memory freed or unregistered
+      // meanwhile, the device gone): the bytes sent so far, or the error.
+      const int err = p.error != 0 ? p.error : -EIO;
+      return pull_finish(r, op, p.sent == p.total ? static_cast<int64_t>(p.sent) : p.sent > 0 ? static_cast<int64_t>(p.sent) : err);
+    }
+    op->data = r.pull + static_cast<size_t>(p.first) * r.pull_piece;
+    op->len = p.len[p.first];
+    op->done = 0;
+    submit_send(r, op);
+  }
+  void on_pull_send(Ring& r, Op* op, int res) {
+    Pull& p = *op->pull;
+    Sock& s = *op->sock;
+    const bool aborted = s.aborted.load(std::memory_order_relaxed);
+    if (res > 0) {
+      op->done += static_cast<uint32_t>(res);
+      if (!s.closed && !op->straggling) {
+        if (op->done < op->len) return submit_send(r, op);  // the rest of this piece
+        p.sent += op->len;
+        op->done = 0;
+        p.first = (p.first + 1) % r.pull_pieces;
+        --p.pieces;
+        pull_fill(r, p);
+        return pull_next(r, op);
+      }
+    }
+    const uint64_t sent = sent_so_far(*op);
+    if (op->straggling && sent < p.total && (res > 0 || res == -ECANCELED) && !s.closed && !aborted) {
+      // Let go (straggle()): the bytes sent so far, and the lane sends the rest.
+      return pull_finish(r, op, sent > 0 ? static_cast<int64_t>(sent) | net::kSendMore : net::kAskAgain);
+    }
+    if (res == -ECANCELED && !s.closed && !aborted) return submit_send(r, op);  // not our cancel (see on_send)
+    int64_t result = sent > 0 ? static_cast<int64_t>(sent) : res;
+    if (result == -ECANCELED && s.closed) result = -EBADF;
+    if (result <= 0 && aborted && !s.closed) result = -ECONNABORTED;
+    if (result < 0) maybe_error(s, static_cast<int>(result));
+    pull_finish(r, op, result);
+  }
+  // Answers and frees the area. An answer before the last piece (an error, a straggle)
+  // first waits for the copies still reading the lane's buffer: once answered, the lane
+  // may write it again.
+  void pull_finish(Ring& r, Op* op, int64_t result) {
+    Pull& p = *op->pull;
+    if (p.pieces > 0) (void)rt_->finish_deliveries(p.ticket[(p.first + p.pieces - 1) % r.pull_pieces]);
+    r.pull_owner = nullptr;
+    finish_send(r, op, result);
+  }
+
   void on_send(Ring& r, Op* op, int res, uint32_t flags) {
+    if (op->pull) return on_pull_send(r, op, res);
     if (flags & IORING_CQE_F_NOTIF) {
       // The kernel no longer reads the staging bytes: now the lane may have them back.
       op->zc_notif_pending = false;
@@ -1623,6 +1753,7 @@ class IouringBackend final : public net::Backend {
   uint64_t pool_dev_ = 0;
   size_t slice_bytes_ = 0;
   size_t flags_span_ = 0;
+  size_t bounce_span_ = 0;  // each ring's bounce area, before its pull area
   std::mutex table_mu_;
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};
@@ -1860,6 +1991,10 @@ Result<std::shared_ptr<net::Backend>> create_backend(Runtime& rt, const Options&
       (o.deliver_chunks < 2 || o.deliver_chunks > kMaxBouncePieces || o.deliver_chunk_bytes < 4096 ||
        o.deliver_chunk_bytes > (16u << 20))) {
     return Status(EINVAL, "iouring::Options: deliver_chunks must be 2..8 and deliver_chunk_bytes 4 KiB..16 MiB");
+  }
+  if (o.pull_sends && (o.pull_chunks < 2 || o.pull_chunks > kMaxBouncePieces || o.pull_chunk_bytes < 4096 ||
+                       o.pull_chunk_bytes > (16u << 20))) {
+    return Status(EINVAL, "iouring::Options: pull_chunks must be 2..8 and pull_chunk_bytes 4 KiB..16 MiB");
   }
   if (o.max_sockets == 0) return Status(EINVAL, "iouring::Options::max_sockets must be at least 1");
   KernelFeatures f;

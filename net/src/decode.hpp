@@ -96,6 +96,15 @@ int decode_request(const Lane& lane, Op op, bool descriptor_write, Request& req)
       req.a[0] = static_cast<int32_t>(static_cast<uint32_t>(w));
       req.addr_len = static_cast<uint32_t>(w >> 32);
       if (req.addr_len == kRideAlong) return 1;  // answered 0 by the dispatcher, no I/O
+      if (req.addr_len == kPullSource) {
+        // Bytes in device memory: address and length only. Whether the host may read them
+        // is the backend's check (Runtime::start_fetch()); 0 bytes or a null address is
+        // a malformed request.
+        req.addr_len = 0;
+        req.src = arg(2);
+        req.a[1] = static_cast<int64_t>(arg(3));
+        return req.src != 0 && arg(3) != 0 && arg(3) <= kPullMaxBytes ? 0 : -EINVAL;
+      }
       if (req.addr_len > kMaxAddrBytes) return -EINVAL;
       for (uint32_t k = 0; k < 4; ++k) {
         uint64_t v = arg(2 + k);

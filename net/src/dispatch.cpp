@@ -272,6 +272,10 @@ void dispatch(Backend& backend, hostcall::Call& call, bool descriptor_write) {
       reply.finish(r);
       return;
     }
+    if (req.src != 0 && !backend.pulls()) {
+      reply.finish(kCopyInstead);  // the lane copies the bytes into staging
+      return;
+    }
     backend.serve(req, std::move(reply));
   });
   internal::lane_finished(group, false);

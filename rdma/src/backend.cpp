@@ -90,6 +90,7 @@ void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign)
                        [r](int64_t v) { r->finish(v); });
     }
     case net::Op::kSend: {
+      if (req.src != 0) return reply.finish(net::kCopyInstead);  // out of staging only
       const uint32_t addr_len = static_cast<uint32_t>(static_cast<uint64_t>(req.a[0]) >> 32);
       if (addr_len != 0) return reply.finish(e.owns(fd) ? -EISCONN : -EBADF);
       const uint8_t* p = req.data.data();

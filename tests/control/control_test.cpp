@@ -1078,8 +1078,9 @@ CtlRun ctl(const std::string& args, const std::string& env = "") {
 }
 
 // Copies the host made into device memory for kernels (received bytes delivered into a
-// kernel's buffer) show in GetStats, in `gpusockctl stats` and in its metrics. Made here
-// with Runtime::deliver(), the call the io_uring backend makes for a delivering receive.
+// kernel's buffer) and out of it (a warp's send taken from where it lies) show in
+// GetStats, in `gpusockctl stats` and in its metrics. Made here with Runtime::deliver()
+// and start_fetch(), the calls the io_uring backend makes for them.
 TEST_F(ControlTest, GetStatsCountsDeliveriesIntoDeviceMemory) {
   gpusock::control::ServerOptions so;
   so.tcp_address = "127.0.0.1:0";
@@ -1096,16 +1097,25 @@ TEST_F(ControlTest, GetStatsCountsDeliveriesIntoDeviceMemory) {
   ASSERT_TRUE(rt_->deliver(dev, bytes.data(), 5000).ok());
   ASSERT_TRUE(rt_->deliver(static_cast<uint8_t*>(dev) + 5000, bytes.data(), 3000).ok());
   EXPECT_EQ(rt_->deliver(static_cast<uint8_t*>(dev) + 5000, bytes.data(), 5000).code(), EFAULT);  // not counted
+  ASSERT_TRUE(rt_->start_fetch(bytes.data(), static_cast<uint8_t*>(dev) + 100, 4000).ok());
+  EXPECT_EQ(rt_->start_fetch(bytes.data(), static_cast<uint8_t*>(dev) + 8000, 400).code(), EFAULT);  // not counted
+  ASSERT_TRUE(rt_->finish_deliveries().ok());
   grpc::ClientContext ctx;
   v1::Stats st;
   ASSERT_TRUE(stub_->GetStats(&ctx, {}, &st).ok());
   EXPECT_EQ(st.deliveries() - before.deliveries(), 2u);
   EXPECT_EQ(st.delivered_bytes() - before.delivered_bytes(), 8000u);
+  EXPECT_EQ(st.fetches() - before.fetches(), 1u);
+  EXPECT_EQ(st.fetched_bytes() - before.fetched_bytes(), 4000u);
   const std::string ep = "--timeout 60 --endpoint " + server_->endpoint();
   CtlRun r = ctl(ep + " stats");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("delivered into device memory by the host: " + std::to_string(st.deliveries()) + " copies, " +
                        std::to_string(st.delivered_bytes()) + " bytes"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("taken out of device memory by the host: " + std::to_string(st.fetches()) + " copies, " +
+                       std::to_string(st.fetched_bytes()) + " bytes"),
             std::string::npos)
       << r.out;
   r = ctl(ep + " metrics");
@@ -1114,6 +1124,10 @@ TEST_F(ControlTest, GetStatsCountsDeliveriesIntoDeviceMemory) {
             std::string::npos)
       << r.out;
   EXPECT_NE(r.out.find("gpusock_delivered_bytes_total " + std::to_string(st.delivered_bytes())), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("# TYPE gpusock_fetches_total counter\ngpusock_fetches_total " + std::to_string(st.fetches())),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("gpusock_fetched_bytes_total " + std::to_string(st.fetched_bytes())), std::string::npos) << r.out;
   rt_->device_free(dev);
 }
 

@@ -142,6 +142,7 @@ int model_request(const FakeLane& l, net::Op op, bool descriptor_write) {
     case net::Op::kSend: {
       const uint32_t addr_len = static_cast<uint32_t>(l.arg(1) >> 32);
       if (addr_len == 0xffff) return 1;
+      if (addr_len == 0xfffe) return l.arg(2) != 0 && l.arg(3) != 0 && l.arg(3) <= (64ull << 20) ? 0 : -EINVAL;
       if (addr_len > 32) return -EINVAL;
       return l.model_payload_at(6, &len);
     }
@@ -187,6 +188,13 @@ void check_request(const FakeLane& l, uint32_t opcode, bool descriptor_write) {
       break;
     case net::Op::kSend: {
       FUZZ_CHECK(req.fd == arg32(0) && req.a[0] == static_cast<int32_t>(static_cast<uint32_t>(l.arg(1))));
+      if ((l.arg(1) >> 32) == net::kPullSource) {
+        // Bytes left in device memory: only their address and length travel.
+        FUZZ_CHECK(req.src == l.arg(2) && req.a[1] == static_cast<int64_t>(l.arg(3)));
+        FUZZ_CHECK(req.addr_len == 0 && req.data.empty());
+        break;
+      }
+      FUZZ_CHECK(req.src == 0);
       FUZZ_CHECK(req.addr_len == (l.arg(1) >> 32) && req.addr_len <= net::kMaxAddrBytes);
       for (uint32_t k = 0; k < 4; ++k) {
         uint64_t w;

@@ -850,6 +850,56 @@ TEST_P(HostcallTest, FinishingADeliveryByTicketWaitsForItAndEveryEarlierOne) {
   rt_->mapped_free(m->host);
 }
 
+// start_fetch() copies out of device memory on the thread's copy stream, numbered with
+// its deliveries: a ticket finished means that fetch and every earlier one have landed in
+// host memory. Only out of device_alloc() memory (EFAULT elsewhere), and counted.
+TEST_P(HostcallTest, FetchesCopyOutOfDeviceMemoryInTicketOrder) {
+  Start();
+  constexpr size_t kPiece = 1u << 20, kPieces = 16;
+  auto value = [](size_t i) { return static_cast<uint8_t>((i * 2654435761u) >> 11); };
+  std::vector<uint8_t> want(kPiece * kPieces);
+  for (size_t i = 0; i < want.size(); ++i) want[i] = value(i);
+  auto dev = Buffer<uint8_t>(want.size());
+  ASSERT_TRUE(rt_->copy_to_device(dev.data(), want.data(), want.size()).ok());
+  auto m = rt_->mapped_alloc(want.size());
+  ASSERT_TRUE(m.ok());
+  uint8_t* dst = static_cast<uint8_t*>(m->host);
+  auto spare = Buffer<uint8_t>(64);
+  const uint8_t spare_src[64] = {};
+  const gpusock::RuntimeStats before = rt_->stats();
+  std::vector<uint64_t> t(kPieces);
+  uint64_t delivery = 0;
+  for (size_t k = 0; k < kPieces; ++k) {
+    ASSERT_TRUE(rt_->start_fetch(dst + k * kPiece, dev.data() + k * kPiece, kPiece, &t[k]).ok());
+    if (k == 7) ASSERT_TRUE(rt_->start_delivery(spare.data(), spare_src, sizeof spare_src, &delivery).ok());
+  }
+  if (GetParam() == gpusock::DeviceKind::kCuda) {
+    EXPECT_EQ(delivery, t[7] + 1);  // one sequence for both directions
+    EXPECT_EQ(t[8], delivery + 1);
+    for (size_t k = 1; k < 8; ++k) EXPECT_EQ(t[k], t[k - 1] + 1);
+  } else {
+    for (size_t k = 0; k < kPieces; ++k) EXPECT_EQ(t[k], 0u);  // made at once
+  }
+  ASSERT_TRUE(rt_->finish_deliveries(t[7]).ok());
+  size_t wrong = 0;
+  for (size_t i = 0; i < 8 * kPiece; ++i) wrong += dst[i] != want[i];
+  EXPECT_EQ(wrong, 0u) << "bytes of the first eight fetches missing after their tickets finished";
+  ASSERT_TRUE(rt_->finish_deliveries().ok());
+  wrong = 0;
+  for (size_t i = 0; i < want.size(); ++i) wrong += dst[i] != want[i];
+  EXPECT_EQ(wrong, 0u);
+  const gpusock::RuntimeStats after = rt_->stats();
+  EXPECT_EQ(after.fetches - before.fetches, kPieces);
+  EXPECT_EQ(after.fetched_bytes - before.fetched_bytes, kPiece * kPieces);
+  // Never out of memory the runtime did not hand out or have registered.
+  uint64_t ticket = 99;
+  EXPECT_EQ(rt_->start_fetch(dst, dev.data() + want.size() - 10, 20, &ticket).code(), EFAULT);
+  EXPECT_EQ(ticket, 0u);
+  EXPECT_EQ(rt_->start_fetch(dst, want.data(), 20).code(), EFAULT);
+  EXPECT_EQ(rt_->stats().fetches, after.fetches);
+  rt_->mapped_free(m->host);
+}
+
 TEST_P(HostcallTest, LaunchRejectsBadDimensions) {
   Start();
   auto out = Buffer<int64_t>(1);

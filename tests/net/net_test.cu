@@ -565,13 +565,11 @@ uint64_t host_stream_hash(uint64_t total) {
   return h;
 }
 
-TEST_P(NetTest, GigabyteFromKernelToHostArrivesWholeAndInOrder) {
-  Start();
-  uint16_t port;
-  int lfd = host_listen(&port);
-  ASSERT_GE(lfd, 0);
+// Accepts one connection on lfd and reads it to EOF, checking every byte against the
+// pattern: what arrived, its hash, and how many bytes differ.
+struct PatternSink {
   uint64_t got = 0, hash = 0, bad = 0;
-  std::thread sink([&] {
+  void run(int lfd) {
     int c = ::accept(lfd, nullptr, nullptr);
     std::vector<uint8_t> buf(1 << 20);
     for (;;) {
@@ -584,18 +582,155 @@ TEST_P(NetTest, GigabyteFromKernelToHostArrivesWholeAndInOrder) {
       got += static_cast<uint64_t>(r);
     }
     ::close(c);
-  });
+  }
+};
+
+TEST_P(NetTest, GigabyteFromKernelToHostArrivesWholeAndInOrder) {
+  Start();
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  PatternSink sink;
+  std::thread reader([&] { sink.run(lfd); });
   constexpr uint32_t kChunk = 256 * 1024;
   auto chunk = Buffer<uint8_t>(kChunk);
   auto out = Buffer<int64_t>(1);
   auto k = Launch({1}, {32}, BulkSender{}, port, kGiB, chunk.data(), kChunk, out.data());
   Finish(k);
-  sink.join();
+  reader.join();
   ::close(lfd);
   EXPECT_EQ(Read(out)[0], static_cast<int64_t>(kGiB));
-  EXPECT_EQ(got, kGiB);
-  EXPECT_EQ(bad, 0u);
-  EXPECT_EQ(hash, host_stream_hash(kGiB));
+  EXPECT_EQ(sink.got, kGiB);
+  EXPECT_EQ(sink.bad, 0u);
+  EXPECT_EQ(sink.hash, host_stream_hash(kGiB));
+}
+
+// A blocking warp_send of at least kPullMinBytes out of device_alloc() or registered
+// memory is taken from there by the host (Runtime::start_fetch(), DMA on a GPU), in pull
+// pieces reused many times within each call; out of other memory (mapped host memory),
+// or with pull_sends off, the warp copies it through staging. Every way, the stream
+// arrives whole and in order, and the runtime's fetch counter says which way it went.
+TEST_P(NetTest, LargeWarpSendsOutOfDeviceMemoryAreTakenByTheHost) {
+  enum Mem { kAlloc, kRegistered, kMapped };
+  struct Case {
+    const char* what;
+    bool pull;
+    Mem mem;
+  };
+  const Case cases[] = {{"device_alloc memory", true, kAlloc},
+                        {"device_alloc memory, pull_sends off", false, kAlloc},
+                        {"registered memory", true, kRegistered},
+                        {"mapped host memory", true, kMapped}};
+  constexpr uint64_t kTotal = 20ull << 20;
+  constexpr uint32_t kChunk = (1u << 20) + 12345;  // not a whole number of pieces; the last send 794 KiB
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    rt_.reset();
+    gpusock::iouring::Options io;
+    io.pull_sends = c.pull;
+    io.pull_chunk_bytes = 64 * 1024;
+    io.pull_chunks = 3;
+    Start(io);
+    ASSERT_FALSE(HasFatalFailure());
+    ForeignMemory foreign(GetParam(), kChunk);
+    ASSERT_NE(foreign.data(), nullptr);
+    auto alloc = Buffer<uint8_t>(kChunk);
+    auto mapped = rt_->mapped_alloc(kChunk);
+    ASSERT_TRUE(mapped.ok());
+    uint8_t* chunk = c.mem == kAlloc ? alloc.data()
+                     : c.mem == kRegistered ? foreign.data()
+                                            : static_cast<uint8_t*>(mapped->device);
+    if (c.mem == kRegistered) ASSERT_TRUE(rt_->register_device_memory(foreign.data(), kChunk).ok());
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    PatternSink sink;
+    std::thread reader([&] { sink.run(lfd); });
+    const gpusock::RuntimeStats before = rt_->stats();
+    auto out = Buffer<int64_t>(1);
+    auto k = Launch({1}, {32}, BulkSender{}, port, kTotal, chunk, kChunk, out.data());
+    Finish(k);
+    reader.join();
+    ::close(lfd);
+    EXPECT_EQ(Read(out)[0], static_cast<int64_t>(kTotal));
+    EXPECT_EQ(sink.got, kTotal);
+    EXPECT_EQ(sink.bad, 0u);
+    EXPECT_EQ(sink.hash, host_stream_hash(kTotal));
+    const gpusock::RuntimeStats after = rt_->stats();
+    EXPECT_EQ(after.fetched_bytes - before.fetched_bytes, c.pull && c.mem != kMapped ? kTotal : 0u);
+    if (c.mem == kRegistered) ASSERT_TRUE(rt_->unregister_device_memory(foreign.data()).ok());
+    rt_->mapped_free(mapped->host);
+  }
+}
+
+// Lane 0 connects; the warp sends `first` bytes of buf, then `second`. out: both results.
+struct SendsTwice {
+  GPUSOCK_HD void operator()(uint16_t port, const uint8_t* buf, uint64_t first, uint64_t second, int64_t* out) const {
+    const int fd = warp_connect4(port);
+    if (fd < 0) {
+      if (gpusock::warp::lane_id() == 0) out[0] = fd;
+      return;
+    }
+    const int64_t a = raw::warp_send(0xffffffffu, fd, buf, first, 0);
+    const int64_t b = raw::warp_send(0xffffffffu, fd, buf, second, 0);
+    if (gpusock::warp::lane_id() == 0) {
+      raw::close(fd);
+      out[0] = a;
+      out[1] = b;
+    }
+  }
+};
+
+// A peer that resets the connection while the host sends a warp's bytes out of device
+// memory ends that send with what went out before (or the error), and the next send
+// fails: nothing hangs, the pull area is given back (a later taken send works).
+TEST_P(NetTest, APeerResetDuringATakenSendEndsIt) {
+  Start();
+  constexpr uint64_t kBig = 48ull << 20, kRead = 1ull << 20;
+  auto buf = Buffer<uint8_t>(kBig);
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "reset" : "whole");
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    uint64_t read = 0;
+    std::thread peer([&] {
+      int c = ::accept(lfd, nullptr, nullptr);
+      std::vector<uint8_t> b(64 * 1024);
+      while (round == 1 || read < kRead) {
+        const ssize_t r = ::recv(c, b.data(), b.size(), 0);
+        if (r <= 0) break;
+        read += static_cast<uint64_t>(r);
+      }
+      if (round == 0) {
+        linger lg{1, 0};
+        ::setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+      }
+      ::close(c);  // round 0: RST while the kernel's first send is under way
+    });
+    const gpusock::RuntimeStats before = rt_->stats();
+    auto out = Buffer<int64_t>(2);
+    auto k = Launch({1}, {32}, SendsTwice{}, port, static_cast<const uint8_t*>(buf.data()), kBig,
+                    uint64_t{256 * 1024}, out.data());
+    Finish(k);
+    peer.join();
+    ::close(lfd);
+    auto o = Read(out);
+    if (round == 0) {
+      if (o[0] > 0) {
+        EXPECT_GE(o[0], static_cast<int64_t>(kRead));
+        EXPECT_LT(o[0], static_cast<int64_t>(kBig));
+      } else {
+        EXPECT_THAT(o[0], ::testing::AnyOf(-ECONNRESET, -EPIPE));
+      }
+      EXPECT_THAT(o[1], ::testing::AnyOf(-ECONNRESET, -EPIPE));
+    } else {
+      EXPECT_EQ(o[0], static_cast<int64_t>(kBig));
+      EXPECT_EQ(o[1], 256 * 1024);
+      EXPECT_EQ(read, kBig + 256 * 1024);
+      EXPECT_EQ(rt_->stats().fetched_bytes - before.fetched_bytes, kBig + 256 * 1024);
+    }
+  }
 }
 
 TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {

@@ -120,6 +120,8 @@ struct RuntimeStats {
   uint32_t staging_pages_used = 0; // pages held by calls (staging bitmap)
   uint64_t deliveries = 0;         // deliver() copies made for modules (net/ receives)
   uint64_t delivered_bytes = 0;
+  uint64_t fetches = 0;            // start_fetch() copies made for modules (net/ sends)
+  uint64_t fetched_bytes = 0;
 };
 
 namespace internal {
@@ -204,6 +206,14 @@ class Runtime {
   Status unregister_device_memory(void* p);
   static constexpr uint64_t kAllDeliveries = ~uint64_t{0};
   Status finish_deliveries(uint64_t ticket = kAllDeliveries);
+  // The other direction, for modules that send what a kernel names (net/ sends a warp's
+  // buffer straight from device memory this way, docs 12.4 send step 2a): starts a copy
+  // of [src, src + bytes) into host memory `dst` (pinned for a DMA copy that runs beside
+  // kernels) on the calling thread's copy stream. Only out of memory is_device_memory()
+  // accepts: EFAULT otherwise, so a kernel's wrong pointer can never make the host read
+  // elsewhere. Fetches share the thread's tickets with its deliveries (one sequence, one
+  // order): finish_deliveries(ticket) waits for both.
+  Status start_fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket = nullptr);
 
   // Pinned host memory that kernels read and write directly (zero-copy), zeroed:
   // `host` for host threads, `device` for kernels. Freed with mapped_free(host).

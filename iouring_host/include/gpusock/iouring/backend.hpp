@@ -113,6 +113,15 @@ struct Options {
   uint32_t deliver_chunk_bytes = 256 * 1024;
   uint32_t deliver_chunks = 4;
   uint32_t deliver_gather_max = 2 * 1024 * 1024;
+  // The other direction: a blocking warp_send() of at least net::kPullMinBytes from a
+  // kernel's device_alloc() or registered memory is taken out of device memory by the host
+  // (Runtime::start_fetch(): DMA copies on the service thread's copy stream) into a pull
+  // area of pull_chunks pieces of pull_chunk_bytes per service thread (pinned, 2..8), each
+  // piece sent while the next ones are copied, instead of the warp copying the bytes into
+  // staging. false: every send goes through staging. bench/net measures both ways.
+  bool pull_sends = true;
+  uint32_t pull_chunk_bytes = 128 * 1024;
+  uint32_t pull_chunks = 8;
   // Most sockets (listeners, connections, datagram sockets) open at once: socket() and
   // accept() beyond it fail with EMFILE.
   uint32_t max_sockets = 65536;

@@ -72,6 +72,9 @@ struct Request {
   std::span<uint8_t> data;
   uint8_t addr[kMaxAddrBytes] = {};
   uint32_t addr_len = 0;
+  // kSend of bytes left in device memory (protocol.hpp, kPullSource): their device address,
+  // a[1] their length; `data` is empty. Only a backend whose pulls() is true gets these.
+  uint64_t src = 0;
 };
 
 class Backend;
@@ -192,6 +195,10 @@ class Backend : public hostcall::ServiceHook {
   virtual std::string describe() const = 0;
   // Serves one lane's request: calls reply.finish() now or later, from any thread.
   virtual void serve(Request& req, Reply reply) = 0;
+  // Whether serve() takes sends whose bytes are in device memory (Request::src). When
+  // false (the default) net/ answers them kCopyInstead and the lane copies the bytes into
+  // staging. A backend that pulls may still answer kCopyInstead, socket by socket.
+  virtual bool pulls() const { return false; }
 
   // The sockets open now, ascending by descriptor. Default: none.
   virtual std::vector<SocketInfo> list_sockets() { return {}; }

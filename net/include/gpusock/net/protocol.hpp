@@ -18,6 +18,12 @@
 // kSend        fd, flags|addrlen<<32, addr[4]       data             bytes sent
 //                (addrlen 0: no destination; kRideAlong: a lane of warp_send() that
 //                carries no bytes, answered 0 with no I/O)
+//              fd, flags|kPullSource<<32, src, len  -                bytes sent
+//                a warp_send() leader's bytes left where they are: `src` is their device
+//                address. A backend that can (Backend::pulls()) copies them out of device
+//                memory itself (Runtime::start_fetch(), only out of device_alloc() or
+//                registered memory) and sends them; otherwise, or for memory it may
+//                not read, it answers kCopyInstead and the lane copies through staging.
 // kRecv        fd, flags, len, dst                  -                bytes, data, flag, addrlen, addr[4]
 //                data: device address of the bytes (a receive buffer the host lent);
 //                flag: device address of the buffer's 32-bit lent flag: the lane stores 0
@@ -87,6 +93,16 @@ inline constexpr int64_t kSendMore = int64_t{1} << 40;
 inline constexpr uint32_t kMaxAddrBytes = 32;
 // kSend's address length for a warp_send() lane that only helps copy.
 inline constexpr uint32_t kRideAlong = 0xffff;
+// kSend's address length for a send whose bytes the host is to take from device memory.
+inline constexpr uint32_t kPullSource = 0xfffe;
+// r[0] of a kPullSource send the host will not take from device memory: nothing was sent,
+// copy the bytes into staging and send again. Below kAskAgain.
+inline constexpr int64_t kCopyInstead = kAskAgain - 1;
+// Least bytes a warp_send() asks the host to take from device memory (kPullSource); a
+// shorter send is copied into staging by the warp.
+inline constexpr uint64_t kPullMinBytes = 128 * 1024;
+// Most bytes of one kPullSource call: a longer send goes in calls of this size.
+inline constexpr uint64_t kPullMaxBytes = 64ull << 20;
 // Largest option value getsockopt/setsockopt carry.
 inline constexpr uint32_t kMaxOptBytes = 32;
 // Descriptors from here up are served on the device (the localdevice family,

@@ -394,6 +394,13 @@ GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg = 0) {
 // which is what makes one warp's bulk sends fast. Returns what send() returns, to every
 // lane of mask. Streams only: on a datagram socket use send().
 //
+// A blocking send of at least net::kPullMinBytes from global memory is first offered to
+// the host to take from where it is (kPullSource): when buf is device_alloc() or
+// registered memory (Runtime::register_device_memory) the host copies it out by DMA,
+// piece after piece while it sends the pieces before, and the warp copies nothing (docs
+// 12.4, send step 2a). Otherwise the host answers kCopyInstead and the call goes on
+// through staging, as a shorter or non-blocking send does.
+//
 // The mask is explicit because "the lanes that arrive together" is not a group a
 // collective can rely on: lanes that reach the call apart (a slow lane on the cpu device, a
 // divergent branch on a GPU) would otherwise form two groups with two leaders, and two
@@ -405,16 +412,36 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   const uint8_t* p = static_cast<const uint8_t*>(buf);
   uint64_t done = 0;
   int64_t result = 0;
+#if defined(__CUDA_ARCH__)
+  bool pull = (flags & MSG_DONTWAIT) == 0 && __isGlobal(buf);
+#else
+  bool pull = (flags & MSG_DONTWAIT) == 0;
+#endif
   for (;;) {
     const uint64_t left = len - done;
-    const uint32_t piece = left < net::internal::kMaxSendPiece ? static_cast<uint32_t>(left) : net::internal::kMaxSendPiece;
-    // Only the leader carries bytes; the others ride along with empty sends (answered at
-    // once by the host, with no I/O) so that, when they share its hostcall, they join the
-    // copy. Whichever calls the lanes end up in, only the leader's sends bytes.
-    const uint64_t fl = static_cast<uint32_t>(flags) | (lead ? 0ull : (uint64_t{net::kRideAlong} << 32));
-    int64_t r = hostcall::wait(
-        hostcall::submit_with_payload(net::op::kSend, p + done, lead ? piece : 0u, fd, fl, 0, 0, 0, 0));
-    r = warp::shfl(mask, r, leader);
+    uint64_t piece = 0;
+    int64_t r = 0;
+    if (pull && left >= net::kPullMinBytes) {
+      piece = left < net::kPullMaxBytes ? left : net::kPullMaxBytes;
+      if (lead) {
+        const uint64_t fl = static_cast<uint32_t>(flags) | (uint64_t{net::kPullSource} << 32);
+        r = hostcall::wait(hostcall::submit(net::op::kSend, fd, fl, reinterpret_cast<uint64_t>(p + done), piece));
+      }
+      r = warp::shfl(mask, r, leader);
+      if (r == net::kCopyInstead) {
+        pull = false;  // not memory the host takes from: through staging from here on
+        continue;
+      }
+    } else {
+      piece = left < net::internal::kMaxSendPiece ? left : net::internal::kMaxSendPiece;
+      // Only the leader carries bytes; the others ride along with empty sends (answered at
+      // once by the host, with no I/O) so that, when they share its hostcall, they join the
+      // copy. Whichever calls the lanes end up in, only the leader's sends bytes.
+      const uint64_t fl = static_cast<uint32_t>(flags) | (lead ? 0ull : (uint64_t{net::kRideAlong} << 32));
+      r = hostcall::wait(hostcall::submit_with_payload(net::op::kSend, p + done, lead ? static_cast<uint32_t>(piece) : 0u,
+                                                       fd, fl, 0, 0, 0, 0));
+      r = warp::shfl(mask, r, leader);
+    }
     if (r == net::kAskAgain) continue;  // let go with nothing sent (see sendto)
     const bool more = r > 0 && (r & net::kSendMore) != 0;
     r &= ~(more ? net::kSendMore : 0);
@@ -424,7 +451,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     }
     done += static_cast<uint64_t>(r);
     result = static_cast<int64_t>(done);
-    if ((!more && static_cast<uint32_t>(r) < piece) || done >= len) break;
+    if ((!more && static_cast<uint64_t>(r) < piece) || done >= len) break;
   }
   return result;
 }
