@@ -52,18 +52,18 @@ struct PollWait;
 
 enum class Kind : uint8_t { kAccept, kConnect, kSend, kRecv, kPollArm, kPollTimer };
 
-// A send whose bytes the host takes out of device memory (docs 12.4, send step 2a): the
-// copies fill the ring's pull area piece after piece, and the pieces go out in order.
-// Pieces in use are the area's slots first, first + 1, ... (mod its piece count).
+// A send whose bytes the host takes out of device memory (docs 12.4, send step 2a). Its
+// bytes are copied into the ring's pull area piece after piece and sent from there; the
+// lane is answered once all of them are in the area, before they are all sent.
 struct Pull {
   const uint8_t* src = nullptr;  // the lane's bytes, in device memory
   uint64_t total = 0;
   uint64_t fetched = 0;          // bytes whose copies have started
-  uint64_t sent = 0;             // bytes of the pieces wholly sent
-  uint32_t first = 0, pieces = 0;
-  uint32_t len[kMaxBouncePieces] = {};
-  uint64_t ticket[kMaxBouncePieces] = {};
-  int error = 0;                 // why a copy could not start (the device is gone, EFAULT)
+  uint64_t sent = 0;             // bytes handed to the kernel
+  uint64_t last_ticket = 0;      // the copy of its newest piece
+  int error = 0;                 // why a copy could not start: no more of it is taken
+  bool answered = false;
+  bool taken_all() const { return fetched == total || error != 0; }
 };
 
 struct Op {
@@ -92,8 +92,10 @@ struct Op {
   // straggle() asked to let the lane go: its cancel is on the way, and the next
   // completion answers instead of submitting again.
   bool straggling = false;
-  // A send out of device memory: `data`, `len` and `done` are its current piece.
+  // A send out of device memory: `data`, `len` and `done` are the piece being sent.
   std::unique_ptr<Pull> pull;
+  // A send that waits for the socket's taken bytes to go first (Sock::held).
+  bool held = false;
 };
 
 struct PollWait {
@@ -125,6 +127,13 @@ struct Sock {
   // Decides SEND_ZC. Set by connect (a non-blocking one runs on any service thread).
   std::atomic<bool> loopback_peer{false};
   uint32_t inflight = 0;      // home thread only: ops on this socket not yet completed
+  // Taken sends (docs 12.4, send 2a), home thread only. An error one met after its lane
+  // was answered, for the next send; sends that wait until the taken bytes are out; and a
+  // shutdown (its `how`) or close the lane was answered for, done once they are out.
+  int send_error = 0;
+  std::deque<Op*> held;
+  int shutdown_after = -1;
+  bool closing = false;
   // Listener state, home thread only (listening is also read by listings).
   std::atomic<bool> listening{false};
   bool accept_armed = false;
@@ -209,9 +218,20 @@ struct Ring {
   std::vector<uint32_t> lent;      // buffers the device holds
   uint8_t* bounce = nullptr;       // delivery's bounce area: bounce_pieces of bounce_piece bytes
   uint32_t bounce_piece = 0, bounce_pieces = 0;
-  uint8_t* pull = nullptr;         // sends out of device memory: pull_pieces of pull_piece bytes
-  uint32_t pull_piece = 0, pull_pieces = 0;
-  Op* pull_owner = nullptr;        // the send using the pull area (one at a time)
+  // The pull area (docs 12.4, send 2a): pieces of pinned memory that one socket's taken
+  // sends fill, oldest first, and that go out in that order. Pieces in use are first,
+  // first + 1, ... (mod pieces); `owner` is the send each holds.
+  struct PullArea {
+    uint8_t* base = nullptr;
+    uint32_t piece = 0, pieces = 0;
+    std::shared_ptr<Sock> sock;    // whose sends hold the area; null: free
+    std::deque<Op*> ops;           // that socket's taken sends, oldest first
+    uint32_t first = 0, count = 0;
+    uint32_t len[kMaxBouncePieces] = {};
+    uint64_t ticket[kMaxBouncePieces] = {};
+    Op* owner[kMaxBouncePieces] = {};
+    bool sending = false;          // piece `first` is in the kernel
+  } pull;
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
   std::unordered_set<PollWait*> polls;  // every PollWait that waits (for straggle())
@@ -348,6 +368,13 @@ class IouringBackend final : public net::Backend {
         // The set says the address is a live Op; straggling() that its call is due (an
         // Op that reused a freed address and waits in a due call is due as well).
         if (!r.live.contains(op) || op->straggling || !op->reply.straggling()) return;
+        if (op->held) {
+          // Waiting behind taken bytes, nothing sent: the lane asks again on its own.
+          auto& held = op->sock->held;
+          held.erase(std::find(held.begin(), held.end(), op));
+          op->reply.finish(net::kAskAgain);
+          return retire(r, op);
+        }
         op->straggling = true;
         if (io_uring_sqe* sqe = r.sqe()) {
           io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(op), 0);
@@ -425,6 +452,9 @@ class IouringBackend final : public net::Backend {
                                      static_cast<socklen_t>(req.data.size()))));
         return;
       case net::Op::kShutdown:
+        // A stream's shutdown for writing goes home: it must follow taken bytes still
+        // going out (docs 12.4, send 2a).
+        if (s->stream && req.a[0] != SHUT_RD) break;
         reply.finish(sock_err(::shutdown(s->fd, static_cast<int>(req.a[0]))));
         return;
       case net::Op::kSetsockopt: {
@@ -663,9 +693,9 @@ class IouringBackend final : public net::Backend {
       r->bounce_pieces = opt_.deliver_chunks;
     }
     if (opt_.pull_sends) {
-      r->pull = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_ + bounce_span_;
-      r->pull_piece = opt_.pull_chunk_bytes;
-      r->pull_pieces = opt_.pull_chunks;
+      r->pull.base = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_ + bounce_span_;
+      r->pull.piece = opt_.pull_chunk_bytes;
+      r->pull.pieces = opt_.pull_chunks;
     }
     r->br_bytes = (sizeof(io_uring_buf) * r->nbufs + 4095) & ~size_t{4095};
     void* mem = mmap(nullptr, r->br_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
@@ -931,7 +961,7 @@ class IouringBackend final : public net::Backend {
   }
 
   void on_home(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
-    if (s->closed) {
+    if (s->closed || s->closing) {
       reply.finish(-EBADF);
       return;
     }
@@ -942,6 +972,7 @@ class IouringBackend final : public net::Backend {
       case net::Op::kSend: return do_send(r, s, req, std::move(reply));
       case net::Op::kRecv: return do_recv(r, s, req, std::move(reply));
       case net::Op::kClose: return do_close(r, s, std::move(reply));
+      case net::Op::kShutdown: return do_shutdown(r, s, req, std::move(reply));
       default: reply.finish(-ENOSYS); return;
     }
   }
@@ -1106,6 +1137,10 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EOPNOTSUPP);
       return;
     }
+    if (s->send_error != 0) {
+      reply.finish(std::exchange(s->send_error, 0));  // met by taken bytes after their answer
+      return;
+    }
     if (req.src != 0) return do_send_pull(r, s, req, std::move(reply), user);
     Op* op = new_op(r, Kind::kSend, s);
     op->reply = std::move(reply);
@@ -1126,6 +1161,18 @@ class IouringBackend final : public net::Backend {
       retire(r, op);
       return;
     }
+    if (holds_area(r, *s)) {
+      // Taken bytes of this socket are still going out (send 2a): these go after them. A
+      // non-blocking send finds the socket full.
+      if ((op->flags & MSG_DONTWAIT) != 0) {
+        op->reply.finish(-EAGAIN);
+        return retire(r, op);
+      }
+      op->held = true;
+      s->held.push_back(op);
+      op->reply.wait_begin(*this, token(r, kWaitOp, reinterpret_cast<uintptr_t>(op)));
+      return;
+    }
     submit_send(r, op);
   }
 
@@ -1133,9 +1180,8 @@ class IouringBackend final : public net::Backend {
     if (faults_ != nullptr && inject(r, op->zc ? FaultOp::kSendZc : FaultOp::kSend, op)) [[unlikely]] return;
     io_uring_sqe* sqe = r.sqe();
     if (sqe == nullptr) {
-      const uint64_t sent = sent_so_far(*op);
-      if (op->pull) r.pull_owner = nullptr;
-      op->reply.finish(sent > 0 ? static_cast<int64_t>(sent) : -EBUSY);
+      if (op->pull) return fail_area(r, -EBUSY);
+      op->reply.finish(op->done > 0 ? op->done : -EBUSY);
       retire(r, op);
       return;
     }
@@ -1157,28 +1203,35 @@ class IouringBackend final : public net::Backend {
     }
     target(sqe, *op->sock);
     io_uring_sqe_set_data(sqe, op);
-    if (op->sock->stream && (op->flags & MSG_DONTWAIT) == 0) {
+    // A taken send is never let go (its lane is answered from the area, not by this send).
+    if (op->sock->stream && (op->flags & MSG_DONTWAIT) == 0 && !op->pull) {
       op->reply.wait_begin(*this, token(r, kWaitOp, reinterpret_cast<uintptr_t>(op)));
     }
   }
 
-  // Bytes of a send handed to the kernel so far.
-  static uint64_t sent_so_far(const Op& op) { return (op.pull ? op.pull->sent : 0) + op.done; }
-
-  // ---- send out of device memory (docs 12.4, send step 2a) ----
-  // A blocking stream send of bytes in device_alloc() or registered memory: the host
-  // copies them into the ring's pull area by DMA (Runtime::start_fetch()), pull_chunks
-  // pieces ahead, and sends each piece once its own copy has ended while the later ones
-  // are still copied. One such send per ring at a time; anything else (a non-blocking
-  // send, a datagram socket, memory the runtime does not know, the area busy) answers
-  // kCopyInstead and the lane copies through staging, so no send ever waits for the area.
+  // ---- sends taken out of device memory (docs 12.4, send step 2a) ----
+  // A blocking stream send of bytes in device_alloc() or registered memory. The host
+  // copies them into the ring's pull area by DMA (Runtime::start_fetch()), as many pieces
+  // ahead as are free, sends each piece once its own copy has ended, and answers the lane
+  // as soon as all its bytes are in the area (and, for the oldest send there, a piece of
+  // it has gone out): the area is to these bytes what the kernel's socket buffer is to a
+  // send(2)'s, and the lane's next send is taken while they go out.
+  // One socket holds a ring's area at a time; a send that cannot have it (another
+  // socket's, a non-blocking send, a datagram socket, memory the runtime does not know)
+  // answers kCopyInstead and the lane copies through staging, so no send ever waits for
+  // another socket's peer.
   void do_send_pull(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply, int user) {
+    Ring::PullArea& a = r.pull;
     const auto* src = reinterpret_cast<const uint8_t*>(req.src);
     const uint64_t total = static_cast<uint64_t>(req.a[1]);
     const bool nonblock = (user & MSG_DONTWAIT) != 0 || s->nonblock.load(std::memory_order_relaxed);
-    if (r.pull == nullptr || r.pull_owner != nullptr || !s->stream || nonblock || req.addr_len != 0 ||
-        !rt_->is_device_memory(src, total)) {
+    if (a.base == nullptr || (a.sock != nullptr && a.sock != s) || !s->held.empty() || !s->stream || nonblock ||
+        req.addr_len != 0 || !rt_->is_device_memory(src, total)) {
       reply.finish(net::kCopyInstead);
+      return;
+    }
+    if (s->shutdown_after == SHUT_WR || s->shutdown_after == SHUT_RDWR) {
+      reply.finish(-EPIPE);
       return;
     }
     Op* op = new_op(r, Kind::kSend, s);
@@ -1187,78 +1240,143 @@ class IouringBackend final : public net::Backend {
     op->pull = std::make_unique<Pull>();
     op->pull->src = src;
     op->pull->total = total;
-    r.pull_owner = op;
-    pull_fill(r, *op->pull);
-    pull_next(r, op);
+    a.sock = s;
+    a.ops.push_back(op);
+    pump(r);
   }
-  // Starts copies into the free pieces, in order, while bytes are left to copy.
-  void pull_fill(Ring& r, Pull& p) {
-    while (p.pieces < r.pull_pieces && p.fetched < p.total && p.error == 0) {
-      const uint32_t slot = (p.first + p.pieces) % r.pull_pieces;
-      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(p.total - p.fetched, r.pull_piece));
-      uint64_t t = 0;
-      Status st = rt_->start_fetch(r.pull + static_cast<size_t>(slot) * r.pull_piece, p.src + p.fetched, n, &t);
-      if (!st.ok()) {
-        p.error = st.code() > 0 ? -st.code() : -EIO;
-        return;
+  // Moves the area on: starts copies into free pieces (the oldest send first), sends the
+  // oldest piece, answers the sends whose bytes are all in, retires the ones all sent.
+  void pump(Ring& r) {
+    Ring::PullArea& a = r.pull;
+    for (Op* op : a.ops) {
+      Pull& p = *op->pull;
+      while (!p.taken_all() && a.count < a.pieces) {
+        const uint32_t slot = (a.first + a.count) % a.pieces;
+        const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(p.total - p.fetched, a.piece));
+        uint64_t t = 0;
+        Status st = rt_->start_fetch(a.base + static_cast<size_t>(slot) * a.piece, p.src + p.fetched, n, &t);
+        if (!st.ok()) {
+          // Freed or unregistered meanwhile, or the device is gone: what was taken goes out.
+          p.error = st.code() > 0 ? -st.code() : -EIO;
+          break;
+        }
+        a.len[slot] = n;
+        a.ticket[slot] = t;
+        a.owner[slot] = op;
+        ++a.count;
+        p.fetched += n;
+        p.last_ticket = t;
       }
-      p.len[slot] = n;
-      p.ticket[slot] = t;
-      ++p.pieces;
-      p.fetched += n;
+      if (!p.taken_all()) break;  // the area is full; later sends wait their turn
     }
-  }
-  // Sends the first piece once its copy has ended; with none left, answers.
-  void pull_next(Ring& r, Op* op) {
-    Pull& p = *op->pull;
-    if (p.pieces == 0 || !rt_->finish_deliveries(p.ticket[p.first]).ok()) {
-      // Every byte sent, or a copy could not start or end (memory freed or unregistered
-      // meanwhile, the device gone): the bytes sent so far, or the error.
-      const int err = p.error != 0 ? p.error : -EIO;
-      return pull_finish(r, op, p.sent == p.total ? static_cast<int64_t>(p.sent) : p.sent > 0 ? static_cast<int64_t>(p.sent) : err);
+    if (!a.sending && a.count > 0) {
+      Op* op = a.owner[a.first];
+      if (!rt_->finish_deliveries(a.ticket[a.first]).ok()) return fail_area(r, -EIO);
+      op->data = a.base + static_cast<size_t>(a.first) * a.piece;
+      op->len = a.len[a.first];
+      op->done = 0;
+      a.sending = true;
+      submit_send(r, op);
+      if (r.pull.sock == nullptr) return;  // the submission failed and ended the area
+      // Into the kernel now, so the piece goes out while this thread waits for copies below.
+      io_uring_submit(&r.ring);
     }
-    op->data = r.pull + static_cast<size_t>(p.first) * r.pull_piece;
-    op->len = p.len[p.first];
-    op->done = 0;
-    submit_send(r, op);
+    for (Op* op : a.ops) {
+      Pull& p = *op->pull;
+      if (p.answered) continue;
+      if (!p.taken_all()) break;
+      // The oldest send in the area waits until a piece of its own has gone out, so a send
+      // on a socket that has already failed answers that failure, as send(2) would; a
+      // later one is answered at once, its bytes queued behind bytes the socket took.
+      if (op == a.ops.front() && p.sent == 0 && p.fetched > 0) break;
+      if (p.fetched > 0 && !rt_->finish_deliveries(p.last_ticket).ok()) return fail_area(r, -EIO);
+      p.answered = true;
+      op->reply.finish(p.fetched > 0 ? static_cast<int64_t>(p.fetched) : p.error);
+    }
+    while (!a.ops.empty()) {
+      Op* op = a.ops.front();
+      const Pull& p = *op->pull;
+      if (!p.answered || p.sent < p.fetched) break;
+      a.ops.pop_front();
+      retire(r, op);
+    }
+    if (a.ops.empty()) area_drained(r);
   }
   void on_pull_send(Ring& r, Op* op, int res) {
-    Pull& p = *op->pull;
+    Ring::PullArea& a = r.pull;
     Sock& s = *op->sock;
+    Pull& p = *op->pull;
+    a.sending = false;
     const bool aborted = s.aborted.load(std::memory_order_relaxed);
     if (res > 0) {
       op->done += static_cast<uint32_t>(res);
-      if (!s.closed && !op->straggling) {
-        if (op->done < op->len) return submit_send(r, op);  // the rest of this piece
-        p.sent += op->len;
-        op->done = 0;
-        p.first = (p.first + 1) % r.pull_pieces;
-        --p.pieces;
-        pull_fill(r, p);
-        return pull_next(r, op);
+      p.sent += static_cast<uint64_t>(res);
+      s.bytes_out.store(s.bytes_out.load(std::memory_order_relaxed) + static_cast<uint64_t>(res), std::memory_order_relaxed);
+      if (s.closed || aborted) return fail_area(r, s.closed ? -EBADF : -ECONNABORTED);
+      a.sending = true;
+      if (op->done < op->len) return submit_send(r, op);  // the rest of this piece
+      a.sending = false;
+      a.first = (a.first + 1) % a.pieces;
+      --a.count;
+      return pump(r);
+    }
+    if (res == -ECANCELED && !s.closed && !aborted) {
+      a.sending = true;
+      return submit_send(r, op);  // not a cancel of ours (see on_send)
+    }
+    int err = res == 0 ? -EIO : res;
+    if (err == -ECANCELED && s.closed) err = -EBADF;
+    if (aborted && !s.closed) err = -ECONNABORTED;
+    maybe_error(s, err);
+    fail_area(r, err);
+  }
+  // The socket failed under the area: a send still waiting is answered the bytes it got
+  // out (or the error); one already answered leaves the error to the socket's next send,
+  // as the kernel reports a failure of bytes it had accepted.
+  void fail_area(Ring& r, int err) {
+    Ring::PullArea& a = r.pull;
+    if (a.count > 0) {
+      // Copies may still read a waiting lane's buffer; it may write it once answered.
+      (void)rt_->finish_deliveries(a.ticket[(a.first + a.count - 1) % a.pieces]);
+    }
+    for (Op* op : a.ops) {
+      Pull& p = *op->pull;
+      if (p.answered) {
+        if (p.sent < p.fetched && a.sock->send_error == 0) a.sock->send_error = err;
+      } else {
+        op->reply.finish(p.sent > 0 ? static_cast<int64_t>(p.sent) : err);
       }
+      retire(r, op);
     }
-    const uint64_t sent = sent_so_far(*op);
-    if (op->straggling && sent < p.total && (res > 0 || res == -ECANCELED) && !s.closed && !aborted) {
-      // Let go (straggle()): the bytes sent so far, and the lane sends the rest.
-      return pull_finish(r, op, sent > 0 ? static_cast<int64_t>(sent) | net::kSendMore : net::kAskAgain);
+    a.ops.clear();
+    a.first = a.count = 0;
+    a.sending = false;
+    area_drained(r);
+  }
+  // The area is free: the sends that waited behind it go out, in order, then a shutdown
+  // or close that was answered meanwhile is done.
+  void area_drained(Ring& r) {
+    std::shared_ptr<Sock> s = std::move(r.pull.sock);
+    r.pull.sock = nullptr;
+    r.pull.first = r.pull.count = 0;
+    if (s == nullptr) return;
+    while (!s->held.empty()) {
+      Op* op = s->held.front();
+      s->held.pop_front();
+      op->held = false;
+      const int err = s->aborted.load(std::memory_order_relaxed) ? -ECONNABORTED : std::exchange(s->send_error, 0);
+      if (err != 0) {
+        op->reply.finish(err);
+        retire(r, op);
+        continue;
+      }
+      submit_send(r, op);
     }
-    if (res == -ECANCELED && !s.closed && !aborted) return submit_send(r, op);  // not our cancel (see on_send)
-    int64_t result = sent > 0 ? static_cast<int64_t>(sent) : res;
-    if (result == -ECANCELED && s.closed) result = -EBADF;
-    if (result <= 0 && aborted && !s.closed) result = -ECONNABORTED;
-    if (result < 0) maybe_error(s, static_cast<int>(result));
-    pull_finish(r, op, result);
+    if (s->shutdown_after >= 0) ::shutdown(s->fd, std::exchange(s->shutdown_after, -1));
+    if (s->closing) close_now(r, s);
   }
-  // Answers and frees the area. An answer before the last piece (an error, a straggle)
-  // first waits for the copies still reading the lane's buffer: once answered, the lane
-  // may write it again.
-  void pull_finish(Ring& r, Op* op, int64_t result) {
-    Pull& p = *op->pull;
-    if (p.pieces > 0) (void)rt_->finish_deliveries(p.ticket[(p.first + p.pieces - 1) % r.pull_pieces]);
-    r.pull_owner = nullptr;
-    finish_send(r, op, result);
-  }
+  // Whether the socket's taken bytes are not all out yet.
+  static bool holds_area(const Ring& r, const Sock& s) { return r.pull.sock.get() == &s; }
 
   void on_send(Ring& r, Op* op, int res, uint32_t flags) {
     if (op->pull) return on_pull_send(r, op, res);
@@ -1538,12 +1656,35 @@ class IouringBackend final : public net::Backend {
   }
 
   // ---- close ----
-  void do_close(Ring& r, const std::shared_ptr<Sock>& s, net::Reply reply) {
-    {
-      std::lock_guard<std::mutex> lock(table_mu_);
-      auto it = table_.find(s->fd);
-      if (it != table_.end() && it->second == s) table_.erase(it);
+  void do_shutdown(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    const int how = static_cast<int>(req.a[0]);
+    if (holds_area(r, *s) && (how == SHUT_WR || how == SHUT_RDWR)) {
+      // After the taken bytes, as the kernel sends its FIN after what its buffer holds.
+      s->shutdown_after = how;
+      return reply.finish(0);
     }
+    reply.finish(sock_err(::shutdown(s->fd, how)));
+  }
+
+  void do_close(Ring& r, const std::shared_ptr<Sock>& s, net::Reply reply) {
+    forget(s);
+    if (holds_area(r, *s)) {
+      // Taken bytes are still going out: answered now, as close(2) returns while the
+      // kernel still sends what its buffer holds; the socket closes once they are out.
+      s->closing = true;
+      return reply.finish(0);
+    }
+    close_now(r, s);
+    reply.finish(0);
+  }
+  // Takes the socket out of the table: later calls on its descriptor answer EBADF.
+  void forget(const std::shared_ptr<Sock>& s) {
+    std::lock_guard<std::mutex> lock(table_mu_);
+    auto it = table_.find(s->fd);
+    if (it != table_.end() && it->second == s) table_.erase(it);
+  }
+  void close_now(Ring& r, const std::shared_ptr<Sock>& s) {
+    forget(s);
     s->closed = true;
     // The in-flight operations complete with -ECANCELED, answered -EBADF. The cancel must
     // reach the kernel while the fixed slot still names the socket: submitted at once.
@@ -1560,7 +1701,6 @@ class IouringBackend final : public net::Backend {
     // free for reuse now, as after close(2).
     ::close(s->fd);
     nsockets_.fetch_sub(1, std::memory_order_relaxed);
-    reply.finish(0);
   }
 
   // ---- poll ----

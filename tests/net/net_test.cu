@@ -733,6 +733,85 @@ TEST_P(NetTest, APeerResetDuringATakenSendEndsIt) {
   }
 }
 
+// The warp sends buf[0, a) (taken out of device memory), buf[a, a + b) (short: through
+// staging) and buf[a + b, a + b + c) (taken), then ends with close() or with
+// shutdown(SHUT_WR) and a recv() that waits for the peer's EOF. out: the four results.
+struct TakenThenStaged {
+  GPUSOCK_HD void operator()(uint16_t port, const uint8_t* buf, uint64_t a, uint64_t b, uint64_t c, int close_at_end,
+                             int64_t* out) const {
+    const int fd = warp_connect4(port);
+    if (fd < 0) {
+      if (gpusock::warp::lane_id() == 0) out[0] = fd;
+      return;
+    }
+    const int64_t r0 = raw::warp_send(0xffffffffu, fd, buf, a, 0);
+    const int64_t r1 = raw::warp_send(0xffffffffu, fd, buf + a, b, 0);
+    const int64_t r2 = raw::warp_send(0xffffffffu, fd, buf + a + b, c, 0);
+    if (gpusock::warp::lane_id() != 0) return;
+    out[0] = r0;
+    out[1] = r1;
+    out[2] = r2;
+    if (close_at_end != 0) {
+      out[3] = raw::close(fd);
+      return;
+    }
+    out[3] = raw::shutdown(fd, SHUT_WR);
+    char x;
+    out[4] = raw::recv(fd, &x, 1, 0);  // 0 once the peer has read everything and closed
+    raw::close(fd);
+  }
+};
+
+// A taken send is answered once its bytes are in the pull area, before they are all out
+// (docs 12.4, send 2a). What the lane does next must still reach the peer after them: a
+// short send (through staging), the next taken send, a shutdown's FIN, a close. A slow
+// peer keeps bytes in the area while those calls arrive; it must read every byte, in
+// order, then EOF.
+TEST_P(NetTest, WhatFollowsTakenBytesGoesOutAfterThem) {
+  Start();
+  constexpr uint64_t kA = 6ull << 20, kB = 1000, kC = (2ull << 20) + 7;
+  constexpr uint64_t kTotal = kA + kB + kC;
+  std::vector<uint8_t> h(kTotal);
+  for (uint64_t i = 0; i < kTotal; ++i) h[i] = pattern_byte(i);
+  auto buf = Buffer<uint8_t>(kTotal);
+  ASSERT_TRUE(rt_->copy_to_device(buf.data(), h.data(), kTotal).ok());
+  for (const int close_at_end : {0, 1}) {
+    SCOPED_TRACE(close_at_end ? "close" : "shutdown");
+    uint16_t port;
+    int lfd = host_listen(&port);
+    ASSERT_GE(lfd, 0);
+    uint64_t got = 0, bad = 0;
+    std::thread peer([&] {
+      int c = ::accept(lfd, nullptr, nullptr);
+      std::vector<uint8_t> b(64 * 1024);
+      for (;;) {
+        std::this_thread::sleep_for(std::chrono::microseconds(500));  // a slow reader
+        const ssize_t r = ::recv(c, b.data(), b.size(), 0);
+        if (r <= 0) break;
+        for (ssize_t i = 0; i < r; ++i) bad += b[i] != pattern_byte(got + i);
+        got += static_cast<uint64_t>(r);
+      }
+      ::close(c);
+    });
+    const gpusock::RuntimeStats before = rt_->stats();
+    auto out = Buffer<int64_t>(5);
+    auto k = Launch({1}, {32}, TakenThenStaged{}, port, static_cast<const uint8_t*>(buf.data()), kA, kB, kC, close_at_end,
+                    out.data());
+    Finish(k);
+    peer.join();
+    ::close(lfd);
+    auto o = Read(out);
+    EXPECT_EQ(o[0], static_cast<int64_t>(kA));
+    EXPECT_EQ(o[1], static_cast<int64_t>(kB));
+    EXPECT_EQ(o[2], static_cast<int64_t>(kC));
+    EXPECT_EQ(o[3], 0);
+    if (!close_at_end) EXPECT_EQ(o[4], 0);
+    EXPECT_EQ(got, kTotal) << "bytes lost";
+    EXPECT_EQ(bad, 0u) << "bytes out of order";
+    EXPECT_EQ(rt_->stats().fetched_bytes - before.fetched_bytes, kA + kC);
+  }
+}
+
 TEST_P(NetTest, GigabyteFromHostToKernelArrivesWholeAndInOrder) {
   Start();
   uint16_t port;
