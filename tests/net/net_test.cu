@@ -640,7 +640,9 @@ TEST_P(NetTest, LargeWarpSendsOutOfDeviceMemoryAreTakenByTheHost) {
     uint8_t* chunk = c.mem == kAlloc ? alloc.data()
                      : c.mem == kRegistered ? foreign.data()
                                             : static_cast<uint8_t*>(mapped->device);
-    if (c.mem == kRegistered) ASSERT_TRUE(rt_->register_device_memory(foreign.data(), kChunk).ok());
+    if (c.mem == kRegistered) {
+      ASSERT_TRUE(rt_->register_device_memory(foreign.data(), kChunk).ok());
+    }
     uint16_t port;
     int lfd = host_listen(&port);
     ASSERT_GE(lfd, 0);
@@ -658,7 +660,9 @@ TEST_P(NetTest, LargeWarpSendsOutOfDeviceMemoryAreTakenByTheHost) {
     EXPECT_EQ(sink.hash, host_stream_hash(kTotal));
     const gpusock::RuntimeStats after = rt_->stats();
     EXPECT_EQ(after.fetched_bytes - before.fetched_bytes, c.pull && c.mem != kMapped ? kTotal : 0u);
-    if (c.mem == kRegistered) ASSERT_TRUE(rt_->unregister_device_memory(foreign.data()).ok());
+    if (c.mem == kRegistered) {
+      ASSERT_TRUE(rt_->unregister_device_memory(foreign.data()).ok());
+    }
     rt_->mapped_free(mapped->host);
   }
 }
@@ -805,7 +809,9 @@ TEST_P(NetTest, WhatFollowsTakenBytesGoesOutAfterThem) {
     EXPECT_EQ(o[1], static_cast<int64_t>(kB));
     EXPECT_EQ(o[2], static_cast<int64_t>(kC));
     EXPECT_EQ(o[3], 0);
-    if (!close_at_end) EXPECT_EQ(o[4], 0);
+    if (!close_at_end) {
+      EXPECT_EQ(o[4], 0);
+    }
     EXPECT_EQ(got, kTotal) << "bytes lost";
     EXPECT_EQ(bad, 0u) << "bytes out of order";
     EXPECT_EQ(rt_->stats().fetched_bytes - before.fetched_bytes, kA + kC);
@@ -955,7 +961,9 @@ TEST_P(NetTest, RegisteredMemoryOfTheProgramIsDeliveredInto) {
     constexpr uint32_t kSent = 48 * 1024, kAsk = 100 * 1024;
     ForeignMemory mem(GetParam(), kAsk);
     ASSERT_NE(mem.data(), nullptr);
-    if (registered) ASSERT_TRUE(rt_->register_device_memory(mem.data(), kAsk).ok());
+    if (registered) {
+      ASSERT_TRUE(rt_->register_device_memory(mem.data(), kAsk).ok());
+    }
     const gpusock::RuntimeStats before = rt_->stats();
     int64_t o[2];
     OneReceiveOfWaitingBytes(mem.data(), kAsk, kSent, o);
@@ -964,7 +972,9 @@ TEST_P(NetTest, RegisteredMemoryOfTheProgramIsDeliveredInto) {
     EXPECT_EQ(o[1], 0) << "bytes differing from what the host sent";
     const gpusock::RuntimeStats after = rt_->stats();
     EXPECT_EQ(after.delivered_bytes - before.delivered_bytes, registered ? uint64_t{kSent} : 0u);
-    if (registered) ASSERT_TRUE(rt_->unregister_device_memory(mem.data()).ok());  // before mem is freed
+    if (registered) {
+      ASSERT_TRUE(rt_->unregister_device_memory(mem.data()).ok());  // before mem is freed
+    }
   }
 }
 
