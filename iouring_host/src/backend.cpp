@@ -4,7 +4,8 @@
 // IORING_SETUP_SINGLE_ISSUER holds). A socket's `home` is the ring of the thread that made
 // or accepted it; every operation that touches a ring (accept, connect, send, recv,
 // close) runs on the home ring, and a request that arrives on another service thread is
-// posted to the home ring's inbox. Plain syscalls on the descriptor (bind, setsockopt,
+// posted to the home ring's inbox (so is a stream's shutdown for writing, which must follow
+// bytes of taken sends still going out). Plain syscalls on the descriptor (bind, setsockopt,
 // getsockname, ...) run on whichever thread got the call: the kernel serializes them.
 //
 // Every io_uring operation carries an Op (its user_data); the Op owns the lane's Reply and
