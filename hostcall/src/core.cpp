@@ -760,20 +760,31 @@ bool Core::inside_allocation(const void* p, size_t bytes) {
   return inside_locked(reinterpret_cast<uintptr_t>(p), bytes);
 }
 
+// One copy between host memory and device memory the runtime knows: `device_side` must
+// lie inside one allocation or registered range, held so while the copy is queued.
+template <class Copy>
+Status Core::checked_copy(const void* device_side, size_t bytes, const char* what, Copy&& copy,
+                          std::atomic<uint64_t>& count, std::atomic<uint64_t>& counted_bytes) {
+  if (failed()) return health();
+  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
+  if (!inside_locked(reinterpret_cast<uintptr_t>(device_side), bytes)) {
+    return Status(EFAULT, std::string(what) + ": not inside one device_alloc() allocation or registered range");
+  }
+  Status s = copy();
+  if (s.ok()) {
+    count.fetch_add(1, std::memory_order_relaxed);
+    counted_bytes.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  return s;
+}
+
 Status Core::deliver(void* dst, const void* src, size_t bytes, bool wait, uint64_t* ticket) {
   uint64_t unused = 0;
   if (ticket == nullptr) ticket = &unused;
-  if (failed()) return health();
-  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
-  if (!inside_locked(reinterpret_cast<uintptr_t>(dst), bytes)) {
-    return Status(EFAULT, "deliver: not inside one device_alloc() allocation or registered range");
-  }
-  Status s = wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes, ticket);
-  if (s.ok()) {
-    deliveries_.fetch_add(1, std::memory_order_relaxed);
-    delivered_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  }
-  return s;
+  return checked_copy(
+      dst, bytes, "deliver",
+      [&] { return wait ? device_->copy_to_device(dst, src, bytes) : device_->start_copy_to_device(dst, src, bytes, ticket); },
+      deliveries_, delivered_bytes_);
 }
 
 Status Core::finish_deliveries(uint64_t ticket) { return device_->finish_copies(ticket); }
@@ -782,17 +793,9 @@ Status Core::fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket) {
   uint64_t unused = 0;
   if (ticket == nullptr) ticket = &unused;
   *ticket = 0;
-  if (failed()) return health();
-  std::shared_lock<std::shared_mutex> lock(allocs_mu_);
-  if (!inside_locked(reinterpret_cast<uintptr_t>(src), bytes)) {
-    return Status(EFAULT, "start_fetch: not inside one device_alloc() allocation or registered range");
-  }
-  Status s = device_->start_copy_from_device(dst, src, bytes, ticket);
-  if (s.ok()) {
-    fetches_.fetch_add(1, std::memory_order_relaxed);
-    fetched_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  }
-  return s;
+  return checked_copy(
+      src, bytes, "start_fetch", [&] { return device_->start_copy_from_device(dst, src, bytes, ticket); }, fetches_,
+      fetched_bytes_);
 }
 
 void Core::occupancy(RuntimeStats& r) const {

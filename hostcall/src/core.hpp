@@ -292,6 +292,9 @@ class Core : public std::enable_shared_from_this<Core> {
   std::shared_mutex allocs_mu_;
   std::map<uintptr_t, Range> allocs_;
   bool inside_locked(uintptr_t p, size_t bytes) const;  // allocs_mu_ held
+  template <class Copy>
+  Status checked_copy(const void* device_side, size_t bytes, const char* what, Copy&& copy,
+                      std::atomic<uint64_t>& count, std::atomic<uint64_t>& counted_bytes);
   std::atomic<uint64_t> deliveries_{0}, delivered_bytes_{0}, fetches_{0}, fetched_bytes_{0};
 
   // Counters.

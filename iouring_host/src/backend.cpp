@@ -283,11 +283,9 @@ class IouringBackend final : public net::Backend {
     const size_t flags_bytes = static_cast<size_t>(opt_.recv_buffers) * sizeof(uint32_t);
     flags_span_ = (flags_bytes + 4095) & ~size_t{4095};
     // Delivery's bounce area (docs 12.4, receive 3a): deliver_chunks x deliver_chunk_bytes.
-    const size_t bounce = delivers() ? static_cast<size_t>(opt_.deliver_chunks) * opt_.deliver_chunk_bytes : 0;
     // The pull area (docs 12.4, send 2a): pull_chunks x pull_chunk_bytes.
-    bounce_span_ = bounce;
     const size_t pull = opt_.pull_sends ? static_cast<size_t>(opt_.pull_chunks) * opt_.pull_chunk_bytes : 0;
-    const size_t slice = per_ring + flags_span_ + bounce + pull;
+    const size_t slice = per_ring + flags_span_ + bounce_bytes() + pull;
     auto m = rt.mapped_alloc(slice * rings_.size());
     if (!m.ok()) return m.status();
     rt.mapped_free_at_exit(m->host);
@@ -298,6 +296,9 @@ class IouringBackend final : public net::Backend {
   }
 
   bool delivers() const { return opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0; }
+  size_t bounce_bytes() const {
+    return delivers() ? static_cast<size_t>(opt_.deliver_chunks) * opt_.deliver_chunk_bytes : 0;
+  }
   bool pulls() const override { return opt_.pull_sends; }
 
   const char* name() const override { return "io_uring"; }
@@ -688,13 +689,15 @@ class IouringBackend final : public net::Backend {
     r->bufs_dev = pool_dev_ + slice_bytes_ * index;
     r->flags_host = reinterpret_cast<uint32_t*>(r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes);
     r->flags_dev = r->bufs_dev + static_cast<uint64_t>(r->nbufs) * r->buf_bytes;
+    // After the buffers and their flags: the bounce area, then the pull area.
+    uint8_t* const after_flags = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
     if (delivers()) {
-      r->bounce = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_;
+      r->bounce = after_flags;
       r->bounce_piece = opt_.deliver_chunk_bytes;
       r->bounce_pieces = opt_.deliver_chunks;
     }
     if (opt_.pull_sends) {
-      r->pull.base = r->bufs_host + static_cast<size_t>(r->nbufs) * r->buf_bytes + flags_span_ + bounce_span_;
+      r->pull.base = after_flags + bounce_bytes();
       r->pull.piece = opt_.pull_chunk_bytes;
       r->pull.pieces = opt_.pull_chunks;
     }
@@ -1894,7 +1897,6 @@ class IouringBackend final : public net::Backend {
   uint64_t pool_dev_ = 0;
   size_t slice_bytes_ = 0;
   size_t flags_span_ = 0;
-  size_t bounce_span_ = 0;  // each ring's bounce area, before its pull area
   std::mutex table_mu_;
   std::unordered_map<int, std::shared_ptr<Sock>> table_;
   std::atomic<uint32_t> nsockets_{0};

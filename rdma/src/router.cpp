@@ -43,7 +43,6 @@ class Router : public net::Backend {
     const int fd = req.fd;
     if (req.op == net::Op::kSocket) return serve_socket(req, std::move(reply));
     if (req.op == net::Op::kPoll) return serve_poll(req, std::move(reply));
-    if (req.src != 0 && rdma_->owns(fd)) return reply.finish(net::kCopyInstead);
     if (rdma_->owns(fd)) {
       if (req.op == net::Op::kClose) return close_rdma(req, std::move(reply));
       return rdma_->serve(req, std::move(reply));
