@@ -4,11 +4,15 @@
 //   latency: round trip of 64 B between lane 0 of two warps in different blocks over a
 //            localdevice stream, beside the null hostcall round trip (one lane) and a TCP
 //            round trip over loopback through the host (two warps, io_uring backend).
-//            p50/p99 in us; ratio = localdevice / null hostcall.
+//            p50/p99 in us; ratio = localdevice / null hostcall. The localdevice round
+//            trip runs with the 64 B buffers on the lanes' stacks and in device memory,
+//            the latter with hand-off (a waiting recv's buffer filled by the sender) on
+//            and off.
 //   stream:  64 KiB messages from sender warps to receiver warps (warp_send/warp_recv, one
 //            connection per pair), 1..N pairs at once, beside device-to-device cudaMemcpy
 //            of a 256 MiB buffer (memcpy on the cpu device). GB/s of payload; ratio =
-//            localdevice / memcpy.
+//            localdevice / memcpy. Every ring size runs with hand-off on and off (off:
+//            every byte copied into the ring and out again); "on/off" is their ratio.
 //
 // Usage: localdevice_bench [--device cpu|cuda] [--json FILE] [--quick]
 #include <algorithm>
@@ -17,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -64,11 +69,14 @@ GPUSOCK_HD inline int ld_listen(uint32_t port) {
 }
 
 // Warp 0 (block 0) echoes, warp 1 (block 1) times `iters` round trips (after `warm`).
-// tcp: the same over 127.0.0.1 through the host.
+// tcp: the same over 127.0.0.1 through the host. gbuf: 128 bytes of device memory for
+// the two warps' buffers (nullptr: on each lane's stack).
 struct PingPong {
-  GPUSOCK_HD void operator()(bool tcp, int warm, int iters, uint32_t* port_box, int64_t* lat, int64_t* parts) const {
+  GPUSOCK_HD void operator()(bool tcp, int warm, int iters, uint32_t* port_box, int64_t* lat, int64_t* parts,
+                             char* gbuf) const {
     if (warp::lane_id() != 0) return;
-    char buf[64] = {};
+    char stack[64] = {};
+    char* buf = gbuf != nullptr ? gbuf + 64 * gpusock::global_warp_id() : stack;
     const int total = warm + iters;
     if (gpusock::global_warp_id() == 0) {
       int l, c;
@@ -300,9 +308,14 @@ int main(int argc, char** argv) {
   if (!lat.ok() || !box.ok()) return 1;
 
   auto parts = gpusock::DeviceBuffer<int64_t>::create(rt, 3 * iters);
-  run(rt, {2}, {32}, PingPong{}, false, warm, iters, box->data(), lat->data(), parts->data());
-  const Percentiles local = percentiles(lat->to_host());
-  {
+  auto gbuf = gpusock::DeviceBuffer<char>::create(rt, 128);
+  if (!parts.ok() || !gbuf.ok()) return 1;
+  // A localdevice round trip on runtime r: its p50/p99, and the parts of the call.
+  auto ld_rtt = [&](gpusock::Runtime& r, char* g, const char* what) {
+    std::vector<int64_t> zero(iters, 0);
+    (void)lat->from_host(zero);
+    if (!run(r, {2}, {32}, PingPong{}, false, warm, iters, box->data(), lat->data(), parts->data(), g)) return Percentiles{};
+    const Percentiles p = percentiles(lat->to_host());
     // Where a round trip goes: the client's send() call, the server's send() call.
     auto pv = parts->to_host();
     std::vector<int64_t> cs, ss;
@@ -310,8 +323,20 @@ int main(int argc, char** argv) {
       cs.push_back(pv[3 * i]);
       ss.push_back(pv[3 * i + 2]);
     }
-    std::printf("localdevice round trip parts: client send() p50 %.2f us, server send() p50 %.2f us\n", percentiles(cs).p50,
-                percentiles(ss).p50);
+    std::printf("localdevice round trip (%s): client send() p50 %.2f us, server send() p50 %.2f us\n", what,
+                percentiles(cs).p50, percentiles(ss).p50);
+    return p;
+  };
+  const Percentiles local = ld_rtt(rt, nullptr, "stack buffers");
+  const Percentiles local_g = ld_rtt(rt, gbuf->data(), "device-memory buffers, hand-off on");
+  Percentiles local_g_off;
+  {
+    auto r_off = gpusock::Runtime::create(opts);
+    if (!r_off.ok()) return 1;
+    gpusock::net::LocalDeviceOptions lo_off = lo;
+    lo_off.hand_off = false;
+    if (!gpusock::net::enable_localdevice(**r_off, lo_off).ok()) return 1;
+    local_g_off = ld_rtt(**r_off, gbuf->data(), "device-memory buffers, hand-off off");
   }
   Percentiles floor;
   if (gpu) {  // on the cpu device two spinning threads say nothing about the design
@@ -324,80 +349,95 @@ int main(int argc, char** argv) {
   const int tcp_iters = std::min(iters, 5000);
   std::vector<int64_t> zero(iters, 0);
   (void)lat->from_host(zero);
-  run(rt, {2}, {32}, PingPong{}, true, warm, tcp_iters, box->data(), lat->data(), parts->data());
+  run(rt, {2}, {32}, PingPong{}, true, warm, tcp_iters, box->data(), lat->data(), parts->data(), static_cast<char*>(nullptr));
   auto tv = lat->to_host();
   tv.resize(tcp_iters);
   const Percentiles tcp = percentiles(tv);
-  std::printf("\nround trip of 64 B (us)             p50      p99       n\n");
-  std::printf("localdevice, two warps         %8.2f %8.2f %7zu\n", local.p50, local.p99, local.n);
-  std::printf("null hostcall, one lane        %8.2f %8.2f %7zu\n", null.p50, null.p99, null.n);
-  std::printf("floor: flag ping-pong, 2 warps %8.2f %8.2f %7zu\n", floor.p50, floor.p99, floor.n);
-  std::printf("TCP loopback through the host  %8.2f %8.2f %7zu\n", tcp.p50, tcp.p99, tcp.n);
-  std::printf("ratio localdevice / null hostcall: p50 %.3f  p99 %.3f   (targets: p50 <= 1 us, <= 0.2x)\n",
-              local.p50 / null.p50, local.p99 / null.p99);
+  std::printf("\nround trip of 64 B (us)                              p50      p99       n\n");
+  std::printf("localdevice, two warps, stack buffers           %8.2f %8.2f %7zu\n", local.p50, local.p99, local.n);
+  std::printf("localdevice, device-memory buffers, hand-off on %8.2f %8.2f %7zu\n", local_g.p50, local_g.p99, local_g.n);
+  std::printf("localdevice, device-memory buffers, hand-off off%8.2f %8.2f %7zu\n", local_g_off.p50, local_g_off.p99,
+              local_g_off.n);
+  std::printf("null hostcall, one lane                         %8.2f %8.2f %7zu\n", null.p50, null.p99, null.n);
+  std::printf("floor: flag ping-pong, 2 warps                  %8.2f %8.2f %7zu\n", floor.p50, floor.p99, floor.n);
+  std::printf("TCP loopback through the host                   %8.2f %8.2f %7zu\n", tcp.p50, tcp.p99, tcp.n);
+  const double best_p50 = std::min(local.p50, local_g.p50);
+  std::printf("ratio localdevice / null hostcall: p50 %.3f  p99 %.3f (stack); best p50 %.3f   (targets: p50 <= 1 us, <= 0.2x)\n",
+              local.p50 / null.p50, local.p99 / null.p99, best_p50 / null.p50);
 
   // ---- streaming ----
   const uint32_t msg = 64u << 10;
   const size_t copy_bytes = quick ? (16u << 20) : (256u << 20);
   const double base = memcpy_gbs(rt, copy_bytes);
-  std::printf("\nstream of 64 KiB messages   ring KiB  pairs   GB/s   memcpy GB/s   ratio\n");
+  std::printf("\nstream of 64 KiB messages   ring KiB  pairs   hand-off on GB/s  off GB/s  on/off  memcpy GB/s   ratio (on)\n");
   std::string rows = "[";
-  double best = 0;
-  // The ring size is the family's configuration (one per runtime): each size gets a
-  // runtime of its own. Rings that fit in L2 with the messages keep the copies on chip.
+  double best = 0, best_off = 0;
+  // The ring size is the family's configuration (one per runtime): each size, with
+  // hand-off on and off, gets a runtime of its own.
   for (uint32_t ring_kib : {64u, 256u, 1024u}) {
-  auto rt2r = gpusock::Runtime::create(opts);
-  if (!rt2r.ok()) return 1;
-  gpusock::Runtime& rt2 = **rt2r;
-  gpusock::net::LocalDeviceOptions lo2;
-  lo2.max_sockets = 3 * max_pairs + 16;
-  lo2.ring_bytes = ring_kib << 10;
-  if (!gpusock::net::enable_localdevice(rt2, lo2).ok()) return 1;
-  for (uint32_t pairs : {1u, 8u, 64u, 256u, 512u, 1024u}) {
-    if (pairs > max_pairs) continue;
-    const uint64_t per_pair = quick ? (4u << 20) : (gpu ? (256ull << 20) / std::max(1u, pairs / 8) : (64u << 20));
-    const uint32_t msgs = static_cast<uint32_t>(per_pair / msg);
-    auto bufs = gpusock::DeviceBuffer<uint8_t>::create(rt2, uint64_t{2 * pairs} * msg);
-    auto t = gpusock::DeviceBuffer<int64_t>::create(rt2, 4 * pairs);
-    auto got = gpusock::DeviceBuffer<int64_t>::create(rt2, pairs);
-    if (!bufs.ok() || !t.ok() || !got.ok()) return 1;
-    if (!run(rt2, {2 * pairs}, {32}, Streams{}, pairs, msgs, msg, bufs->data(), t->data(), got->data())) return 1;
-    auto tt = t->to_host();
-    auto g = got->to_host();
-    int64_t start = INT64_MAX, end = 0, bytes = 0;
-    for (uint32_t i = 0; i < 2 * pairs; ++i) {
-      start = std::min(start, tt[2 * i]);
-      end = std::max(end, tt[2 * i + 1]);
+    std::unique_ptr<gpusock::Runtime> rts[2];
+    for (int h = 0; h < 2; ++h) {
+      auto r = gpusock::Runtime::create(opts);
+      if (!r.ok()) return 1;
+      rts[h] = std::move(r.value());
+      gpusock::net::LocalDeviceOptions lo2;
+      lo2.max_sockets = 3 * max_pairs + 16;
+      lo2.ring_bytes = ring_kib << 10;
+      lo2.hand_off = h == 0;
+      if (!gpusock::net::enable_localdevice(*rts[h], lo2).ok()) return 1;
     }
-    for (uint32_t i = 0; i < pairs; ++i) bytes += g[i];
-    // The slowest receiver's own time against the whole span: a large gap means pairs
-    // started at very different times rather than ran slowly.
-    int64_t longest = 0;
-    for (uint32_t i = 0; i < pairs; ++i) longest = std::max(longest, tt[2 * i + 1] - tt[2 * i]);
-    const bool whole = bytes == static_cast<int64_t>(uint64_t{pairs} * msgs * msg);
-    const double gbs = bytes / ((end - start) * 1e-9) / 1e9;
-    best = std::max(best, gbs);
-    std::printf("                            %8u %6u %7.2f %12.2f %7.3f   span %.2f ms, longest receiver %.2f ms%s\n",
-                ring_kib, pairs, gbs, base, gbs / base, (end - start) / 1e6, longest / 1e6,
-                whole ? "" : "  (bytes missing!)");
-    char row[240];
-    std::snprintf(row, sizeof row,
-                  "%s{\"ring_kib\": %u, \"pairs\": %u, \"gbs\": %.4g, \"memcpy_gbs\": %.4g, \"ratio\": %.4g, \"whole\": %s}",
-                  rows.size() > 1 ? ", " : "", ring_kib, pairs, gbs, base, gbs / base, whole ? "true" : "false");
-    rows += row;
-  }
+    for (uint32_t pairs : {1u, 8u, 64u, 256u, 512u, 1024u}) {
+      if (pairs > max_pairs) continue;
+      const uint64_t per_pair = quick ? (4u << 20) : (gpu ? (256ull << 20) / std::max(1u, pairs / 8) : (64u << 20));
+      const uint32_t msgs = static_cast<uint32_t>(per_pair / msg);
+      double gbs[2] = {0, 0};
+      bool whole = true;
+      for (int h = 0; h < 2; ++h) {
+        gpusock::Runtime& rt2 = *rts[h];
+        auto bufs = gpusock::DeviceBuffer<uint8_t>::create(rt2, uint64_t{2 * pairs} * msg);
+        auto t = gpusock::DeviceBuffer<int64_t>::create(rt2, 4 * pairs);
+        auto got = gpusock::DeviceBuffer<int64_t>::create(rt2, pairs);
+        if (!bufs.ok() || !t.ok() || !got.ok()) return 1;
+        if (!run(rt2, {2 * pairs}, {32}, Streams{}, pairs, msgs, msg, bufs->data(), t->data(), got->data())) return 1;
+        auto tt = t->to_host();
+        auto g = got->to_host();
+        int64_t start = INT64_MAX, end = 0, bytes = 0;
+        for (uint32_t i = 0; i < 2 * pairs; ++i) {
+          start = std::min(start, tt[2 * i]);
+          end = std::max(end, tt[2 * i + 1]);
+        }
+        for (uint32_t i = 0; i < pairs; ++i) bytes += g[i];
+        whole = whole && bytes == static_cast<int64_t>(uint64_t{pairs} * msgs * msg);
+        gbs[h] = bytes / ((end - start) * 1e-9) / 1e9;
+      }
+      best = std::max(best, gbs[0]);
+      best_off = std::max(best_off, gbs[1]);
+      std::printf("                            %8u %6u %17.2f %9.2f %7.3f %12.2f %7.3f%s\n", ring_kib, pairs, gbs[0], gbs[1],
+                  gbs[0] / gbs[1], base, gbs[0] / base, whole ? "" : "  (bytes missing!)");
+      char row[320];
+      std::snprintf(row, sizeof row,
+                    "%s{\"ring_kib\": %u, \"pairs\": %u, \"gbs\": %.4g, \"gbs_hand_off_off\": %.4g, \"memcpy_gbs\": %.4g, "
+                    "\"ratio\": %.4g, \"whole\": %s}",
+                    rows.size() > 1 ? ", " : "", ring_kib, pairs, gbs[0], gbs[1], base, gbs[0] / base, whole ? "true" : "false");
+      rows += row;
+    }
   }
   rows += "]";
-  std::printf("best ratio localdevice / memcpy: %.3f   (target >= 0.5)\n", best / base);
+  std::printf("best ratio localdevice / memcpy: %.3f   (target >= 0.5); hand-off off: %.3f\n", best / base,
+              best_off / base);
   if (!json_path.empty()) {
     std::ofstream f(json_path);
     f << "{\n  \"device\": \"" << rt.device_name() << "\",\n"
       << "  \"rtt_us\": {\"localdevice\": {\"p50\": " << local.p50 << ", \"p99\": " << local.p99 << "}, "
+      << "\"localdevice_device_buffers\": {\"p50\": " << local_g.p50 << ", \"p99\": " << local_g.p99 << "}, "
+      << "\"localdevice_device_buffers_hand_off_off\": {\"p50\": " << local_g_off.p50 << ", \"p99\": " << local_g_off.p99
+      << "}, "
       << "\"null_hostcall\": {\"p50\": " << null.p50 << ", \"p99\": " << null.p99 << "}, "
       << "\"tcp_loopback\": {\"p50\": " << tcp.p50 << ", \"p99\": " << tcp.p99 << "}, "
       << "\"flag_floor\": {\"p50\": " << floor.p50 << ", \"p99\": " << floor.p99 << "}},\n"
       << "  \"rtt_ratio_p50\": " << local.p50 / null.p50 << ",\n"
-      << "  \"stream\": " << rows << ",\n  \"stream_best_ratio\": " << best / base << "\n}\n";
+      << "  \"stream\": " << rows << ",\n  \"stream_best_ratio\": " << best / base
+      << ",\n  \"stream_best_ratio_hand_off_off\": " << best_off / base << "\n}\n";
   }
   return 0;
 }

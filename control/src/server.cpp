@@ -406,6 +406,7 @@ struct ControlServer::Impl final : public v1::Control::Service {
       o->set_backlog(l.backlog);
       o->set_bytes_in(l.bytes_in);
       o->set_bytes_out(l.bytes_out);
+      o->set_bytes_direct(l.bytes_direct);
     }
     return grpc::Status::OK;
   }

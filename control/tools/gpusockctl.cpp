@@ -284,9 +284,9 @@ class Ctl {
     std::vector<std::vector<std::string>> rows;
     for (const auto& s : r.sockets()) {
       rows.push_back({s.fd() < 0 ? "-" : std::to_string(s.fd()), s.type(), s.state() + (s.closed() ? " (closed)" : ""),
-                      n(s.port()), s.peer_port() ? n(s.peer_port()) : "-", n(s.queued()), n(s.bytes_in()), n(s.bytes_out())});
+                      n(s.port()), s.peer_port() ? n(s.peer_port()) : "-", n(s.queued()), n(s.bytes_in()), n(s.bytes_direct()), n(s.bytes_out())});
     }
-    print_table({"FD", "TYPE", "STATE", "PORT", "PEER", "QUEUED", "BYTES_IN", "BYTES_OUT"}, rows);
+    print_table({"FD", "TYPE", "STATE", "PORT", "PEER", "QUEUED", "BYTES_IN", "OF_THEM_DIRECT", "BYTES_OUT"}, rows);
     return kOk;
   }
 

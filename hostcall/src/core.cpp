@@ -712,10 +712,15 @@ void Core::note_allocation(void* dev, size_t bytes) {
   allocs_[reinterpret_cast<uintptr_t>(dev)] = Range{bytes, false};
 }
 
-void Core::forget_allocation(void* dev) {
+Status Core::forget_allocation(void* dev) {
   std::unique_lock<std::shared_mutex> lock(allocs_mu_);
   auto it = allocs_.find(reinterpret_cast<uintptr_t>(dev));
-  if (it != allocs_.end() && !it->second.registered) allocs_.erase(it);
+  if (it == allocs_.end()) return Status(ENOENT, "device_free: not the start of a live device_alloc() allocation");
+  if (it->second.registered) {
+    return Status(EINVAL, "device_free: memory registered with register_device_memory(); unregister it and free it yourself");
+  }
+  allocs_.erase(it);
+  return {};
 }
 
 Status Core::register_range(void* p, size_t bytes) {

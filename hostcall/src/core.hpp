@@ -148,7 +148,7 @@ class Core : public std::enable_shared_from_this<Core> {
   // ---- device allocations, for deliver() (docs/architecture.md 12.4, receive 3a) ----
   void note_allocation(void* dev, size_t bytes);
   // Blocks while a delivery into the allocation is running.
-  void forget_allocation(void* dev);
+  Status forget_allocation(void* dev);  // ENOENT / EINVAL: not a live device_alloc() start
   // Memory the caller allocated, registered for deliveries (Runtime::register_device_memory).
   Status register_range(void* p, size_t bytes);
   Status unregister_range(void* p);

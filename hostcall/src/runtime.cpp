@@ -69,10 +69,11 @@ Result<void*> Runtime::device_alloc(size_t bytes) {
   core_->note_allocation(p, n);
   return p;
 }
-void Runtime::device_free(void* ptr) {
-  if (ptr == nullptr) return;
-  core_->forget_allocation(ptr);
-  core_->device().free_device(ptr);
+Status Runtime::device_free(void* ptr) {
+  if (ptr == nullptr) return {};
+  Status s = core_->forget_allocation(ptr);
+  if (s.ok()) core_->device().free_device(ptr);
+  return s;
 }
 Result<Runtime::Mapped> Runtime::mapped_alloc(size_t bytes) {
   if (core_->failed()) return core_->health();

@@ -44,6 +44,7 @@ Result<std::shared_ptr<LocalDevice>> enable_localdevice(Runtime& rt, const Local
   t.magic = local::kTableMagic;
   t.max_sockets = options.max_sockets;
   t.ring_bytes = options.ring_bytes;
+  t.hand_off = options.hand_off ? 1 : 0;
   t.sockets = reinterpret_cast<local::Socket*>(base + sockets_at);
   t.ports = reinterpret_cast<uint32_t*>(base + ports_at);
   t.rings = base + rings_at;
@@ -84,6 +85,8 @@ Result<LocalDeviceSnapshot> LocalDevice::snapshot() const {
     info.queued = k.tail - k.head;
     info.backlog = k.backlog;
     info.bytes_in = k.bytes_in;
+    info.bytes_direct = k.bytes_direct;
+    snap.direct_bytes += k.bytes_direct;
     info.bytes_out = k.bytes_out;
     if (k.state == local::kListening) {
       ++snap.listeners;

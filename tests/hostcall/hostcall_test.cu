@@ -759,7 +759,12 @@ TEST_P(HostcallTest, DeliverWritesOnlyInsideALiveDeviceAllocation) {
   // Freed: refused.
   void* p = rt_->device_alloc(4096).value();
   ASSERT_TRUE(rt_->deliver(p, src.data(), 4096).ok());
-  rt_->device_free(p);
+  void* q = rt_->device_alloc(4096).value();
+  EXPECT_EQ(rt_->device_free(static_cast<uint8_t*>(q) + 8).code(), ENOENT);  // inside, not the start
+  EXPECT_TRUE(rt_->deliver(q, src.data(), 4096).ok()) << "a refused free left the allocation alone";
+  EXPECT_TRUE(rt_->device_free(q).ok());
+  EXPECT_TRUE(rt_->device_free(p).ok());
+  EXPECT_EQ(rt_->device_free(p).code(), ENOENT) << "a second free";
   EXPECT_EQ(rt_->deliver(p, src.data(), 16).code(), EFAULT);
 }
 
@@ -800,6 +805,9 @@ TEST_P(HostcallTest, RegisteredMemoryTakesDeliveriesUntilUnregistered) {
   }
   EXPECT_EQ(rt_->unregister_device_memory(mem + 1).code(), ENOENT);
   EXPECT_EQ(rt_->unregister_device_memory(a.data()).code(), ENOENT);  // an allocation
+  // The runtime does not free what it did not allocate: the range stays registered.
+  EXPECT_EQ(rt_->device_free(mem).code(), EINVAL);
+  EXPECT_TRUE(rt_->is_device_memory(mem, kN));
   std::vector<uint8_t> back(kN);
   ASSERT_TRUE(rt_->copy_from_device(back.data(), mem, kN).ok());
   EXPECT_TRUE(std::equal(src.begin(), src.begin() + 1000, back.begin() + 10));

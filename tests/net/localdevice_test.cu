@@ -388,6 +388,148 @@ TEST_P(LdTest, GigabyteBetweenTwoWarpsArrivesWholeAndInOrder) {
               gpusock::to_string(GetParam()));
 }
 
+// ---- a waiting recv's buffer filled by the sender --------------------------------------
+
+// Warp 1 streams `bytes` in pieces of uneven sizes (byte k of the stream is
+// pattern(k)); its first send waits until warp 0's recv has offered its buffer (so at
+// least that piece goes straight in). Warp 0 receives into a device buffer: with
+// warp_recv (warp 1 then sends with warp_send), or with `scalar`, lane 0's
+// recv(MSG_WAITALL) and send(). Once every byte is in, both warps hold their sockets
+// open for the host's snapshot (box words 0 and 2 up, word 1 back); then the sender closes and
+// the receiver's next recv (its offer out, as likely as not) must give end of stream.
+// out[0]: sender result, out[1]: bytes received, out[2]: wrong bytes, out[3]: that last
+// recv, out[4]: how long the sender waited for the offer (0: it came).
+GPUSOCK_HD inline uint8_t pattern(uint64_t k) { return static_cast<uint8_t>(k * 131 + (k >> 9)); }
+
+struct HandedStraight {
+  GPUSOCK_HD void operator()(uint64_t bytes, bool scalar, uint8_t* sbuf, uint8_t* rbuf, uint32_t* box,
+                             int64_t* out) const {
+    namespace ld = gpusock::net::local;
+    const uint32_t all = 0xffffffffu;
+    const uint32_t lane = warp::lane_id();
+    if (gpusock::global_warp_id() == 0) {
+      int l = lane == 0 ? ld_listen(77, 1) : 0;
+      int c = lane == 0 && l >= 0 ? raw::accept(l, nullptr, nullptr) : 0;
+      c = warp::shfl(all, c, 0);
+      uint64_t got = 0;
+      int64_t r = 1, wrong = 0;
+      while (c >= 0 && r > 0) {
+        const uint64_t want = got == bytes ? 65536 : (bytes - got < 65536 ? bytes - got : 65536);
+        if (got == bytes && lane == 0) {  // all in: the host looks, then the sender closes
+          out[1] = static_cast<int64_t>(got);
+          out[2] = wrong;
+          publish(box, 0, 1);
+          await_box(box, 1);
+        }
+        warp::sync(all);
+        if (scalar) {
+          r = lane == 0 ? raw::recv(c, rbuf, want, MSG_WAITALL) : 0;
+          r = warp::shfl(all, r, 0);
+        } else {
+          r = raw::warp_recv(all, c, rbuf, want, 0);
+        }
+        if (r <= 0) break;
+        if (lane == 0) {
+          for (int64_t k = 0; k < r; ++k) wrong += rbuf[k] != pattern(got + k);
+        }
+        got += static_cast<uint64_t>(r);
+        warp::sync(all);
+      }
+      if (lane == 0) {
+        if (got != bytes) out[1] = static_cast<int64_t>(got);
+        out[3] = c < 0 ? c : r;
+        publish(box, 0, 1);  // (again, for a receiver that never got there)
+        raw::close(c);
+        raw::close(l);
+      }
+    } else {
+      int c = lane == 0 ? ld_connect(77) : 0;
+      c = warp::shfl(all, c, 0);
+      if (c < 0) {
+        if (lane == 0) out[0] = c;
+        return;
+      }
+      if (lane == 0) {  // wait for the reader's offer (the test's reason to exist)
+        ld::Table* t = ld::detail::table();
+        ld::Socket* me = &t->sockets[ld::fd_index(c)];
+        ld::Socket* peer = &t->sockets[ld::detail::get(me->peer)];
+        const uint64_t t0 = gpusock::globaltimer_ns();
+        int64_t waited = 0;
+        while ((ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & 3) != ld::kPosted) {
+          waited = static_cast<int64_t>(gpusock::globaltimer_ns() - t0);
+          if (waited > 10'000'000'000) break;
+        }
+        out[4] = (ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & 3) == ld::kPosted ? 0 : waited;
+      }
+      warp::sync(all);
+      constexpr uint32_t kSizes[] = {40000, 1, 7, 4096, 100, 20000, 65536, 333, 131072, 12};
+      int64_t r = 0;
+      uint64_t off = 0;
+      for (uint32_t i = 0; off < bytes && r >= 0; ++i) {
+        uint64_t n = kSizes[i % 10];
+        if (n > bytes - off) n = bytes - off;
+        for (uint64_t k = lane; k < n; k += 32) sbuf[k] = pattern(off + k);
+        warp::sync(all);
+        if (scalar) {
+          r = lane == 0 ? raw::send(c, sbuf, n, 0) : 0;
+          r = warp::shfl(all, r, 0);
+        } else {
+          r = raw::warp_send(all, c, sbuf, n, 0);
+        }
+        if (r != static_cast<int64_t>(n)) r = r < 0 ? r : -1;
+        off += n;
+      }
+      if (lane == 0) {
+        out[0] = r < 0 ? r : 0;
+        publish(box, 2, 1);  // every send returned (its counters are in)
+        await_box(box, 1);
+        raw::close(c);
+      }
+    }
+  }
+};
+
+class LdHandedTest : public LdTest {
+ protected:
+  void Run(bool scalar) {
+    constexpr uint64_t kBytes = (1ull << 20) + 3;
+    Start();  // 16 KiB rings: most pieces are larger than the ring
+    auto sbuf = Buffer<uint8_t>(131072);
+    auto rbuf = Buffer<uint8_t>(65536);
+    auto out = Buffer<int64_t>(5);
+    auto k = Launch({2}, {32}, HandedStraight{}, kBytes, scalar, sbuf.data(), rbuf.data(), box_.dev, out.data());
+    const bool held = Await(0) != 0 && Await(2) != 0;
+    auto snap = ld_->snapshot();
+    Post(1, 1);
+    Finish(k);
+    ASSERT_TRUE(held) << "the receiver never got to the end";
+    auto o = out.to_host();
+    EXPECT_EQ(o[0], 0) << "sender";
+    EXPECT_EQ(o[1], static_cast<int64_t>(kBytes)) << "bytes received";
+    EXPECT_EQ(o[2], 0) << "bytes out of place";
+    EXPECT_EQ(o[3], 0) << "the receiver's last recv (0: end of stream)";
+    EXPECT_EQ(o[4], 0) << "ns the sender waited for an offer that never came";
+    ASSERT_TRUE(snap.ok()) << snap.status().to_string();
+    const gpusock::net::LocalSocketInfo* reader = nullptr;
+    for (const auto& i : snap->sockets) {
+      if (i.state == "connected" && i.fd >= 0 && i.bytes_in > 0) reader = &i;
+    }
+    ASSERT_NE(reader, nullptr) << "the reader's socket is not in the snapshot";
+    EXPECT_EQ(reader->bytes_in, kBytes);
+    EXPECT_GT(reader->bytes_direct, 0u) << "no byte went straight into the waiting recv's buffer";
+    EXPECT_LE(reader->bytes_direct, kBytes);
+    EXPECT_EQ(snap->direct_bytes, reader->bytes_direct);
+    EXPECT_EQ(HostcallLanes(), 0u);
+    std::printf("%s: %llu of %llu bytes went straight into the recv's buffer\n", scalar ? "recv/send" : "warp_recv/warp_send",
+                static_cast<unsigned long long>(reader->bytes_direct), static_cast<unsigned long long>(kBytes));
+  }
+};
+INSTANTIATE_TEST_SUITE_P(BothDevices, LdHandedTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         gpusock::testing::device_name);
+
+TEST_P(LdHandedTest, AWaitingWarpRecvGetsTheBytesStraightIntoItsBufferInOrder) { Run(false); }
+TEST_P(LdHandedTest, AWaitingRecvWaitallGetsTheBytesStraightIntoItsBufferInOrder) { Run(true); }
+
 // ---- many lanes on one stream ----------------------------------------------------------
 
 // Warp 1's 32 lanes all send `records` records of 1000 bytes on one connection at once,

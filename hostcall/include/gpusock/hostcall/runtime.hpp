@@ -168,7 +168,11 @@ class Runtime {
   // Memory kernels can use: device memory on a GPU, host memory on the cpu device.
   // Allocations are zeroed. See device_buffer.hpp for an owning wrapper.
   Result<void*> device_alloc(size_t bytes);
-  void device_free(void* ptr);
+  // Frees what device_alloc() returned (nullptr: nothing). Anything else is left alone
+  // and refused: ENOENT for a pointer that is not the start of a live allocation (an
+  // interior pointer, a second free), EINVAL for the start of memory registered with
+  // register_device_memory() (the program's own: unregister it, then free it yourself).
+  Status device_free(void* ptr);
   Status copy_to_device(void* dst, const void* src, size_t bytes);
   Status copy_from_device(void* dst, const void* src, size_t bytes);
   // Copies host bytes into memory a kernel named, for modules answering kernels (net/

@@ -143,6 +143,12 @@ inline constexpr uint32_t kDgramHeader = 8;
 enum State : uint32_t { kFree = 0, kOpen = 1, kListening = 2, kConnected = 3 };
 enum FdState : uint32_t { kNoFd = 0, kFdOpen = 1, kFdClosed = 2 };
 enum Shut : uint32_t { kShutRd = 1, kShutWr = 2 };
+// Socket::post's low two bits. A recv that would wait on an empty ring offers its buffer
+// (kPosted); a sender that finds the ring empty claims it (kClaimed), copies into it and
+// hands it back (kFilled, the count above the two bits). Only the recv, under its consumer
+// lock, moves it away from kFilled or withdraws it.
+enum Post : uint32_t { kPostNone = 0, kPosted = 1, kClaimed = 2, kFilled = 3 };
+inline constexpr uint32_t kPostMaxBytes = 1u << 29;  // a posted buffer's length is capped here
 
 // One socket. Fields other than the atomics are written by the lane that owns the socket
 // at that moment (creation, bind, connect, accept) before they are published.
@@ -168,7 +174,14 @@ struct alignas(128) Socket {
   uint64_t tail;          // bytes (entries) writers committed
   uint64_t bytes_in;      // bytes this socket received (consumed)
   uint64_t bytes_out;     // bytes this socket sent
+  // A blocked stream recv's buffer, offered to the sender (section 13.4, "handed
+  // straight"): post is Post | (bytes the sender put there) << 2.
+  uint32_t post;
+  uint32_t post_len;      // how many bytes the buffer takes
+  uint64_t post_buf;      // where they go (global memory)
+  uint64_t bytes_direct;  // of bytes_in, those a sender wrote straight into a recv's buffer
 };
+static_assert(sizeof(Socket) == 128, "a socket is one 128-byte line");
 
 // The family's state in device memory; net::enable_localdevice() builds it.
 struct Table {
@@ -177,7 +190,7 @@ struct Table {
   uint32_t ring_bytes;    // per socket, a power of two
   uint32_t alloc_cursor;  // where the next allocation starts looking
   uint32_t ephemeral_cursor;
-  uint32_t reserved;
+  uint32_t hand_off;      // LocalDeviceOptions::hand_off: a waiting recv offers its buffer
   Socket* sockets;
   uint8_t* rings;         // max_sockets * ring_bytes
   uint32_t* ports;        // [2][kPorts]: stream, datagram; socket index + 1, 0 = free
@@ -295,6 +308,10 @@ GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
   A64(s->tail).store(0, Order::kRelaxed);
   A64(s->bytes_in).store(0, Order::kRelaxed);
   A64(s->bytes_out).store(0, Order::kRelaxed);
+  A64(s->bytes_direct).store(0, Order::kRelaxed);
+  // A recv leaves its offer kPostNone; only a recv that gave up on a claimed offer at
+  // shutdown (unpost) can leave a late kFilled behind.
+  A32(s->post).store(kPostNone, Order::kRelaxed);
   unlock(s->consumer_lock);
   unlock(s->producer_lock);
   A32(s->state).store(kFree, Order::kRelease);
@@ -476,6 +493,62 @@ GPUSOCK_HD inline Socket* lock_peer(Table* t, uint32_t index, uint32_t gen) {
   return p;
 }
 
+// ---- a waiting recv's buffer handed straight to the sender ----
+// A stream recv that finds its ring empty and would block offers its buffer; a sender
+// that then finds the ring empty (under the producer lock, so no byte can be ahead of
+// its own) copies straight into it: one copy per byte instead of two (section 13.4).
+
+// Whether a recv may offer buf: a blocking, consuming call with a buffer in global
+// memory (a lane's stack is not another warp's to write).
+GPUSOCK_HD inline bool can_post(const Table* t, const void* buf, uint64_t want) {
+  if (t->hand_off == 0 || buf == nullptr || want == 0) return false;
+#if GPUSOCK_IS_GPU
+  return __isGlobal(buf);
+#else
+  return true;
+#endif
+}
+// Receiver, consumer lock held, post == kPostNone: offers want bytes at buf.
+GPUSOCK_HD inline void post(Socket* s, uint8_t* buf, uint64_t want) {
+  A64(s->post_buf).store(reinterpret_cast<uint64_t>(buf), Order::kRelaxed);
+  A32(s->post_len).store(static_cast<uint32_t>(want < kPostMaxBytes ? want : kPostMaxBytes), Order::kRelaxed);
+  A32(s->post).store(kPosted, Order::kRelease);
+}
+// Receiver, after seeing `word` (acquire) with kFilled: takes the offer back; the bytes.
+GPUSOCK_HD inline uint32_t take_filled(Socket* s, uint32_t word) {
+  A32(s->post).store(kPostNone, Order::kRelaxed);
+  const uint32_t n = word >> 2;
+  A64(s->bytes_direct).fetch_add(n, Order::kRelaxed);
+  return n;
+}
+// Receiver: withdraws its offer; returns the bytes a sender put there (0: none). A sender
+// that has claimed it is copying and fills it without waiting on anything, so this waits
+// only for that copy (and gives up only when the runtime shuts down, the copy's bytes
+// then being lost with everything else in flight).
+GPUSOCK_HD inline uint32_t unpost(Socket* s) {
+  uint32_t w = kPosted;
+  if (A32(s->post).compare_exchange(w, kPostNone, Order::kAcquire)) return 0;
+  for (uint32_t i = 0;; ++i) {
+    if ((w & 3) == kFilled) return take_filled(s, w);
+    if ((i & 4095) == 4095 && shutting_down()) {
+      A32(s->post).store(kPostNone, Order::kRelaxed);
+      return 0;
+    }
+    spin_pause(i);
+    w = A32(s->post).load(Order::kAcquire);
+  }
+}
+// Sender, holding p's producer lock with p's ring empty and `word` (a relaxed load of
+// p->post) kPosted: claims the offer. Returns the buffer's length (0: not claimed; the
+// recv withdrew it) and its address in *dst.
+GPUSOCK_HD inline uint32_t claim(Socket* p, uint32_t word, uint8_t** dst) {
+  if (word != kPosted || !A32(p->post).compare_exchange(word, kClaimed, Order::kAcquire)) return 0;
+  *dst = reinterpret_cast<uint8_t*>(A64(p->post_buf).load(Order::kRelaxed));
+  return A32(p->post_len).load(Order::kRelaxed);
+}
+// Sender, after copying n bytes into a claimed buffer (every copying lane synchronized).
+GPUSOCK_HD inline void fill(Socket* p, uint32_t n) { A32(p->post).store(kFilled | n << 2, Order::kRelease); }
+
 // Tells the stream peer of s that no more bytes come (close or SHUT_WR).
 GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
   if (A32(s->state).load(Order::kAcquire) != kConnected) return;
@@ -507,7 +580,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
   const uint64_t life = A64(p->life).load(Order::kRelaxed);  // ordered by the lock's acquire
   uint64_t tail = A64(p->tail).load(Order::kRelaxed);
   for (uint32_t i = 0;; ++i) {
-    const uint32_t fds = get(p->fd_state), shut = get(p->shut);
+    const uint32_t fds = get(p->fd_state), shut = get(p->shut), offer = get(p->post);
     const uint64_t head = A64(p->head).load(Order::kAcquire);
     if (i == 0 && !alive_as(life, gen)) {
       err = -EPIPE;  // the peer is gone (its slot freed, perhaps reused)
@@ -516,6 +589,17 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
     if (fds == kFdClosed || (shut & kShutRd) != 0) {
       err = -EPIPE;
       break;
+    }
+    uint8_t* dst = nullptr;
+    uint32_t take = tail == head && len > done ? claim(p, offer, &dst) : 0;
+    if (take > 0) {  // the reader waits on an empty ring: straight into its buffer
+      if (take > len - done) take = static_cast<uint32_t>(len - done);
+      hostcall::internal::group_copy(copy_group(), dst, buf + done, take, false);
+      fill(p, take);
+      done += take;
+      i = 0;
+      if (done == len) break;
+      continue;
     }
     const uint64_t room = cap - (tail - head);
     const uint64_t left = len - done;
@@ -823,8 +907,32 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
   int64_t result = 0;
   if (type == SOCK_STREAM) {
     uint64_t done = 0;
+    bool posted = false;  // this call's buffer is offered to the sender (detail::post)
+    const bool offer = !nb && !peek && (flags & MSG_TRUNC) == 0;
+    const bool waitall = (flags & MSG_WAITALL) != 0;
     for (uint32_t i = 0;; ++i) {
+      if (posted) {
+        const uint32_t w = detail::A32(s->post).load(Order::kAcquire);
+        if ((w & 3) == kFilled) {
+          posted = false;
+          done += detail::take_filled(s, w);
+          i = 0;
+          if (done == len || !waitall) break;
+          continue;
+        }
+      }
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
+      if (avail > 0 && posted) {
+        // Bytes came through the ring after all (sent before the offer was seen): take the
+        // offer back; what a sender put there first comes first.
+        posted = false;
+        if (const uint32_t m = detail::unpost(s); m > 0) {
+          done += m;
+          i = 0;
+          if (done == len || !waitall) break;
+          continue;
+        }
+      }
       if (avail > 0 && done < len) {
         i = 0;
         const uint64_t want = len - done;
@@ -856,9 +964,15 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = -EAGAIN;
         break;
       }
+      if (!posted && offer && detail::can_post(t, out + done, len - done)) {
+        detail::post(s, out + done, len - done);
+        posted = true;
+        continue;  // look at the ring once more: a send may have gone in before the offer
+      }
       if ((result = detail::wait_check(s, fd, i)) != 0) break;
       spin_pause(i);
     }
+    if (posted) done += detail::unpost(s);  // leaving (end of stream, error): bytes first
     if (done > 0) {
       result = static_cast<int64_t>(done);
       if (!peek) detail::A64(s->bytes_in).fetch_add(done, Order::kRelaxed);
@@ -1125,32 +1239,46 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   uint64_t tail = lead && p != nullptr ? detail::A64(p->tail).load(Order::kRelaxed) : 0;
   uint64_t done = 0;
   for (uint32_t i = 0; err == 0;) {
-    // The leader decides: n bytes now (n > 0), wait (0), or stop (err).
+    // The leader decides: n bytes now (n > 0) into the ring, or into the reader's own
+    // buffer (dst, when the reader waits on an empty ring), wait (0), or stop (err).
     uint32_t n = 0;
     int64_t stop = 0;
+    uint8_t* dst = nullptr;
     if (lead) {
-      if (detail::get(p->fd_state) == kFdClosed || (detail::get(p->shut) & kShutRd) != 0) {
+      const uint32_t fds = detail::get(p->fd_state), shut = detail::get(p->shut), offer = detail::get(p->post);
+      const uint64_t head = detail::A64(p->head).load(Order::kAcquire);
+      if (fds == kFdClosed || (shut & kShutRd) != 0) {
         stop = -EPIPE;
       } else {
-        const uint64_t room = cap - (tail - detail::A64(p->head).load(Order::kAcquire));
         const uint64_t left = len - done;
-        n = static_cast<uint32_t>(left < room ? left : room);
-        if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
+        if (tail == head && left > 0 && (n = detail::claim(p, offer, &dst)) > 0) {
+          if (n > left) n = static_cast<uint32_t>(left);
+        } else {
+          const uint64_t room = cap - (tail - head);
+          n = static_cast<uint32_t>(left < room ? left : room);
+          if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
+        }
       }
     }
     n = warp::shfl(mask, n, leader);
     stop = warp::shfl(mask, stop, leader);
     if (n > 0) {
-      const uint64_t pos = warp::shfl(mask, tail, leader);
-      uint8_t* rr = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(r), leader));
+      dst = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(dst), leader));
       const uint8_t* src = static_cast<const uint8_t*>(buf) + done;
       // Every lane copies the leader's piece: only the leader names a length.
-      detail::ring_write(rr, cap, pos, src, lead ? n : 0, mask);
-      done += n;
-      if (lead) {
-        tail += n;
-        detail::A64(p->tail).store(tail, Order::kRelease);
+      if (dst != nullptr) {
+        hostcall::internal::group_copy(mask, dst, src, lead ? n : 0, false);
+        if (lead) detail::fill(p, n);
+      } else {
+        const uint64_t pos = warp::shfl(mask, tail, leader);
+        uint8_t* rr = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(r), leader));
+        detail::ring_write(rr, cap, pos, src, lead ? n : 0, mask);
+        if (lead) {
+          tail += n;
+          detail::A64(p->tail).store(tail, Order::kRelease);
+        }
       }
+      done += n;
       i = 0;
       if (done == len) break;
       continue;
@@ -1197,13 +1325,24 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
   const bool peek = (flags & MSG_PEEK) != 0;
   uint64_t head = lead && err == 0 ? detail::A64(s->head).load(Order::kRelaxed) : 0;
   int64_t result = err;
+  bool posted = false;  // the leader offered buf to the sender (detail::post)
+  const bool offer = lead && !nb && !peek && (flags & MSG_TRUNC) == 0 && detail::can_post(t, buf, len);
   for (uint32_t i = 0; err == 0;) {
     uint32_t n = 0;
-    int64_t stop = 0;  // 1: end of stream (result 0)
+    uint32_t direct = 0;  // bytes a sender wrote straight into buf
+    int64_t stop = 0;     // 1: end of stream (result 0)
     if (lead) {
+      const uint32_t w = posted ? detail::A32(s->post).load(Order::kAcquire) : 0;
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
-      n = static_cast<uint32_t>(len < avail ? len : avail);
-      if (n == 0) {
+      if ((w & 3) == kFilled) {
+        posted = false;
+        direct = detail::take_filled(s, w);
+      } else if (avail > 0 && posted) {
+        posted = false;  // bytes came through the ring after all: take the offer back
+        direct = detail::unpost(s);
+      }
+      n = direct > 0 ? 0 : static_cast<uint32_t>(len < avail ? len : avail);
+      if (n == 0 && direct == 0) {
         const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
         if (len == 0 || (shut & kShutRd) != 0) {
           stop = 1;
@@ -1212,10 +1351,29 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
           if (detail::A64(s->tail).load(Order::kAcquire) == head) stop = 1;
         } else if (reset != 0) {
           stop = -ECONNRESET;
+        } else if (nb) {
+          stop = -EAGAIN;
+        } else if (!posted && offer) {
+          detail::post(s, static_cast<uint8_t*>(buf), len);
+          posted = true;  // and look at the ring once more: a send may have gone in first
+          i = 0;
         } else {
-          stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
+          stop = detail::wait_check(s, fd, i);
+        }
+        if (stop != 0 && posted) {
+          posted = false;  // leaving: what a sender put there is the answer
+          if ((direct = detail::unpost(s)) > 0) stop = 0;
         }
       }
+      if (direct > 0) detail::A64(s->bytes_in).fetch_add(direct, Order::kRelaxed);
+    }
+    direct = warp::shfl(mask, direct, leader);
+    if (direct > 0) {
+      // Another warp's stores: every lane that reads buf next must see them, not a line
+      // its SM's L1 kept from before.
+      fence<Scope::kDevice>(Order::kAcquire);
+      result = direct;
+      break;
     }
     n = warp::shfl(mask, n, leader);
     stop = warp::shfl(mask, stop, leader);

@@ -30,6 +30,10 @@ struct LocalDeviceOptions {
   // once this many bytes wait unread; the largest datagram is ring_bytes - 8; a listener's
   // accept queue holds ring_bytes / 8 connections. Device memory: max_sockets * ring_bytes.
   uint32_t ring_bytes = 32u << 10;
+  // A stream recv that would wait on an empty ring offers its buffer (in global memory)
+  // to the sender, which then copies straight into it: one copy per byte instead of two
+  // (docs/architecture.md 13.4). Off: every byte goes through the ring.
+  bool hand_off = true;
 };
 
 struct LocalSocketInfo {
@@ -44,6 +48,7 @@ struct LocalSocketInfo {
   uint64_t queued = 0;       // bytes waiting in its ring (listener: connections to accept)
   uint32_t backlog = 0;      // listener
   uint64_t bytes_in = 0;     // received (consumed) so far
+  uint64_t bytes_direct = 0; // of bytes_in, written by the sender straight into a waiting recv's buffer
   uint64_t bytes_out = 0;    // sent so far
 };
 
@@ -54,6 +59,7 @@ struct LocalDeviceSnapshot {
   uint32_t listeners = 0;
   uint32_t connected = 0;    // connected stream sockets (a connection has two)
   uint64_t queued_bytes = 0; // over every ring, listeners excluded
+  uint64_t direct_bytes = 0; // bytes_direct over the sockets in use
 };
 
 class LocalDevice {
