@@ -63,7 +63,33 @@ std::string RdmaBackend::describe() const {
          std::to_string(staging_size_ >> 20) + " MiB) registered as one MR; " + gpudirect_;
 }
 
+static_assert(kLetGo == net::kAskAgain && kSentSoFar == net::kSendMore, "engine.hpp's let-go answers are net/'s");
+
 void RdmaBackend::serve(net::Request& req, net::Reply reply) { serve_with(req, std::move(reply), POLLNVAL); }
+
+// ---- stragglers (net/backend.hpp) ----
+// A token is (fd + 1) << 40 | the engine's wait id (fd -1: a poll).
+namespace {
+constexpr uint64_t kIdBits = 40;
+uint64_t wait_token(int fd, uint64_t id) {
+  return (static_cast<uint64_t>(fd + 1) << kIdBits) | (id & ((uint64_t{1} << kIdBits) - 1));
+}
+}  // namespace
+
+void RdmaBackend::straggle(uint64_t token) {
+  std::lock_guard lock(engine_->mu());
+  engine_->let_go(static_cast<int>(token >> kIdBits) - 1, token & ((uint64_t{1} << kIdBits) - 1));
+}
+
+// Engine lock held, right after an engine call that may have gone to wait: a lane whose
+// call's other lanes already waited too long for it is let go at once; any other that
+// waits is marked waiting in this backend, for the sweep.
+void RdmaBackend::track(Waiting& w, int fd) {
+  if (w.answered) return;
+  const uint64_t id = engine_->last_wait();
+  if (w.reply.straggling()) return engine_->let_go(fd, id);
+  w.reply.wait_begin(*this, wait_token(fd, id));
+}
 
 void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign) {
   std::lock_guard lock(engine_->mu());
@@ -78,11 +104,12 @@ void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign)
     case net::Op::kListen:
       return reply.finish(e.listen(fd, static_cast<int>(req.a[0])));
     case net::Op::kAccept: {
-      auto r = std::make_shared<net::Reply>(std::move(reply));
-      return e.accept(fd, static_cast<int>(req.a[0]), [r](int64_t nfd, const sockaddr_storage& a, socklen_t len) {
-        if (nfd >= 0) r->set_addr(1, &a, std::min<socklen_t>(len, net::kMaxAddrBytes));
-        r->finish(nfd);
+      auto w = std::make_shared<Waiting>(std::move(reply));
+      e.accept(fd, static_cast<int>(req.a[0]), [w](int64_t nfd, const sockaddr_storage& a, socklen_t len) {
+        if (nfd >= 0) w->reply.set_addr(1, &a, std::min<socklen_t>(len, net::kMaxAddrBytes));
+        w->answer(nfd);
       });
+      return track(*w, fd);
     }
     case net::Op::kConnect: {
       auto r = std::make_shared<net::Reply>(std::move(reply));
@@ -99,21 +126,23 @@ void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign)
       if (!req.data.empty() && (p < staging_ || p + req.data.size() > staging_ + staging_size_)) {
         return reply.finish(-EFAULT);
       }
-      auto r = std::make_shared<net::Reply>(std::move(reply));
-      return e.send(fd, p, static_cast<uint32_t>(req.data.size()), staging_lkey_, static_cast<int>(req.a[0] & 0xffffffff),
-                    [r](int64_t v) { r->finish(v); });
+      auto w = std::make_shared<Waiting>(std::move(reply));
+      e.send(fd, p, static_cast<uint32_t>(req.data.size()), staging_lkey_, static_cast<int>(req.a[0] & 0xffffffff),
+             [w](int64_t v) { w->answer(v); });
+      return track(*w, fd);
     }
     case net::Op::kRecv: {
-      auto r = std::make_shared<net::Reply>(std::move(reply));
+      auto w = std::make_shared<Waiting>(std::move(reply));
       const uint32_t want = static_cast<uint32_t>(std::min<int64_t>(req.a[1], 0xffffffff));
-      return e.recv(fd, want, static_cast<int>(req.a[0]), [r](int64_t n, const RecvLend& l) {
+      e.recv(fd, want, static_cast<int>(req.a[0]), [w](int64_t n, const RecvLend& l) {
         if (n > 0) {
-          r->set_word(1, l.device);
-          r->set_word(2, l.flag_device);
+          w->reply.set_word(1, l.device);
+          w->reply.set_word(2, l.flag_device);
         }
-        r->set_addr(3, nullptr, 0, 1ull << 32);  // a stream: MSG_WAITALL loops on the device
-        r->finish(n);
+        w->reply.set_addr(3, nullptr, 0, 1ull << 32);  // a stream: MSG_WAITALL loops on the device
+        w->answer(n);
       });
+      return track(*w, fd);
     }
     case net::Op::kShutdown:
       return reply.finish(e.shutdown(fd, static_cast<int>(req.a[0])));
@@ -137,9 +166,10 @@ void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign)
       return reply.finish(r);
     }
     case net::Op::kPoll: {
-      auto r = std::make_shared<net::Reply>(std::move(reply));
+      auto w = std::make_shared<Waiting>(std::move(reply));
       std::span<pollfd> fds(reinterpret_cast<pollfd*>(req.data.data()), req.data.size() / sizeof(pollfd));
-      return e.poll(fds, static_cast<int>(req.a[1]), foreign, [r](int64_t v) { r->finish(v); });
+      e.poll(fds, static_cast<int>(req.a[1]), foreign, [w](int64_t v) { w->answer(v); });
+      return track(*w, -1);
     }
     case net::Op::kFcntl:
       return reply.finish(e.fcntl(fd, static_cast<int>(req.a[0]), req.a[1]));
@@ -148,9 +178,11 @@ void RdmaBackend::serve_with(net::Request& req, net::Reply reply, short foreign)
 }
 
 uint32_t RdmaBackend::poll(uint32_t) {
+  // Before the lock: the sweep's straggle() takes it.
+  const uint32_t work = net::sweep_stragglers();
   std::unique_lock lock(engine_->mu(), std::try_to_lock);
-  if (!lock.owns_lock()) return 0;  // another service thread is reaping
-  return engine_->progress();
+  if (!lock.owns_lock()) return work;  // another service thread is reaping
+  return work + engine_->progress();
 }
 
 void RdmaBackend::park(uint32_t, std::chrono::nanoseconds max) { engine_->wait(max); }

@@ -19,6 +19,7 @@ class RdmaBackend : public net::Backend {
   uint32_t poll(uint32_t thread) override;
   void park(uint32_t thread, std::chrono::nanoseconds max) override;
   void thread_stop(uint32_t thread) override;
+  void straggle(uint64_t token) override;
 
   // `foreign`: revents for poll entries this backend does not own.
   void serve_with(net::Request& req, net::Reply reply, short foreign);
@@ -38,6 +39,18 @@ class RdmaBackend : public net::Backend {
   }
 
  private:
+  // A call the engine may answer later, and whether it has been.
+  struct Waiting {
+    explicit Waiting(net::Reply r) : reply(std::move(r)) {}
+    net::Reply reply;
+    bool answered = false;  // under the engine's lock
+    void answer(int64_t v) {
+      answered = true;
+      reply.finish(v);
+    }
+  };
+  void track(Waiting& w, int fd);
+
   Runtime& rt_;
   std::unique_ptr<Engine> engine_;
   uint32_t staging_lkey_;

@@ -55,6 +55,7 @@ struct Sock {
   struct AcceptWaiter {
     int flags;
     AcceptDone done;
+    uint64_t id;  // Engine::let_go
   };
   std::deque<AcceptWaiter> accept_waiters;
   uint64_t listener_serial = 0;  // a passive connection: its listener until accepted
@@ -80,6 +81,7 @@ struct Sock {
     uint32_t want;
     int flags;
     RecvDone done;
+    uint64_t id;
   };
   std::deque<RecvWaiter> recv_waiters;
   int64_t credits = 0;         // messages the peer has room for
@@ -89,6 +91,8 @@ struct Sock {
     const uint8_t* p;
     uint32_t lkey, len, posted = 0, completed = 0;
     Done done;
+    uint64_t id = 0;
+    bool let_go = false;  // posts nothing more; answered posted | kSentSoFar once completed
   };
   std::deque<SendOp> sendq;
   std::deque<uint32_t> inflight;  // lengths of posted data messages, in order
@@ -260,7 +264,7 @@ void Engine::accept(int fd, int flags, AcceptDone done) {
   if (!s) return done(-EBADF, none, 0);
   if (s->state != State::kListening || (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) != 0) return done(-EINVAL, none, 0);
   if (s->accepted.empty() && s->nonblock) return done(-EAGAIN, none, 0);
-  s->accept_waiters.push_back({flags, std::move(done)});
+  s->accept_waiters.push_back({flags, std::move(done), wait_id()});
   serve_accepts(*s);
 }
 
@@ -374,7 +378,7 @@ void Engine::send(int fd, const uint8_t* p, uint32_t len, uint32_t lkey, int fla
   if (len == 0) return done(0);
   const bool nb = s->nonblock || (flags & MSG_DONTWAIT) != 0;
   if (nb && s->credits <= wire::kReservedCredits + 1) return done(-EAGAIN);
-  s->sendq.push_back({p, lkey, len, 0, 0, std::move(done)});
+  s->sendq.push_back({p, lkey, len, 0, 0, std::move(done), wait_id()});
   pump(*s);
 }
 
@@ -400,6 +404,7 @@ void Engine::pump(Sock& s) {
   };
   // Data: keeps kReservedCredits + 1 back for credit and FIN messages, and 2 send WRs.
   for (auto& op : s.sendq) {
+    if (op.let_go) break;  // let go part-way: what follows waits until it is answered
     while (op.posted < op.len) {
       if (s.credits <= int64_t{wire::kReservedCredits} + 1 || s.sq_used + 2 >= s.sq_depth) {
         ++counters_.send_blocked_on_credits;
@@ -433,7 +438,7 @@ void Engine::recv(int fd, uint32_t want, int flags, RecvDone done) {
   if ((flags & ~(MSG_DONTWAIT | MSG_PEEK | MSG_WAITALL | MSG_TRUNC)) != 0) return done(-EOPNOTSUPP, {});
   if (s->state == State::kNew || s->state == State::kListening) return done(-ENOTCONN, {});
   if (want == 0) return done(0, {});
-  s->recv_waiters.push_back({want, flags, std::move(done)});
+  s->recv_waiters.push_back({want, flags, std::move(done), wait_id()});
   serve_recvs(*s);
 }
 
@@ -678,8 +683,53 @@ void Engine::poll(std::span<pollfd> fds, int timeout_ms, short foreign, Done don
   }
   if (ready > 0 || timeout_ms == 0) return done(ready);
   PollWait w{fds, foreign, Clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0)), timeout_ms < 0,
-             std::move(done)};
+             std::move(done), wait_id()};
   polls_.push_back(std::move(w));
+}
+
+void Engine::let_go(int fd, uint64_t id) {
+  if (fd < 0) {
+    for (auto it = polls_.begin(); it != polls_.end(); ++it) {
+      if (it->id != id) continue;
+      auto d = std::move(it->done);
+      polls_.erase(it);
+      return d(kLetGo);
+    }
+    return;
+  }
+  auto s = find(fd);
+  if (!s) return;
+  for (auto it = s->recv_waiters.begin(); it != s->recv_waiters.end(); ++it) {
+    if (it->id != id) continue;
+    auto d = std::move(it->done);
+    s->recv_waiters.erase(it);
+    d(kLetGo, {});
+    return serve_recvs(*s);  // a waiter behind it may be answerable
+  }
+  for (auto it = s->accept_waiters.begin(); it != s->accept_waiters.end(); ++it) {
+    if (it->id != id) continue;
+    auto d = std::move(it->done);
+    s->accept_waiters.erase(it);
+    return d(kLetGo, sockaddr_storage{}, 0);
+  }
+  for (auto it = s->sendq.begin(); it != s->sendq.end(); ++it) {
+    if (it->id != id || it->let_go || it->posted == it->len) continue;  // all posted: it ends by itself
+    if (it->posted == 0) {
+      auto d = std::move(it->done);
+      s->sendq.erase(it);
+      d(kLetGo);
+      return pump(*s);
+    }
+    it->let_go = true;  // answered from poll_cq once what it posted completed
+    if (it == s->sendq.begin() && it->completed >= it->posted) {
+      auto d = std::move(it->done);
+      const int64_t v = int64_t{it->completed} | kSentSoFar;
+      s->sendq.erase(it);
+      d(v);
+      return pump(*s);
+    }
+    return;
+  }
 }
 
 void Engine::check_polls(bool timers) {
@@ -800,11 +850,11 @@ uint32_t Engine::poll_cq() {
           if (!s->sendq.empty()) {
             auto& op = s->sendq.front();
             op.completed += n;
-            if (op.completed >= op.len) {
+            if (op.completed >= op.len || (op.let_go && op.completed >= op.posted)) {
               auto d = std::move(op.done);
-              const uint32_t len = op.len;
+              const int64_t v = op.completed >= op.len ? int64_t{op.len} : int64_t{op.completed} | kSentSoFar;
               s->sendq.pop_front();
-              d(len);
+              d(v);
             }
           }
         }

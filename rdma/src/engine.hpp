@@ -55,6 +55,11 @@ struct RecvLend {
   uint32_t* flag_host = nullptr;
   uint64_t flag_device = 0;
 };
+// What a call let go (Engine::let_go) is answered. The values are net/protocol.hpp's
+// kAskAgain and kSendMore (the backend checks they match): kLetGo for a call that did
+// nothing, and a send's bytes so far | kSentSoFar when part of it went out.
+inline constexpr int64_t kLetGo = -(int64_t{1} << 20);
+inline constexpr int64_t kSentSoFar = int64_t{1} << 40;
 using Done = std::function<void(int64_t)>;
 using RecvDone = std::function<void(int64_t, const RecvLend&)>;
 using AcceptDone = std::function<void(int64_t fd, const sockaddr_storage& peer, socklen_t len)>;
@@ -101,6 +106,17 @@ class Engine {
   // revents into each entry of `fds` (pollfd array); entries the engine does not own get
   // `foreign` (POLLNVAL for a lone backend). Answers the ready count.
   void poll(std::span<pollfd> fds, int timeout_ms, short foreign, Done done);
+
+  // Waiting calls. accept, connect-less send, recv and poll that cannot be answered at
+  // once wait in the engine; last_wait() is the id of the call that went to wait most
+  // recently (0 before any), for a caller that may later let it go. let_go(fd, id)
+  // answers that call now if it still waits, without losing a byte: a recv, accept or
+  // poll gets kLetGo; a send of which nothing went out gets kLetGo and is dropped; a send
+  // partly posted posts nothing more and is answered, once what it posted completed, its
+  // bytes | kSentSoFar (the caller sends the rest). fd -1 for a poll. Unknown ids (the call
+  // was answered) are ignored.
+  uint64_t last_wait() const { return last_wait_; }
+  void let_go(int fd, uint64_t id);
 
   // Reaps completions and connection events, takes back buffers readers returned, posts
   // what credits allow, runs timers. Returns the events handled (non-zero: keep spinning).
@@ -157,8 +173,11 @@ class Engine {
     std::chrono::steady_clock::time_point deadline;
     bool forever;
     Done done;
+    uint64_t id;
   };
   std::deque<PollWait> polls_;
+  uint64_t next_wait_ = 1, last_wait_ = 0;
+  uint64_t wait_id() { return last_wait_ = next_wait_++; }
   uint32_t lent_socks_ = 0;  // sockets with a buffer lent to a reader
   std::chrono::steady_clock::time_point next_timer_{};
   Counters counters_;

@@ -24,6 +24,7 @@
 #include "gpusock/rdma/backend.hpp"
 #include "gpusock/rdma/peer.hpp"
 #include "gpusock/rdma/policy.hpp"
+#include "engine.hpp"
 #include "../net/kernel_test.hpp"
 
 extern char** environ;
@@ -641,6 +642,188 @@ TEST_P(RdmaTest, ConnectToAPortNobodyListensOnIsRefused) {
   auto k = Launch({1}, {32}, ConnectOnce{}, rdma_ip(), port, out.data());
   Finish(k);
   EXPECT_EQ(Read(out)[0], -ECONNREFUSED);
+}
+
+// ---- lanes of one warp call do not wait on each other -----------------------------------
+//
+// The lanes of a warp call are answered together; a lane blocked in the engine (accept,
+// recv) would hold back the lanes that are done, here for ever: the peer connects its next
+// client only after the last one was answered. The backend lets blocked lanes go
+// (net/backend.hpp, "Stragglers"; Engine::let_go) and they ask again.
+
+// Every lane of one warp accepts a connection on the RDMA listener and serves it: reads an
+// 8-byte id, answers id * 3 and waits for the end of the stream. out[lane]: 0, or what
+// went wrong.
+struct OneRdmaClientAtATime {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, uint32_t ip) const {
+    using gpusock::testing::await_box;
+    const uint32_t lane = gpusock::warp::lane_id();
+    if (lane == 0) {
+      int lfd = raw::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a = addr4(ip, 0);
+      int r = lfd < 0 ? lfd : raw::bind(lfd, sa(a), sizeof a);
+      if (r == 0) r = raw::listen(lfd, 64);
+      socklen_t len = sizeof a;
+      if (r == 0) r = raw::getsockname(lfd, sa(a), &len);
+      publish(box, 1, r == 0 ? static_cast<uint32_t>(lfd) + 1 : 0);
+      publish(box, 0, r == 0 ? gpusock::ntohs(a.sin_port) : 0xffffffffu);
+    }
+    const int lfd = static_cast<int>(await_box(box, 1)) - 1;
+    int64_t status = 0;
+    const int c = lfd < 0 ? -EBADF : raw::accept(lfd, nullptr, nullptr);
+    if (c < 0) {
+      status = 1000 - c;
+    } else {
+      uint64_t id = 0;
+      const int64_t r = raw::recv(c, &id, sizeof id, MSG_WAITALL);
+      const uint64_t a = id * 3;
+      const int64_t w = raw::send(c, &a, sizeof a, 0);
+      char x;
+      const int64_t eof = raw::recv(c, &x, 1, 0);
+      raw::close(c);
+      if (r != 8 || w != 8 || eof != 0) status = 3000 + (r != 8) * 100 + (w != 8) * 10 + (eof != 0);
+    }
+    out[lane] = status;
+    if (gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(box[2]).fetch_add(1, gpusock::Order::kAcqRel) + 1 == 32) {
+      raw::close(lfd);
+    }
+  }
+};
+
+TEST_P(RdmaTest, LanesOfOneCallDoNotWaitForEachOtherInAcceptAndRecv) {
+  Start();
+  auto out = Buffer<int64_t>(32);
+  auto k = Launch({1}, {32}, OneRdmaClientAtATime{}, box_.dev, out.data(), rdma_ip());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  ASSERT_NE(port, 0xffffffffu);
+  int served = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int fd = peer_->connect(rdma_addr(), static_cast<uint16_t>(port), 30000);
+    if (fd < 0) {
+      ADD_FAILURE() << "client " << i << ": connect: " << std::strerror(-fd);
+      break;
+    }
+    const uint64_t id = 7000 + i;
+    uint64_t a = 0;
+    const bool ok = peer_->send(fd, &id, sizeof id) == 8 && peer_->recv(fd, &a, sizeof a, true, 30000) == 8 && a == id * 3;
+    peer_->close(fd);
+    if (!ok) break;
+    ++served;
+  }
+  EXPECT_EQ(served, 32) << "client " << served << " got no answer within 30 s";
+  if (served != 32) rt_->shutdown();
+  Finish(k);
+  peer_->drain(500);
+  auto o = Read(out);
+  for (int i = 0; i < 32 && served == 32; ++i) EXPECT_EQ(o[i], 0) << "lane " << i;
+}
+
+// ---- Engine::let_go, on the engine itself ---------------------------------------------
+
+// Two engines in this thread, one connection between them; everything is driven by
+// progress() here. The receiving side has 4 buffers of 64 KiB, so a 1 MiB send posts a few
+// messages and then waits for credits.
+TEST(RdmaEngine, ASendLetGoPartWayIsAnsweredWhatWentOutAndTheRestFollowsInOrder) {
+  namespace ri = gpusock::rdma::internal;
+  if (!rdma::device_present()) {
+    GTEST_SKIP() << "no RDMA device (ibv_get_device_list found none); scripts/rdma-vm.sh runs this test "
+                    "against soft-RoCE (rdma_rxe) in a VM";
+  }
+  ri::EngineOptions o;
+  o.recv_buffers = 4;
+  o.recv_buffer_bytes = 64 << 10;
+  o.memory.alloc = [](size_t bytes, void** host, uint64_t* dev) -> int {
+    void* p = std::aligned_alloc(4096, (bytes + 4095) & ~size_t{4095});
+    if (p == nullptr) return -ENOMEM;
+    *host = p;
+    *dev = reinterpret_cast<uint64_t>(p);
+    return 0;
+  };
+  o.memory.free = [](void* host, bool) { std::free(host); };
+  int err = 0;
+  std::string msg;
+  auto a = ri::Engine::create(o, &err, &msg);
+  ASSERT_TRUE(a) << msg;
+  auto b = ri::Engine::create(o, &err, &msg);
+  ASSERT_TRUE(b) << msg;
+  auto spin = [&](auto done, int ms) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (!done() && std::chrono::steady_clock::now() < end) {
+      a->progress();
+      b->progress();
+    }
+    return done();
+  };
+  // b listens, a connects.
+  sockaddr_in addr = addr4(rdma_ip(), 0);
+  const int l = b->socket(AF_INET, SOCK_STREAM);
+  ASSERT_GE(l, 0);
+  ASSERT_EQ(b->bind(l, sa(addr), sizeof addr), 0);
+  ASSERT_EQ(b->listen(l, 4), 0);
+  sockaddr_storage bound{};
+  socklen_t blen = sizeof bound;
+  ASSERT_EQ(b->getsockname(l, &bound, &blen), 0);
+  addr.sin_port = reinterpret_cast<sockaddr_in*>(&bound)->sin_port;
+  const int c = a->socket(AF_INET, SOCK_STREAM);
+  int64_t connected = 1;
+  int server = -1;
+  a->connect(c, sa(addr), sizeof addr, [&](int64_t v) { connected = v; });
+  b->accept(l, 0, [&](int64_t fd, const sockaddr_storage&, socklen_t) { server = static_cast<int>(fd); });
+  ASSERT_TRUE(spin([&] { return connected <= 0 && server >= 0; }, 10000));
+  ASSERT_EQ(connected, 0);
+
+  constexpr uint32_t kTotal = 1u << 20;
+  std::vector<uint8_t> src(kTotal);
+  for (uint32_t i = 0; i < kTotal; ++i) src[i] = pattern_byte(i);
+  const uint32_t lkey = a->register_memory(src.data(), src.size());
+  ASSERT_NE(lkey, 0u);
+  constexpr int64_t kNone = INT64_MIN;
+  int64_t first = kNone;
+  a->send(c, src.data(), kTotal, lkey, 0, [&](int64_t v) { first = v; });
+  const uint64_t id = a->last_wait();
+  EXPECT_FALSE(spin([&] { return first != kNone; }, 200)) << "the send should wait for credits";
+  a->let_go(c, id);
+  ASSERT_TRUE(spin([&] { return first != kNone; }, 5000)) << "let go, the send was never answered";
+  ASSERT_GT(first, 0);
+  ASSERT_NE(first & ri::kSentSoFar, 0) << "answered " << first << ": not the bytes so far | kSentSoFar";
+  const uint32_t sent = static_cast<uint32_t>(first & ~ri::kSentSoFar);
+  EXPECT_GT(sent, 0u);
+  EXPECT_LT(sent, kTotal);
+  // A send with nothing posted (no credits) that is let go: kLetGo, and nothing of it goes.
+  int64_t none = kNone;
+  a->send(c, src.data() + sent, 4096, lkey, 0, [&](int64_t v) { none = v; });
+  EXPECT_EQ(none, kNone);
+  a->let_go(c, a->last_wait());
+  EXPECT_EQ(none, ri::kLetGo);
+  a->let_go(c, a->last_wait());  // again: answered already, ignored
+  // The rest, as the lane would send it; b reads everything.
+  int64_t rest = kNone;
+  a->send(c, src.data() + sent, kTotal - sent, lkey, 0, [&](int64_t v) { rest = v; });
+  std::vector<uint8_t> got;
+  bool reading = false, ended = false;
+  ASSERT_TRUE(spin(
+      [&] {
+        if (!reading && !ended && got.size() < kTotal) {
+          reading = true;
+          b->recv(server, 1 << 20, 0, [&](int64_t n, const ri::RecvLend& lend) {
+            reading = false;
+            if (n <= 0) {
+              ended = true;
+              return;
+            }
+            got.insert(got.end(), lend.host, lend.host + n);
+            std::atomic_ref<uint32_t>(*lend.flag_host).store(0, std::memory_order_release);
+          });
+        }
+        return ended || (got.size() >= kTotal && rest != kNone);
+      },
+      20000));
+  EXPECT_EQ(rest, static_cast<int64_t>(kTotal - sent));
+  ASSERT_EQ(got.size(), kTotal);
+  EXPECT_TRUE(got == src) << "bytes lost, repeated or out of order around the let-go";
+  a->teardown(ECANCELED);
+  b->teardown(ECANCELED);
 }
 
 // ---- transport policy ------------------------------------------------------------------
