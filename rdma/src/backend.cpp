@@ -70,15 +70,13 @@ void RdmaBackend::serve(net::Request& req, net::Reply reply) { serve_with(req, s
 // ---- stragglers (net/backend.hpp) ----
 // A token is (fd + 1) << 40 | the engine's wait id (fd -1: a poll).
 namespace {
-constexpr uint64_t kIdBits = 40;
-uint64_t wait_token(int fd, uint64_t id) {
-  return (static_cast<uint64_t>(fd + 1) << kIdBits) | (id & ((uint64_t{1} << kIdBits) - 1));
-}
+constexpr uint64_t kIdBits = 40, kIdMask = (uint64_t{1} << kIdBits) - 1;
+uint64_t wait_token(int fd, uint64_t id) { return (static_cast<uint64_t>(fd + 1) << kIdBits) | (id & kIdMask); }
 }  // namespace
 
 void RdmaBackend::straggle(uint64_t token) {
   std::lock_guard lock(engine_->mu());
-  engine_->let_go(static_cast<int>(token >> kIdBits) - 1, token & ((uint64_t{1} << kIdBits) - 1));
+  engine_->let_go(static_cast<int>(token >> kIdBits) - 1, token & kIdMask);
 }
 
 // Engine lock held, right after an engine call that may have gone to wait: a lane whose

@@ -720,16 +720,21 @@ void Engine::let_go(int fd, uint64_t id) {
       d(kLetGo);
       return pump(*s);
     }
-    it->let_go = true;  // answered from poll_cq once what it posted completed
-    if (it == s->sendq.begin() && it->completed >= it->posted) {
-      auto d = std::move(it->done);
-      const int64_t v = int64_t{it->completed} | kSentSoFar;
-      s->sendq.erase(it);
-      d(v);
-      return pump(*s);
-    }
+    it->let_go = true;  // answered once what it posted completed (poll_cq), or now
+    if (it == s->sendq.begin() && answer_front_send(*s)) pump(*s);
     return;
   }
+}
+
+bool Engine::answer_front_send(Sock& s) {
+  auto& op = s.sendq.front();
+  const bool whole = op.completed >= op.len;
+  if (!whole && !(op.let_go && op.completed >= op.posted)) return false;
+  auto d = std::move(op.done);
+  const int64_t v = whole ? int64_t{op.len} : int64_t{op.completed} | kSentSoFar;
+  s.sendq.pop_front();
+  d(v);
+  return true;
 }
 
 void Engine::check_polls(bool timers) {
@@ -848,14 +853,8 @@ uint32_t Engine::poll_cq() {
           const uint32_t n = s->inflight.front();
           s->inflight.pop_front();
           if (!s->sendq.empty()) {
-            auto& op = s->sendq.front();
-            op.completed += n;
-            if (op.completed >= op.len || (op.let_go && op.completed >= op.posted)) {
-              auto d = std::move(op.done);
-              const int64_t v = op.completed >= op.len ? int64_t{op.len} : int64_t{op.completed} | kSentSoFar;
-              s->sendq.pop_front();
-              d(v);
-            }
+            s->sendq.front().completed += n;
+            answer_front_send(*s);
           }
         }
         pump(*s);

@@ -143,6 +143,9 @@ class Engine {
   int setup_connection(Sock& s, uint32_t peer_bufs, uint32_t peer_bytes);
   void post_recv(Sock& s, uint32_t idx);
   void pump(Sock& s);
+  // Answers the first queued send if it is done: all its bytes completed, or let go and
+  // all it posted completed (then its bytes | kSentSoFar). Whether it did.
+  bool answer_front_send(Sock& s);
   void serve_recvs(Sock& s);
   void serve_accepts(Sock& s);
   void fail_conn(Sock& s, int err);
