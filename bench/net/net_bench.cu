@@ -21,7 +21,7 @@
 //                  [--recv-buffer-kib N] [--deliver-min-kib N] [--deliver-chunk-kib N]
 //                  [--deliver-chunks N] [--gather-max-kib N] [--recv-ask-kib N]
 //                  [--check-warps N] [--send-chunk-kib N] [--no-pull] [--pull-chunk-kib N]
-//                  [--pull-chunks N]
+//                  [--pull-chunks N] [--pull-async 0|1]
 //   --bulk-only: only the bulk part (for sweeps of the options below).
 //   --recv-buffer-kib: the backend's receive buffer size (its default, 64, if not given);
 //   one recv() returns at most one buffer, so it bounds how much a call can bring.
@@ -34,7 +34,9 @@
 //   receiver's warp_recv size and the warps of its block that check each call's bytes.
 //   --send-chunk-kib (default 256): the size of each GPU -> peer send, kernel and CPU alike.
 //   --no-pull: the backend's pull_sends off (the warp copies every send into staging);
-//   --pull-chunk-kib, --pull-chunks: its pull_chunk_bytes and pull_chunks.
+//   --pull-chunk-kib, --pull-chunks: its pull_chunk_bytes and pull_chunks;
+//   --pull-async: its pull_async_sends (default 1: taken bytes go out from io_uring's
+//   workers; 0: inline on the service thread).
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -276,7 +278,7 @@ std::string num(double v) {
 
 int main(int argc, char** argv) {
   gpusock::iouring::Options bopts;
-  uint32_t recv_ask = 2u << 20, check_warps = 16, send_chunk = 256u << 10;
+  uint32_t recv_ask = 2u << 20, check_warps = 16, send_chunk = 256u << 10, pull_async = 1;
   bool bulk_only = false, no_pull = false;
   // This program's own flags; the rest go to parse_bench_args.
   struct NumFlag {
@@ -295,6 +297,7 @@ int main(int argc, char** argv) {
       {"--send-chunk-kib", 4, 65536, 1024, &send_chunk},
       {"--pull-chunk-kib", 4, 16384, 1024, &bopts.pull_chunk_bytes},
       {"--pull-chunks", 2, 8, 1, &bopts.pull_chunks},
+      {"--pull-async", 0, 1, 1, &pull_async},
   };
   for (int i = 1; i < argc;) {
     const std::string flag = argv[i];
@@ -325,6 +328,7 @@ int main(int argc, char** argv) {
     argc -= used;
   }
   bopts.pull_sends = !no_pull;
+  bopts.pull_async_sends = pull_async != 0;
   gpusock::bench::BenchArgs args;
   if (!gpusock::bench::parse_bench_args(argc, argv, &args)) return 2;
   gpusock::RuntimeOptions opts;
@@ -354,8 +358,8 @@ int main(int argc, char** argv) {
               bopts.deliver_min_bytes / 1024, bopts.deliver_min_bytes == 0 ? " (off)" : "", bopts.deliver_chunks,
               bopts.deliver_chunk_bytes / 1024, bopts.deliver_gather_max / 1024);
   if (bopts.pull_sends) {
-    std::printf("sends out of device memory taken by the host: %u pieces of %u KiB\n", bopts.pull_chunks,
-                bopts.pull_chunk_bytes / 1024);
+    std::printf("sends out of device memory taken by the host: %u pieces of %u KiB, sent %s\n", bopts.pull_chunks,
+                bopts.pull_chunk_bytes / 1024, bopts.pull_async_sends ? "by io_uring workers" : "inline");
   } else {
     std::printf("sends out of device memory: copied into staging by the warp (--no-pull)\n");
   }
@@ -367,6 +371,7 @@ int main(int argc, char** argv) {
   js.add("pull_sends", bopts.pull_sends ? "true" : "false");
   js.add("pull_chunk_bytes", std::to_string(bopts.pull_chunk_bytes));
   js.add("pull_chunks", std::to_string(bopts.pull_chunks));
+  js.add("pull_async_sends", bopts.pull_async_sends ? "true" : "false");
   js.add("send_chunk_bytes", std::to_string(send_chunk));
   js.add("deliver_chunks", std::to_string(bopts.deliver_chunks));
   js.add("deliver_gather_max", std::to_string(bopts.deliver_gather_max));

@@ -56,6 +56,9 @@ class DeviceBackend {
     return copy_from_device(host, dev, bytes);
   }
   virtual Status finish_copies(uint64_t /*ticket*/) { return {}; }
+  // Whether the thread's copies up to ticket t have ended, without waiting. False also
+  // when asking failed: finish_copies(t) then says why.
+  virtual bool copies_done(uint64_t /*ticket*/) { return true; }
   // Whether [p, p + bytes) is memory of this device that copies to the device may write
   // (the caller's own allocation, for register_range). Default (cpu device): any memory.
   virtual Status check_device_range(const void* /*p*/, size_t /*bytes*/) { return {}; }
@@ -154,6 +157,7 @@ class Core : public std::enable_shared_from_this<Core> {
   Status unregister_range(void* p);
   Status deliver(void* dst, const void* src, size_t bytes, bool wait = true, uint64_t* ticket = nullptr);
   Status finish_deliveries(uint64_t ticket);
+  bool deliveries_done(uint64_t ticket) { return device_->copies_done(ticket); }
   Status fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket);
   bool inside_allocation(const void* p, size_t bytes);
 

@@ -229,6 +229,13 @@ class CudaBackend : public DeviceBackend {
     const cudaError_t e = cudaEventSynchronize(c->events[t % kCopyEvents]);
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaEventSynchronize");
   }
+  bool copies_done(uint64_t ticket) override {
+    CopyStream* c = copy_stream(false);
+    if (c == nullptr || ticket == 0) return true;
+    if (ticket >= c->next) return cudaStreamQuery(c->stream) == cudaSuccess;
+    const uint64_t t = std::max(ticket, c->next > kCopyEvents ? c->next - kCopyEvents : uint64_t{1});
+    return cudaEventQuery(c->events[t % kCopyEvents]) == cudaSuccess;  // cudaErrorNotReady: still running
+  }
   Status check_device_range(const void* p, size_t bytes) override {
     for (const uint8_t* end : {static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + bytes - 1}) {
       cudaPointerAttributes a{};

@@ -102,6 +102,7 @@ Status Runtime::start_delivery(void* dst, const void* src, size_t bytes, uint64_
   return core_->deliver(dst, src, bytes, false, ticket);
 }
 Status Runtime::finish_deliveries(uint64_t ticket) { return core_->finish_deliveries(ticket); }
+bool Runtime::deliveries_done(uint64_t ticket) { return core_->deliveries_done(ticket); }
 Status Runtime::start_fetch(void* dst, const void* src, size_t bytes, uint64_t* ticket) {
   return core_->fetch(dst, src, bytes, ticket);
 }

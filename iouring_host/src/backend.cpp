@@ -64,6 +64,9 @@ struct Pull {
   uint64_t last_ticket = 0;      // the copy of its newest piece
   int error = 0;                 // why a copy could not start: no more of it is taken
   bool answered = false;
+  // A zero-byte send(2) found the socket able to send when this send came to an empty area,
+  // so it is answered once its bytes are in, without waiting for one of them to go out.
+  bool vouched = false;
   bool taken_all() const { return fetched == total || error != 0; }
 };
 
@@ -221,17 +224,19 @@ struct Ring {
   uint32_t bounce_piece = 0, bounce_pieces = 0;
   // The pull area (docs 12.4, send 2a): pieces of pinned memory that one socket's taken
   // sends fill, oldest first, and that go out in that order. Pieces in use are first,
-  // first + 1, ... (mod pieces); `owner` is the send each holds.
+  // first + 1, ... (mod pieces); `owner` is the send each holds. One send(2) takes a run
+  // of pieces whose copies have ended (a span, which never wraps); `head_done` is how
+  // much of piece `first` the kernel has taken so far.
   struct PullArea {
     uint8_t* base = nullptr;
     uint32_t piece = 0, pieces = 0;
     std::shared_ptr<Sock> sock;    // whose sends hold the area; null: free
     std::deque<Op*> ops;           // that socket's taken sends, oldest first
-    uint32_t first = 0, count = 0;
+    uint32_t first = 0, count = 0, head_done = 0;
     uint32_t len[kMaxBouncePieces] = {};
     uint64_t ticket[kMaxBouncePieces] = {};
     Op* owner[kMaxBouncePieces] = {};
-    bool sending = false;          // piece `first` is in the kernel
+    bool sending = false;          // a span from piece `first` is in the kernel, carried by owner[first]
   } pull;
   std::vector<int> free_fixed;     // free fixed-file indices
   std::unordered_set<Op*> live;    // every Op whose last completion is outstanding
@@ -1206,6 +1211,7 @@ class IouringBackend final : public net::Backend {
       io_uring_prep_send(sqe, op->sock->fd, p, n, op->flags);
     }
     target(sqe, *op->sock);
+    if (op->pull && opt_.pull_async_sends) sqe->flags |= IOSQE_ASYNC;
     io_uring_sqe_set_data(sqe, op);
     // A taken send is never let go (its lane is answered from the area, not by this send).
     if (op->sock->stream && (op->flags & MSG_DONTWAIT) == 0 && !op->pull) {
@@ -1238,12 +1244,29 @@ class IouringBackend final : public net::Backend {
       reply.finish(-EPIPE);
       return;
     }
+    // Into an empty area: ask the socket the question a send(2) of these bytes would, with
+    // a send(2) of none. A socket that failed (reset, shut for writing, never connected)
+    // answers its error now, as send(2) would; one that can send lets this send be
+    // answered as soon as its bytes are in the area. EAGAIN (still connecting): the send
+    // waits until a piece of its own has gone out, and answers what that found.
+    bool vouched = false;
+    if (a.ops.empty()) {
+      const ssize_t probe = ::send(s->fd, nullptr, 0, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (probe < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        const int err = -errno;
+        maybe_error(*s, err);
+        reply.finish(err);
+        return;
+      }
+      vouched = probe == 0;
+    }
     Op* op = new_op(r, Kind::kSend, s);
     op->reply = std::move(reply);
     op->flags = user | MSG_NOSIGNAL;
     op->pull = std::make_unique<Pull>();
     op->pull->src = src;
     op->pull->total = total;
+    op->pull->vouched = vouched;
     a.sock = s;
     a.ops.push_back(op);
     pump(r);
@@ -1273,17 +1296,32 @@ class IouringBackend final : public net::Backend {
       }
       if (!p.taken_all()) break;  // the area is full; later sends wait their turn
     }
+    bool submit = false;
     if (!a.sending && a.count > 0) {
+      // The span: piece `first` (waited for), then each next piece whose copy has already
+      // ended, while the pieces stay contiguous (full, no wrap). Fewer, larger sends.
       Op* op = a.owner[a.first];
       if (!rt_->finish_deliveries(a.ticket[a.first]).ok()) return fail_area(r, -EIO);
-      op->data = a.base + static_cast<size_t>(a.first) * a.piece;
-      op->len = a.len[a.first];
+      uint32_t k = 1, bytes = a.len[a.first];
+      while (k < a.count && a.first + k < a.pieces && a.len[a.first + k - 1] == a.piece &&
+             rt_->deliveries_done(a.ticket[a.first + k])) {
+        bytes += a.len[a.first + k];
+        ++k;
+      }
+      op->data = a.base + static_cast<size_t>(a.first) * a.piece + a.head_done;
+      op->len = bytes - a.head_done;
       op->done = 0;
       a.sending = true;
       submit_send(r, op);
       if (r.pull.sock == nullptr) return;  // the submission failed and ended the area
-      // Into the kernel now, so the piece goes out while this thread waits for copies below.
-      io_uring_submit(&r.ring);
+      // A worker sends it (pull_async_sends): into the kernel now, so it goes out while
+      // this thread waits for copies below. Inline, it would hold this thread: after the
+      // answers below, so the lanes' next sends are on their way while it goes out.
+      if (opt_.pull_async_sends) {
+        io_uring_submit(&r.ring);
+      } else {
+        submit = true;
+      }
     }
     for (Op* op : a.ops) {
       Pull& p = *op->pull;
@@ -1292,11 +1330,12 @@ class IouringBackend final : public net::Backend {
       // The oldest send in the area waits until a piece of its own has gone out, so a send
       // on a socket that has already failed answers that failure, as send(2) would; a
       // later one is answered at once, its bytes queued behind bytes the socket took.
-      if (op == a.ops.front() && p.sent == 0 && p.fetched > 0) break;
+      if (op == a.ops.front() && p.sent == 0 && p.fetched > 0 && !p.vouched) break;
       if (p.fetched > 0 && !rt_->finish_deliveries(p.last_ticket).ok()) return fail_area(r, -EIO);
       p.answered = true;
       op->reply.finish(p.fetched > 0 ? static_cast<int64_t>(p.fetched) : p.error);
     }
+    if (submit) io_uring_submit(&r.ring);
     while (!a.ops.empty()) {
       Op* op = a.ops.front();
       const Pull& p = *op->pull;
@@ -1309,19 +1348,36 @@ class IouringBackend final : public net::Backend {
   void on_pull_send(Ring& r, Op* op, int res) {
     Ring::PullArea& a = r.pull;
     Sock& s = *op->sock;
-    Pull& p = *op->pull;
     a.sending = false;
     const bool aborted = s.aborted.load(std::memory_order_relaxed);
     if (res > 0) {
       op->done += static_cast<uint32_t>(res);
-      p.sent += static_cast<uint64_t>(res);
       s.bytes_out.store(s.bytes_out.load(std::memory_order_relaxed) + static_cast<uint64_t>(res), std::memory_order_relaxed);
+      // The span's bytes went out piece by piece, each counted to the send that owns it.
+      for (uint32_t left = static_cast<uint32_t>(res); left > 0;) {
+        const uint32_t n = std::min(left, a.len[a.first] - a.head_done);
+        a.owner[a.first]->pull->sent += n;
+        a.head_done += n;
+        left -= n;
+        if (a.head_done == a.len[a.first]) {
+          a.head_done = 0;
+          a.first = (a.first + 1) % a.pieces;
+          --a.count;
+        }
+      }
       if (s.closed || aborted) return fail_area(r, s.closed ? -EBADF : -ECONNABORTED);
-      a.sending = true;
-      if (op->done < op->len) return submit_send(r, op);  // the rest of this piece
-      a.sending = false;
-      a.first = (a.first + 1) % a.pieces;
-      --a.count;
+      if (op->done < op->len) {
+        // The rest of the span, carried by the send that owns its first piece now, so the
+        // carrier always has bytes still to go and is never retired while in the kernel.
+        Op* carrier = a.owner[a.first];
+        if (carrier != op) {
+          carrier->data = op->data;
+          carrier->len = op->len;
+          carrier->done = op->done;
+        }
+        a.sending = true;
+        return submit_send(r, carrier);
+      }
       return pump(r);
     }
     if (res == -ECANCELED && !s.closed && !aborted) {
@@ -1353,7 +1409,7 @@ class IouringBackend final : public net::Backend {
       retire(r, op);
     }
     a.ops.clear();
-    a.first = a.count = 0;
+    a.first = a.count = a.head_done = 0;
     a.sending = false;
     area_drained(r);
   }
@@ -1362,7 +1418,7 @@ class IouringBackend final : public net::Backend {
   void area_drained(Ring& r) {
     std::shared_ptr<Sock> s = std::move(r.pull.sock);
     r.pull.sock = nullptr;
-    r.pull.first = r.pull.count = 0;
+    r.pull.first = r.pull.count = r.pull.head_done = 0;
     if (s == nullptr) return;
     while (!s->held.empty()) {
       Op* op = s->held.front();

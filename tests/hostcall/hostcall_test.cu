@@ -892,6 +892,17 @@ TEST_P(HostcallTest, FetchesCopyOutOfDeviceMemoryInTicketOrder) {
   size_t wrong = 0;
   for (size_t i = 0; i < 8 * kPiece; ++i) wrong += dst[i] != want[i];
   EXPECT_EQ(wrong, 0u) << "bytes of the first eight fetches missing after their tickets finished";
+  for (size_t k = 0; k < 8; ++k) EXPECT_TRUE(rt_->deliveries_done(t[k])) << "ticket " << k << " was finished";
+  // deliveries_done() does not wait; once it says the last ticket is done, every copy up
+  // to it has ended and its bytes are in place.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!rt_->deliveries_done(t[kPieces - 1]) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  ASSERT_TRUE(rt_->deliveries_done(t[kPieces - 1]));
+  wrong = 0;
+  for (size_t i = 0; i < want.size(); ++i) wrong += dst[i] != want[i];
+  EXPECT_EQ(wrong, 0u) << "bytes missing after deliveries_done() said the copies had ended";
   ASSERT_TRUE(rt_->finish_deliveries().ok());
   wrong = 0;
   for (size_t i = 0; i < want.size(); ++i) wrong += dst[i] != want[i];

@@ -616,14 +616,21 @@ TEST_P(NetTest, LargeWarpSendsOutOfDeviceMemoryAreTakenByTheHost) {
     const char* what;
     bool pull;
     Mem mem;
+    uint32_t chunk;
   };
-  const Case cases[] = {{"device_alloc memory", true, kAlloc},
-                        {"device_alloc memory, pull_sends off", false, kAlloc},
-                        {"registered memory", true, kRegistered},
-                        {"mapped host memory", true, kMapped}};
-  constexpr uint64_t kTotal = 20ull << 20;
-  constexpr uint32_t kChunk = (1u << 20) + 12345;  // not a whole number of pieces; the last send 794 KiB
+  // 1 MiB + 12345: not a whole number of pieces, so a send's last piece is short and a
+  // span (one send(2) over pieces whose copies have ended) stops there. 128 KiB: two whole
+  // pieces, so spans may also run across the pieces of two sends (where copies end while
+  // an earlier span is out: on a GPU), and start over at the area's start.
+  constexpr uint32_t kOdd = (1u << 20) + 12345;
+  const Case cases[] = {{"device_alloc memory", true, kAlloc, kOdd},
+                        {"device_alloc memory, pull_sends off", false, kAlloc, kOdd},
+                        {"registered memory", true, kRegistered, kOdd},
+                        {"mapped host memory", true, kMapped, kOdd},
+                        {"device_alloc memory, sends of whole pieces", true, kAlloc, 128u * 1024}};
+  constexpr uint64_t kTotal = 20ull << 20;  // the last send of kOdd ones is 794 KiB
   for (const Case& c : cases) {
+    const uint32_t kChunk = c.chunk;
     SCOPED_TRACE(c.what);
     rt_.reset();
     gpusock::iouring::Options io;
@@ -684,6 +691,53 @@ struct SendsTwice {
     }
   }
 };
+
+// Lane 0 connects; the warp waits in recv until the peer has gone, then sends `n` bytes
+// of buf. out: both results.
+struct RecvThenSend {
+  GPUSOCK_HD void operator()(uint16_t port, uint8_t* buf, uint64_t n, int64_t* out) const {
+    const int fd = warp_connect4(port);
+    if (fd < 0) {
+      if (gpusock::warp::lane_id() == 0) out[0] = fd;
+      return;
+    }
+    const int64_t r = raw::warp_recv(0xffffffffu, fd, buf, 16, 0);
+    const int64_t w = raw::warp_send(0xffffffffu, fd, buf, n, 0);
+    if (gpusock::warp::lane_id() == 0) {
+      raw::close(fd);
+      out[0] = r;
+      out[1] = w;
+    }
+  }
+};
+
+// A send out of device memory on a socket that has already failed answers the failure,
+// as send(2) would, without taking a byte: the host asks the socket first (a zero-byte
+// send) instead of answering once a piece has gone out (docs 12.4, send 2a).
+TEST_P(NetTest, ATakenSendOnAResetSocketAnswersTheErrorAndTakesNothing) {
+  Start();
+  constexpr uint64_t kBytes = 256 * 1024;
+  auto buf = Buffer<uint8_t>(kBytes);
+  uint16_t port;
+  int lfd = host_listen(&port);
+  ASSERT_GE(lfd, 0);
+  std::thread peer([&] {
+    int c = ::accept(lfd, nullptr, nullptr);
+    linger lg{1, 0};
+    ::setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    ::close(c);  // RST
+  });
+  const gpusock::RuntimeStats before = rt_->stats();
+  auto out = Buffer<int64_t>(2);
+  auto k = Launch({1}, {32}, RecvThenSend{}, port, buf.data(), kBytes, out.data());
+  Finish(k);
+  peer.join();
+  ::close(lfd);
+  auto o = Read(out);
+  EXPECT_THAT(o[0], ::testing::AnyOf(-ECONNRESET, 0));
+  EXPECT_THAT(o[1], ::testing::AnyOf(-ECONNRESET, -EPIPE));
+  EXPECT_EQ(rt_->stats().fetched_bytes - before.fetched_bytes, 0u) << "bytes taken for a send that could not go";
+}
 
 // A peer that resets the connection while the host sends a warp's bytes out of device
 // memory ends that send with what went out before (or the error), and the next send

@@ -210,6 +210,10 @@ class Runtime {
   Status unregister_device_memory(void* p);
   static constexpr uint64_t kAllDeliveries = ~uint64_t{0};
   Status finish_deliveries(uint64_t ticket = kAllDeliveries);
+  // Whether finish_deliveries(ticket) would return at once, without waiting: true when
+  // that copy and every one the thread started before it have ended; false while one
+  // runs, or when asking failed (finish_deliveries() then says why).
+  bool deliveries_done(uint64_t ticket = kAllDeliveries);
   // The other direction, for modules that send what a kernel names (net/ sends a warp's
   // buffer straight from device memory this way, docs 12.4 send step 2a): starts a copy
   // of [src, src + bytes) into host memory `dst` (pinned for a DMA copy that runs beside

@@ -122,6 +122,10 @@ struct Options {
   bool pull_sends = true;
   uint32_t pull_chunk_bytes = 128 * 1024;
   uint32_t pull_chunks = 8;
+  // Taken bytes go out from io_uring's worker threads (IOSQE_ASYNC) instead of inline on
+  // the service thread, which meanwhile answers hostcalls and starts the next copies. One
+  // send(2) of a run of pieces at a time either way. bench/net measures both.
+  bool pull_async_sends = true;
   // Most sockets (listeners, connections, datagram sockets) open at once: socket() and
   // accept() beyond it fail with EMFILE.
   uint32_t max_sockets = 65536;
