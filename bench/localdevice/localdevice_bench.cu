@@ -69,14 +69,16 @@ GPUSOCK_HD inline int ld_listen(uint32_t port) {
 }
 
 // Warp 0 (block 0) echoes, warp 1 (block 1) times `iters` round trips (after `warm`).
-// tcp: the same over 127.0.0.1 through the host. gbuf: 128 bytes of device memory for
-// the two warps' buffers (nullptr: on each lane's stack).
+// tcp: the same over 127.0.0.1 through the host. kStack: the two warps' buffers are
+// local arrays on each lane's stack (a kernel of its own, so the compiler sees them as
+// local memory); else gbuf, 128 bytes of device memory.
+template <bool kStack>
 struct PingPong {
   GPUSOCK_HD void operator()(bool tcp, int warm, int iters, uint32_t* port_box, int64_t* lat, int64_t* parts,
                              char* gbuf) const {
     if (warp::lane_id() != 0) return;
-    char stack[64] = {};
-    char* buf = gbuf != nullptr ? gbuf + 64 * gpusock::global_warp_id() : stack;
+    char local[kStack ? 64 : 1] = {};
+    char* buf = kStack ? local : gbuf + 64 * gpusock::global_warp_id();
     const int total = warm + iters;
     if (gpusock::global_warp_id() == 0) {
       int l, c;
@@ -314,7 +316,10 @@ int main(int argc, char** argv) {
   auto ld_rtt = [&](gpusock::Runtime& r, char* g, const char* what) {
     std::vector<int64_t> zero(iters, 0);
     (void)lat->from_host(zero);
-    if (!run(r, {2}, {32}, PingPong{}, false, warm, iters, box->data(), lat->data(), parts->data(), g)) return Percentiles{};
+    const bool ok = g == nullptr
+                        ? run(r, {2}, {32}, PingPong<true>{}, false, warm, iters, box->data(), lat->data(), parts->data(), g)
+                        : run(r, {2}, {32}, PingPong<false>{}, false, warm, iters, box->data(), lat->data(), parts->data(), g);
+    if (!ok) return Percentiles{};
     const Percentiles p = percentiles(lat->to_host());
     // Where a round trip goes: the client's send() call, the server's send() call.
     auto pv = parts->to_host();
@@ -349,7 +354,7 @@ int main(int argc, char** argv) {
   const int tcp_iters = std::min(iters, 5000);
   std::vector<int64_t> zero(iters, 0);
   (void)lat->from_host(zero);
-  run(rt, {2}, {32}, PingPong{}, true, warm, tcp_iters, box->data(), lat->data(), parts->data(), static_cast<char*>(nullptr));
+  run(rt, {2}, {32}, PingPong<true>{}, true, warm, tcp_iters, box->data(), lat->data(), parts->data(), static_cast<char*>(nullptr));
   auto tv = lat->to_host();
   tv.resize(tcp_iters);
   const Percentiles tcp = percentiles(tv);

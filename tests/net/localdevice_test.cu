@@ -301,6 +301,30 @@ TEST_P(LdTest, OneListenerServesAThousandClientWarps) {
 
 // ---- a gigabyte, checked word by word ------------------------------------------------
 
+// Lane 0 listens on localdevice:port and accepts one connection; every lane gets the
+// listener in *l and the connection as the result (negative: what failed).
+GPUSOCK_HD inline int warp_listen_accept(uint32_t port, int* l) {
+  const uint32_t all = 0xffffffffu;
+  *l = warp::shfl(all, warp::lane_id() == 0 ? ld_listen(port, 1) : 0, 0);
+  const int c = warp::shfl(all, warp::lane_id() == 0 && *l >= 0 ? raw::accept(*l, nullptr, nullptr) : 0, 0);
+  return *l < 0 ? *l : c;
+}
+
+// The warp sends `bytes` (a multiple of 8; word k is mix64(k)) on c with warp_send of
+// `chunk`-byte pieces, each written into sbuf first. 0, or the first failure (-1: short).
+GPUSOCK_HD inline int64_t send_words(int c, uint64_t bytes, uint32_t chunk, uint8_t* sbuf) {
+  const uint32_t all = 0xffffffffu;
+  int64_t r = 0;
+  for (uint64_t off = 0; off < bytes && r >= 0; off += chunk) {
+    auto* wds = reinterpret_cast<uint64_t*>(sbuf);
+    for (uint32_t k = warp::lane_id(); k < chunk / 8; k += 32) wds[k] = mix64(off / 8 + k);
+    warp::sync(all);
+    r = raw::warp_send(all, c, sbuf, chunk, 0);
+    if (r != static_cast<int64_t>(chunk)) r = r < 0 ? r : -1;
+  }
+  return r < 0 ? r : 0;
+}
+
 // Warp 0 streams `bytes` (a multiple of 8) to warp 1 with warp_send in `chunk`-byte
 // pieces; word k of the stream is mix64(k). Warp 1 receives with warp_recv into
 // chunk-sized windows and checks every word. out[0]: sender result, out[1]: bytes
@@ -310,26 +334,17 @@ struct Stream {
     const uint32_t all = 0xffffffffu;
     const uint32_t lane = warp::lane_id();
     if (gpusock::global_warp_id() == 0) {
-      int l = lane == 0 ? ld_listen(9, 1) : 0;
-      l = warp::shfl(all, l, 0);
-      int c = lane == 0 && l >= 0 ? raw::accept(l, nullptr, nullptr) : 0;
-      c = warp::shfl(all, c, 0);
-      if (l < 0 || c < 0) {
-        if (lane == 0) out[0] = l < 0 ? l : c;
+      int l = 0;
+      const int c = warp_listen_accept(9, &l);
+      if (c < 0) {
+        if (lane == 0) out[0] = c;
         return;
       }
-      int64_t r = 0;
-      for (uint64_t off = 0; off < bytes && r >= 0; off += chunk) {
-        auto* wds = reinterpret_cast<uint64_t*>(sbuf);
-        for (uint32_t k = lane; k < chunk / 8; k += 32) wds[k] = mix64(off / 8 + k);
-        warp::sync(all);
-        r = raw::warp_send(all, c, sbuf, chunk, 0);
-        if (r != static_cast<int64_t>(chunk)) r = r < 0 ? r : -1;
-      }
+      const int64_t r = send_words(c, bytes, chunk, sbuf);
       if (lane == 0) {
         raw::close(c);
         raw::close(l);
-        out[0] = r < 0 ? r : 0;
+        out[0] = r;
       }
     } else {
       int c = lane == 0 ? ld_connect(9) : 0;
@@ -529,6 +544,129 @@ INSTANTIATE_TEST_SUITE_P(BothDevices, LdHandedTest, ::testing::Values(DeviceKind
 
 TEST_P(LdHandedTest, AWaitingWarpRecvGetsTheBytesStraightIntoItsBufferInOrder) { Run(false); }
 TEST_P(LdHandedTest, AWaitingRecvWaitallGetsTheBytesStraightIntoItsBufferInOrder) { Run(true); }
+
+// ---- a blocked sender's bytes taken straight by the reader ----------------------------
+
+// Warp 1 streams `bytes` (a multiple of 8; word k is mix64(k)) to warp 0 with warp_send of
+// `chunk`-byte pieces out of device memory, larger than the 16 KiB ring, so each send
+// finds the ring full and offers the rest of its piece. Warp 0 reads into a device buffer
+// of `chunk` bytes with warp_recv, with MSG_DONTWAIT, again on EAGAIN (a non-blocking recv
+// offers no buffer of its own, so every byte that goes straight is one it took from the
+// sender). By `mode`, before each recv: 0, nothing; 1, a MSG_PEEK of one byte (which must
+// see an offer without taking it); 2, poll() for POLLIN (which must report one); 3, after
+// each of its first 8 receives the reader stays away 3 ms, so the sender takes its offer
+// back (kOfferPatienceNs) and writes into the ring. out[0]: sender
+// result, out[1]: bytes received, out[2]: wrong words, out[3]: the receiver's last recv,
+// out[4]: the reader socket's bytes_direct before it closed.
+struct OfferedSends {
+  GPUSOCK_HD void operator()(uint64_t bytes, uint32_t chunk, int mode, uint8_t* sbuf, uint8_t* rbuf,
+                             int64_t* out) const {
+    namespace ld = gpusock::net::local;
+    const uint32_t all = 0xffffffffu;
+    const uint32_t lane = warp::lane_id();
+    if (gpusock::global_warp_id() == 1) {
+      int c = lane == 0 ? ld_connect(12) : 0;
+      c = warp::shfl(all, c, 0);
+      if (c < 0) {
+        if (lane == 0) out[0] = c;
+        return;
+      }
+      const int64_t r = send_words(c, bytes, chunk, sbuf);
+      if (lane == 0) {
+        raw::close(c);
+        out[0] = r;
+      }
+      return;
+    }
+    int l = 0;
+    const int c = warp_listen_accept(12, &l);
+    if (c < 0) {
+      if (lane == 0) out[3] = c;
+      return;
+    }
+    uint64_t got = 0, wrong = 0;
+    int64_t r = 1;
+    int pauses = 0;
+    while (r > 0) {
+      if (mode == 1) {
+        r = raw::warp_recv(all, c, rbuf, 1, MSG_PEEK);
+        if (r <= 0) break;
+      } else if (mode == 2) {
+        int ready = 0;
+        if (lane == 0) {
+          pollfd p{c, POLLIN, 0};
+          ready = raw::poll(&p, 1, 5000);
+        }
+        if (warp::shfl(all, ready, 0) != 1) {
+          r = -ETIMEDOUT;
+          break;
+        }
+      }
+      r = raw::warp_recv(all, c, rbuf, chunk, MSG_DONTWAIT);
+      if (r == -EAGAIN) {
+        r = 1;
+        continue;
+      }
+      if (r <= 0) break;
+      // Pieces end on word boundaries except where a recv splits a word: check whole words.
+      const uint64_t first = (got + 7) / 8, last = (got + static_cast<uint64_t>(r)) / 8;
+      for (uint64_t k = first + lane; k < last; k += 32) {
+        uint64_t w;
+        memcpy(&w, rbuf + (k * 8 - got), 8);
+        wrong += w != mix64(k);
+      }
+      got += static_cast<uint64_t>(r);
+      warp::sync(all);
+      if (mode == 3 && ++pauses <= 8) {
+        const uint64_t t0 = gpusock::globaltimer_ns();
+        while (gpusock::globaltimer_ns() - t0 < 3000000) gpusock::spin_pause(64);
+      }
+    }
+    for (uint32_t o = 16; o > 0; o /= 2) wrong += warp::shfl(all, wrong, (lane + o) % 32);
+    if (lane == 0) {
+      ld::Socket* me = ld::detail::slot_of(ld::detail::table(), c);
+      out[4] = me != nullptr ? static_cast<int64_t>(ld::detail::A64(me->bytes_direct).load(gpusock::Order::kRelaxed)) : -1;
+      raw::close(c);
+      raw::close(l);
+      out[1] = static_cast<int64_t>(got);
+      out[2] = static_cast<int64_t>(wrong);
+      out[3] = r;
+    }
+  }
+};
+
+class LdOfferTest : public LdTest {
+ protected:
+  void Run(int mode) {
+    constexpr uint64_t kBytes = 8ull << 20;
+    constexpr uint32_t kChunk = 64u << 10;
+    Start();  // 16 KiB rings
+    auto sbuf = Buffer<uint8_t>(kChunk);
+    auto rbuf = Buffer<uint8_t>(kChunk);
+    auto out = Buffer<int64_t>(5);
+    auto k = Launch({2}, {32}, OfferedSends{}, kBytes, kChunk, mode, sbuf.data(), rbuf.data(), out.data());
+    Finish(k);
+    auto o = out.to_host();
+    EXPECT_EQ(o[0], 0) << "sender";
+    EXPECT_EQ(o[1], static_cast<int64_t>(kBytes)) << "bytes received";
+    EXPECT_EQ(o[2], 0) << "words out of place";
+    EXPECT_EQ(o[3], 0) << "the receiver's last recv (0: end of stream)";
+    if (mode != 3) {
+      EXPECT_GT(o[4], 0) << "no offered byte was taken straight (a non-blocking recv: none was handed to it)";
+    }
+    EXPECT_LE(o[4], static_cast<int64_t>(kBytes));
+    EXPECT_EQ(HostcallLanes(), 0u);
+    std::printf("mode %d: %lld of %llu bytes taken straight from the sender's buffer\n", mode,
+                static_cast<long long>(o[4]), static_cast<unsigned long long>(kBytes));
+  }
+};
+INSTANTIATE_TEST_SUITE_P(BothDevices, LdOfferTest, ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         gpusock::testing::device_name);
+
+TEST_P(LdOfferTest, AReaderTakesABlockedSendersBytesStraightInOrder) { Run(0); }
+TEST_P(LdOfferTest, APeekSeesAnOfferWithoutTakingIt) { Run(1); }
+TEST_P(LdOfferTest, PollReportsAnOfferAsReadable) { Run(2); }
+TEST_P(LdOfferTest, ASenderWhoseReaderStaysAwayTakesItsOfferBackAndUsesTheRing) { Run(3); }
 
 // ---- many lanes on one stream ----------------------------------------------------------
 

@@ -143,12 +143,28 @@ inline constexpr uint32_t kDgramHeader = 8;
 enum State : uint32_t { kFree = 0, kOpen = 1, kListening = 2, kConnected = 3 };
 enum FdState : uint32_t { kNoFd = 0, kFdOpen = 1, kFdClosed = 2 };
 enum Shut : uint32_t { kShutRd = 1, kShutWr = 2 };
-// Socket::post's low two bits. A recv that would wait on an empty ring offers its buffer
-// (kPosted); a sender that finds the ring empty claims it (kClaimed), copies into it and
-// hands it back (kFilled, the count above the two bits). Only the recv, under its consumer
-// lock, moves it away from kFilled or withdraws it.
-enum Post : uint32_t { kPostNone = 0, kPosted = 1, kClaimed = 2, kFilled = 3 };
-inline constexpr uint32_t kPostMaxBytes = 1u << 29;  // a posted buffer's length is capped here
+// Socket::post: a state in the low kPostBits bits, a byte count above them. One offer at a
+// time, either way (section 13.4):
+// - A recv that would wait on an empty ring offers its buffer (kPosted); a sender that
+//   finds the ring empty claims it (kClaimed), copies into it and hands it back (kFilled
+//   and the count). Only the recv, under its consumer lock, moves it on from kFilled or
+//   withdraws it.
+// - A blocking send that finds the ring full offers its own bytes (kOffered); a recv that
+//   finds the ring empty takes them (kTaking), copies them out and says how many
+//   (kTaken and the count). Only the send, under the producer lock, moves it on from
+//   kTaken or withdraws it.
+// Each side first reserves the word (kReserved, from kPostNone) to write the buffer's
+// address and length, so the two never write those fields at once.
+enum Post : uint32_t {
+  kPostNone = 0, kPosted = 1, kClaimed = 2, kFilled = 3, kOffered = 4, kTaking = 5, kTaken = 6, kReserved = 7
+};
+inline constexpr uint32_t kPostBits = 3, kPostState = (1u << kPostBits) - 1;
+inline constexpr uint32_t kPostMaxBytes = 1u << 28;  // an offer's length is capped here
+// How long a sender's offer stays out with the ring empty before the sender takes it back
+// and writes into the ring itself. Every stream recv (peek and MSG_TRUNC too) takes
+// offers and poll() reports them as POLLIN, so this is only a net under readers that
+// never come back to the socket.
+inline constexpr uint64_t kOfferPatienceNs = 1000000;
 
 // One socket. Fields other than the atomics are written by the lane that owns the socket
 // at that moment (creation, bind, connect, accept) before they are published.
@@ -174,12 +190,13 @@ struct alignas(128) Socket {
   uint64_t tail;          // bytes (entries) writers committed
   uint64_t bytes_in;      // bytes this socket received (consumed)
   uint64_t bytes_out;     // bytes this socket sent
-  // A blocked stream recv's buffer, offered to the sender (section 13.4, "handed
-  // straight"): post is Post | (bytes the sender put there) << 2.
+  // The one offer between this socket's reader and its sender (section 13.4, "handed
+  // straight"): a blocked recv's buffer or a blocked send's bytes. post is Post | (bytes
+  // moved) << kPostBits.
   uint32_t post;
-  uint32_t post_len;      // how many bytes the buffer takes
-  uint64_t post_buf;      // where they go (global memory)
-  uint64_t bytes_direct;  // of bytes_in, those a sender wrote straight into a recv's buffer
+  uint32_t post_len;      // how many bytes the offer holds or takes
+  uint64_t post_buf;      // where (global memory)
+  uint64_t bytes_direct;  // of bytes_in, those that went straight from a send's buffer to a recv's
 };
 static_assert(sizeof(Socket) == 128, "a socket is one 128-byte line");
 
@@ -508,16 +525,22 @@ GPUSOCK_HD inline bool can_post(const Table* t, const void* buf, uint64_t want) 
   return true;
 #endif
 }
-// Receiver, consumer lock held, post == kPostNone: offers want bytes at buf.
-GPUSOCK_HD inline void post(Socket* s, uint8_t* buf, uint64_t want) {
+// Puts an offer of `bytes` at buf (kPosted by a recv, kOffered by a send) on s's word, if
+// it is free (false: the other side's offer is there).
+GPUSOCK_HD inline bool put_offer(Socket* s, uint32_t kind, const void* buf, uint64_t bytes) {
+  uint32_t w = kPostNone;
+  if (!A32(s->post).compare_exchange(w, kReserved, Order::kRelaxed)) return false;
   A64(s->post_buf).store(reinterpret_cast<uint64_t>(buf), Order::kRelaxed);
-  A32(s->post_len).store(static_cast<uint32_t>(want < kPostMaxBytes ? want : kPostMaxBytes), Order::kRelaxed);
-  A32(s->post).store(kPosted, Order::kRelease);
+  A32(s->post_len).store(static_cast<uint32_t>(bytes < kPostMaxBytes ? bytes : kPostMaxBytes), Order::kRelaxed);
+  A32(s->post).store(kind, Order::kRelease);
+  return true;
 }
+// Receiver, consumer lock held: offers want bytes at buf (false: a sender's offer is there).
+GPUSOCK_HD inline bool post(Socket* s, uint8_t* buf, uint64_t want) { return put_offer(s, kPosted, buf, want); }
 // Receiver, after seeing `word` (acquire) with kFilled: takes the offer back; the bytes.
 GPUSOCK_HD inline uint32_t take_filled(Socket* s, uint32_t word) {
   A32(s->post).store(kPostNone, Order::kRelaxed);
-  const uint32_t n = word >> 2;
+  const uint32_t n = word >> kPostBits;
   A64(s->bytes_direct).fetch_add(n, Order::kRelaxed);
   return n;
 }
@@ -529,7 +552,7 @@ GPUSOCK_HD inline uint32_t unpost(Socket* s) {
   uint32_t w = kPosted;
   if (A32(s->post).compare_exchange(w, kPostNone, Order::kAcquire)) return 0;
   for (uint32_t i = 0;; ++i) {
-    if ((w & 3) == kFilled) return take_filled(s, w);
+    if ((w & kPostState) == kFilled) return take_filled(s, w);
     if ((i & 4095) == 4095 && shutting_down()) {
       A32(s->post).store(kPostNone, Order::kRelaxed);
       return 0;
@@ -547,7 +570,78 @@ GPUSOCK_HD inline uint32_t claim(Socket* p, uint32_t word, uint8_t** dst) {
   return A32(p->post_len).load(Order::kRelaxed);
 }
 // Sender, after copying n bytes into a claimed buffer (every copying lane synchronized).
-GPUSOCK_HD inline void fill(Socket* p, uint32_t n) { A32(p->post).store(kFilled | n << 2, Order::kRelease); }
+GPUSOCK_HD inline void fill(Socket* p, uint32_t n) { A32(p->post).store(kFilled | n << kPostBits, Order::kRelease); }
+// A scalar sender's whole hand-off (claim, copy, fill): the bytes it put straight into
+// the reader's buffer, 0 if the reader withdrew.
+GPUSOCK_HD inline uint32_t send_straight(Socket* p, uint32_t word, const uint8_t* src, uint64_t left) {
+  uint8_t* dst = nullptr;
+  uint32_t take = claim(p, word, &dst);
+  if (take == 0) return 0;
+  if (take > left) take = static_cast<uint32_t>(left);
+  hostcall::internal::group_copy(copy_group(), dst, src, take, false);
+  fill(p, take);
+  return take;
+}
+
+// ---- a blocked sender's bytes taken straight by the reader ----
+// The other way: a blocking send that finds the ring full (a reader slower than it, as in
+// a stream) offers its own bytes; a recv that finds the ring empty (every byte before
+// them read) copies them straight into its buffer.
+
+// Sender, producer lock held, ring full: offers `left` bytes at src (false: the word is busy).
+GPUSOCK_HD inline bool offer_bytes(Socket* p, const uint8_t* src, uint64_t left) {
+  return put_offer(p, kOffered, src, left);
+}
+// Sender, after seeing `word` with kTaken (an acquire load): frees the word; the bytes the
+// reader took.
+GPUSOCK_HD inline uint32_t offer_taken(Socket* p, uint32_t word) {
+  A32(p->post).store(kPostNone, Order::kRelaxed);
+  return word >> kPostBits;
+}
+// Sender: takes its offer back; the bytes a reader took meanwhile (0: none). A reader
+// taking it is copying and says so without waiting on anything, so this waits only for
+// that copy (giving up only when the runtime shuts down).
+GPUSOCK_HD inline uint32_t withdraw_offer(Socket* p) {
+  uint32_t w = kOffered;
+  if (A32(p->post).compare_exchange(w, kPostNone, Order::kAcquire)) return 0;
+  for (uint32_t i = 0;; ++i) {
+    if ((w & kPostState) == kTaken) return offer_taken(p, w);
+    if ((i & 4095) == 4095 && shutting_down()) return 0;
+    spin_pause(i);
+    w = A32(p->post).load(Order::kAcquire);
+  }
+}
+// Receiver, consumer lock held, ring empty, `word` (a load of s->post) kOffered: takes
+// the sender's offer. Returns how many bytes it holds (0: withdrawn) and where in *src.
+GPUSOCK_HD inline uint32_t take_offer(Socket* s, uint32_t word, const uint8_t** src) {
+  if (word != kOffered || !A32(s->post).compare_exchange(word, kTaking, Order::kAcquire)) return 0;
+  *src = reinterpret_cast<const uint8_t*>(A64(s->post_buf).load(Order::kRelaxed));
+  return A32(s->post_len).load(Order::kRelaxed);
+}
+// Receiver, after copying n of them (every copying lane synchronized): hands the offer
+// back to its sender.
+GPUSOCK_HD inline void took(Socket* s, uint32_t n) {
+  A64(s->bytes_direct).fetch_add(n, Order::kRelaxed);
+  A32(s->post).store(kTaken | n << kPostBits, Order::kRelease);
+}
+// Receiver, after a MSG_PEEK copied from the offer: puts it back as it was.
+GPUSOCK_HD inline void keep_offer(Socket* s) { A32(s->post).store(kOffered, Order::kRelease); }
+// A scalar recv's whole take (take, copy unless MSG_TRUNC, say; a peek puts the offer
+// back): the bytes it took, at most room, 0 if there was no offer to take.
+GPUSOCK_HD inline uint32_t recv_straight(Socket* s, uint8_t* dst, uint64_t room, bool copy, bool peek) {
+  const uint32_t w = A32(s->post).load(Order::kRelaxed);
+  const uint8_t* src = nullptr;
+  uint32_t n = take_offer(s, w, &src);
+  if (n == 0) return 0;
+  if (n > room) n = static_cast<uint32_t>(room);
+  if (copy) hostcall::internal::group_copy(copy_group(), dst, src, n, true);
+  if (peek) {
+    keep_offer(s);
+  } else {
+    took(s, n);
+  }
+  return n;
+}
 
 // Tells the stream peer of s that no more bytes come (close or SHUT_WR).
 GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
@@ -579,6 +673,10 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
   // follows it).
   const uint64_t life = A64(p->life).load(Order::kRelaxed);  // ordered by the lock's acquire
   uint64_t tail = A64(p->tail).load(Order::kRelaxed);
+  // This call's bytes offered to the reader (offer_bytes), and since when the ring has
+  // been empty with the offer out (0: not empty).
+  bool offered = false;
+  uint64_t empty_since = 0;
   for (uint32_t i = 0;; ++i) {
     const uint32_t fds = get(p->fd_state), shut = get(p->shut), offer = get(p->post);
     const uint64_t head = A64(p->head).load(Order::kAcquire);
@@ -590,16 +688,41 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
       err = -EPIPE;
       break;
     }
-    uint8_t* dst = nullptr;
-    uint32_t take = tail == head && len > done ? claim(p, offer, &dst) : 0;
-    if (take > 0) {  // the reader waits on an empty ring: straight into its buffer
-      if (take > len - done) take = static_cast<uint32_t>(len - done);
-      hostcall::internal::group_copy(copy_group(), dst, buf + done, take, false);
-      fill(p, take);
-      done += take;
-      i = 0;
-      if (done == len) break;
+    if (offered) {
+      // No byte goes into the ring while the offer is out: the reader takes it after
+      // every byte before it.
+      uint32_t n = 0;
+      if ((offer & kPostState) == kTaken) {
+        // Acquire (the word stays kTaken until this sender moves it): the reader's copy out
+        // of buf comes before the caller may write buf again.
+        n = offer_taken(p, A32(p->post).load(Order::kAcquire));
+        offered = false;
+      } else if (tail != head) {
+        empty_since = 0;
+      } else if (empty_since == 0) {
+        empty_since = globaltimer_ns();
+      } else if (globaltimer_ns() - empty_since > kOfferPatienceNs) {
+        n = withdraw_offer(p);  // a reader that no longer comes: the ring it is
+        offered = false;
+      }
+      if (!offered) {
+        done += n;
+        i = 0;
+        if (done == len) break;
+        continue;
+      }
+      if ((err = wait_check(s, fd, i)) != 0) break;
+      spin_pause(i);
       continue;
+    }
+    if (offer == kPosted && tail == head && len > done) {
+      // The reader waits on an empty ring: straight into its buffer.
+      if (const uint32_t take = send_straight(p, offer, buf + done, len - done); take > 0) {
+        done += take;
+        i = 0;
+        if (done == len) break;
+        continue;
+      }
     }
     const uint64_t room = cap - (tail - head);
     const uint64_t left = len - done;
@@ -618,9 +741,17 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
       err = -EAGAIN;
       break;
     }
+    // The ring is full: offer the rest to the reader, to take straight once it has read
+    // the ring.
+    if (offer == kPostNone && can_post(t, buf, len - done) && offer_bytes(p, buf + done, len - done)) {
+      offered = true;
+      empty_since = 0;
+      continue;
+    }
     if ((err = wait_check(s, fd, i)) != 0) break;
     spin_pause(i);
   }
+  if (offered) done += withdraw_offer(p);  // leaving (error, shutdown): what was taken counts
   unlock(p->producer_lock);
   if (done > 0) A64(s->bytes_out).fetch_add(done, Order::kRelaxed);
   return done > 0 ? static_cast<int64_t>(done) : err;
@@ -908,30 +1039,39 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
   if (type == SOCK_STREAM) {
     uint64_t done = 0;
     bool posted = false;  // this call's buffer is offered to the sender (detail::post)
-    const bool offer = !nb && !peek && (flags & MSG_TRUNC) == 0;
+    // Decided once: the wait loop below stays what it was without hand-off (a buffer that
+    // cannot be offered costs no load per pass).
+    const bool offer = !nb && !peek && (flags & MSG_TRUNC) == 0 && detail::can_post(t, out, len);
     const bool waitall = (flags & MSG_WAITALL) != 0;
+    // A blocked sender's offered bytes: looked for on the first empty pass after any
+    // progress and every 16th pass after that.
+    bool look = true;
     for (uint32_t i = 0;; ++i) {
+      // Acquire loads (a relaxed one with a device-scope fence once filled measured slower
+      // on an H100). A filled offer is taken without waiting for the tail's load after it.
+      uint32_t direct = 0;  // bytes a sender put straight into out + done
+      uint64_t avail = 0;
       if (posted) {
         const uint32_t w = detail::A32(s->post).load(Order::kAcquire);
-        if ((w & 3) == kFilled) {
+        if ((w & kPostState) == kFilled) {
           posted = false;
-          done += detail::take_filled(s, w);
-          i = 0;
-          if (done == len || !waitall) break;
-          continue;
+          direct = detail::take_filled(s, w);
         }
       }
-      const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
-      if (avail > 0 && posted) {
-        // Bytes came through the ring after all (sent before the offer was seen): take the
-        // offer back; what a sender put there first comes first.
-        posted = false;
-        if (const uint32_t m = detail::unpost(s); m > 0) {
-          done += m;
-          i = 0;
-          if (done == len || !waitall) break;
-          continue;
+      if (direct == 0) {
+        avail = detail::A64(s->tail).load(Order::kAcquire) - head;
+        if (avail > 0 && posted) {
+          // Bytes came through the ring after all (sent before the offer was seen): take
+          // the offer back; what a sender put there first comes first.
+          posted = false;
+          direct = detail::unpost(s);
         }
+      }
+      if (direct > 0) {
+        done += direct;
+        i = 0;
+        if (done == len || !waitall) break;
+        continue;
       }
       if (avail > 0 && done < len) {
         i = 0;
@@ -944,7 +1084,18 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
           detail::A64(s->head).store(head, Order::kRelease);
         }
         if (done == len || (flags & MSG_WAITALL) == 0 || peek) break;
+        look = true;
         continue;
+      }
+      if (!posted && done < len && (look || (i & 15) == 15)) {
+        look = false;
+        if (const uint32_t m = detail::recv_straight(s, out + done, len - done, (flags & MSG_TRUNC) == 0, peek); m > 0) {
+          done += m;
+          i = 0;
+          look = true;
+          if (done == len || !waitall || peek) break;
+          continue;
+        }
       }
       // Nothing to read: the three reasons to stop waiting, loaded together.
       const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
@@ -964,10 +1115,12 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         result = -EAGAIN;
         break;
       }
-      if (!posted && offer && detail::can_post(t, out + done, len - done)) {
-        detail::post(s, out + done, len - done);
-        posted = true;
-        continue;  // look at the ring once more: a send may have gone in before the offer
+      if (!posted && offer) {
+        if (detail::post(s, out + done, len - done)) {
+          posted = true;
+          continue;  // look at the ring once more: a send may have gone in before the offer
+        }
+        look = true;  // a sender's offer is there (or on its way): take it next pass
       }
       if ((result = detail::wait_check(s, fd, i)) != 0) break;
       spin_pause(i);
@@ -1181,7 +1334,9 @@ GPUSOCK_HD inline short poll_events(int fd, short events) {
   if (s == nullptr) return POLLNVAL;
   short ready = 0;
   const uint32_t st = detail::ld32(s->state);
-  const bool data = detail::A64(s->tail).load(Order::kAcquire) != detail::A64(s->head).load(Order::kAcquire);
+  // A stream's data: bytes in the ring, or a blocked sender's offer to take.
+  const bool data = detail::A64(s->tail).load(Order::kAcquire) != detail::A64(s->head).load(Order::kAcquire) ||
+                    (detail::ld32(s->post) & kPostState) == kOffered;
   if (st == kListening) {
     if (data) ready |= POLLIN;
   } else if (detail::get(s->type) == SOCK_DGRAM) {
@@ -1238,10 +1393,18 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   uint8_t* r = lead && p != nullptr ? detail::ring(t, detail::index_of(t, p)) : nullptr;
   uint64_t tail = lead && p != nullptr ? detail::A64(p->tail).load(Order::kRelaxed) : 0;
   uint64_t done = 0;
+  // The leader's offer of the warp's bytes to the reader (detail::offer_bytes), and for
+  // how many passes the ring has been empty since. The lanes' stores into buf before
+  // this call are ordered before the leader's offer by this barrier.
+  bool offered = false;
+  uint64_t empty_since = 0;  // since when the ring is empty with the offer out (0: not)
+  const bool may_offer = lead && !nb && detail::can_post(t, buf, len);
+  warp::sync(mask);
   for (uint32_t i = 0; err == 0;) {
     // The leader decides: n bytes now (n > 0) into the ring, or into the reader's own
-    // buffer (dst, when the reader waits on an empty ring), wait (0), or stop (err).
-    uint32_t n = 0;
+    // buffer (dst, when the reader waits on an empty ring), wait (0), or stop (err); or
+    // that the reader took `taken` of the bytes it offered.
+    uint32_t n = 0, taken = 0;
     int64_t stop = 0;
     uint8_t* dst = nullptr;
     if (lead) {
@@ -1249,6 +1412,24 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
       const uint64_t head = detail::A64(p->head).load(Order::kAcquire);
       if (fds == kFdClosed || (shut & kShutRd) != 0) {
         stop = -EPIPE;
+      } else if (offered) {
+        // Nothing into the ring while the offer is out (the reader takes it after every
+        // byte before it): wait until it is taken, or take it back from a reader that
+        // does not take offers.
+        if ((offer & kPostState) == kTaken) {
+          taken = detail::offer_taken(p, detail::A32(p->post).load(Order::kAcquire));  // see stream_send
+          offered = false;
+        } else if (tail == head && empty_since != 0 && globaltimer_ns() - empty_since > kOfferPatienceNs) {
+          taken = detail::withdraw_offer(p);  // a reader that no longer comes: the ring it is
+          offered = false;
+        } else {
+          if (tail != head) {
+            empty_since = 0;
+          } else if (empty_since == 0) {
+            empty_since = globaltimer_ns();
+          }
+          stop = detail::wait_check(s, fd, i);
+        }
       } else {
         const uint64_t left = len - done;
         if (tail == head && left > 0 && (n = detail::claim(p, offer, &dst)) > 0) {
@@ -1256,12 +1437,34 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
         } else {
           const uint64_t room = cap - (tail - head);
           n = static_cast<uint32_t>(left < room ? left : room);
-          if (n == 0 && len > 0) stop = nb ? -EAGAIN : detail::wait_check(s, fd, i);
+          if (n == 0 && len > 0) {
+            if (nb) {
+              stop = -EAGAIN;
+            } else if (may_offer && offer == kPostNone &&
+                       detail::offer_bytes(p, static_cast<const uint8_t*>(buf) + done, left)) {
+              offered = true;  // the ring is full: the reader may take the rest straight
+              empty_since = 0;
+            } else {
+              stop = detail::wait_check(s, fd, i);
+            }
+          }
         }
       }
+      if (stop != 0 && offered) {
+        taken = detail::withdraw_offer(p);  // leaving: what the reader took counts
+        offered = false;
+      }
+    }
+    taken = warp::shfl(mask, taken, leader);
+    stop = warp::shfl(mask, stop, leader);
+    if (taken > 0) {
+      warp::sync(mask);  // after the leader's acquire: no lane writes buf before the reader's copy ended
+      done += taken;
+      i = 0;
+      if (done == len || stop != 0) break;
+      continue;
     }
     n = warp::shfl(mask, n, leader);
-    stop = warp::shfl(mask, stop, leader);
     if (n > 0) {
       dst = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(dst), leader));
       const uint8_t* src = static_cast<const uint8_t*>(buf) + done;
@@ -1327,14 +1530,20 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
   int64_t result = err;
   bool posted = false;  // the leader offered buf to the sender (detail::post)
   const bool offer = lead && !nb && !peek && (flags & MSG_TRUNC) == 0 && detail::can_post(t, buf, len);
+  // A blocked sender's offered bytes: looked for on the first empty pass and every 16th
+  // pass after that.
+  const bool take = lead && len > 0;
+  bool look = true;
   for (uint32_t i = 0; err == 0;) {
     uint32_t n = 0;
     uint32_t direct = 0;  // bytes a sender wrote straight into buf
+    uint32_t got = 0;     // bytes of a sender's offer (at from) to copy into buf
+    const uint8_t* from = nullptr;
     int64_t stop = 0;     // 1: end of stream (result 0)
     if (lead) {
       const uint32_t w = posted ? detail::A32(s->post).load(Order::kAcquire) : 0;
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
-      if ((w & 3) == kFilled) {
+      if ((w & kPostState) == kFilled) {
         posted = false;
         direct = detail::take_filled(s, w);
       } else if (avail > 0 && posted) {
@@ -1342,7 +1551,13 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
         direct = detail::unpost(s);
       }
       n = direct > 0 ? 0 : static_cast<uint32_t>(len < avail ? len : avail);
-      if (n == 0 && direct == 0) {
+      if (n == 0 && direct == 0 && take && !posted && (look || (i & 15) == 15)) {
+        look = false;
+        if ((got = detail::take_offer(s, detail::A32(s->post).load(Order::kRelaxed), &from)) > len) {
+          got = static_cast<uint32_t>(len);
+        }
+      }
+      if (n == 0 && direct == 0 && got == 0) {
         const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
         if (len == 0 || (shut & kShutRd) != 0) {
           stop = 1;
@@ -1353,11 +1568,11 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
           stop = -ECONNRESET;
         } else if (nb) {
           stop = -EAGAIN;
-        } else if (!posted && offer) {
-          detail::post(s, static_cast<uint8_t*>(buf), len);
+        } else if (!posted && offer && detail::post(s, static_cast<uint8_t*>(buf), len)) {
           posted = true;  // and look at the ring once more: a send may have gone in first
           i = 0;
         } else {
+          look = look || (!posted && offer);  // the post failed: a sender's offer is there
           stop = detail::wait_check(s, fd, i);
         }
         if (stop != 0 && posted) {
@@ -1366,6 +1581,24 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
         }
       }
       if (direct > 0) detail::A64(s->bytes_in).fetch_add(direct, Order::kRelaxed);
+    }
+    got = warp::shfl(mask, got, leader);
+    if (got > 0) {
+      // A sender's bytes, taken straight: every lane copies (loads that skip L1: another
+      // warp wrote them), then the leader hands the offer back.
+      from = reinterpret_cast<const uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(from), leader));
+      warp::sync(mask);  // every lane's loads after the leader's acquire of the offer
+      if ((flags & MSG_TRUNC) == 0) {
+        hostcall::internal::group_copy(mask, static_cast<uint8_t*>(buf), from, lead ? got : 0, true);
+      }
+      if (lead && peek) {
+        detail::keep_offer(s);
+      } else if (lead) {
+        detail::took(s, got);
+        detail::A64(s->bytes_in).fetch_add(got, Order::kRelaxed);
+      }
+      result = got;
+      break;
     }
     direct = warp::shfl(mask, direct, leader);
     if (direct > 0) {

@@ -48,7 +48,7 @@ struct LocalSocketInfo {
   uint64_t queued = 0;       // bytes waiting in its ring (listener: connections to accept)
   uint32_t backlog = 0;      // listener
   uint64_t bytes_in = 0;     // received (consumed) so far
-  uint64_t bytes_direct = 0; // of bytes_in, written by the sender straight into a waiting recv's buffer
+  uint64_t bytes_direct = 0; // of bytes_in, those that went straight from a send's buffer to a recv's
   uint64_t bytes_out = 0;    // sent so far
 };
 
