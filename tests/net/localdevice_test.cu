@@ -555,7 +555,9 @@ TEST_P(LdHandedTest, AWaitingRecvWaitallGetsTheBytesStraightIntoItsBufferInOrder
 // sender). By `mode`, before each recv: 0, nothing; 1, a MSG_PEEK of one byte (which must
 // see an offer without taking it); 2, poll() for POLLIN (which must report one); 3, after
 // each of its first 8 receives the reader stays away 3 ms, so the sender takes its offer
-// back (kOfferPatienceNs) and writes into the ring. out[0]: sender
+// back (kOfferPatienceNs) and writes into the ring; 4, before each of its first 8
+// receives the reader peeks for 3 ms on end, so the sender's taking back meets peeks
+// that hold the offer for a moment and put it back. out[0]: sender
 // result, out[1]: bytes received, out[2]: wrong words, out[3]: the receiver's last recv,
 // out[4]: the reader socket's bytes_direct before it closed.
 struct OfferedSends {
@@ -590,6 +592,17 @@ struct OfferedSends {
     while (r > 0) {
       if (mode == 1) {
         r = raw::warp_recv(all, c, rbuf, 1, MSG_PEEK);
+        if (r <= 0) break;
+      } else if (mode == 4 && pauses < 8) {
+        ++pauses;
+        const uint64_t t0 = gpusock::globaltimer_ns();
+        for (;;) {
+          r = raw::warp_recv(all, c, rbuf, 1, MSG_PEEK | MSG_DONTWAIT);
+          if (r != -EAGAIN && r <= 0) break;
+          // Lane 0's clock decides for the warp: the next call is the whole warp's.
+          const int more = lane == 0 ? gpusock::globaltimer_ns() - t0 < 3000000 : 0;
+          if (r > 0 && warp::shfl(all, more, 0) == 0) break;
+        }
         if (r <= 0) break;
       } else if (mode == 2) {
         int ready = 0;
@@ -651,7 +664,7 @@ class LdOfferTest : public LdTest {
     EXPECT_EQ(o[1], static_cast<int64_t>(kBytes)) << "bytes received";
     EXPECT_EQ(o[2], 0) << "words out of place";
     EXPECT_EQ(o[3], 0) << "the receiver's last recv (0: end of stream)";
-    if (mode != 3) {
+    if (mode < 3) {
       EXPECT_GT(o[4], 0) << "no offered byte was taken straight (a non-blocking recv: none was handed to it)";
     }
     EXPECT_LE(o[4], static_cast<int64_t>(kBytes));
@@ -667,6 +680,7 @@ TEST_P(LdOfferTest, AReaderTakesABlockedSendersBytesStraightInOrder) { Run(0); }
 TEST_P(LdOfferTest, APeekSeesAnOfferWithoutTakingIt) { Run(1); }
 TEST_P(LdOfferTest, PollReportsAnOfferAsReadable) { Run(2); }
 TEST_P(LdOfferTest, ASenderWhoseReaderStaysAwayTakesItsOfferBackAndUsesTheRing) { Run(3); }
+TEST_P(LdOfferTest, ASenderTakesItsOfferBackWhileTheReaderPeeksAtIt) { Run(4); }
 
 // ---- many lanes on one stream ----------------------------------------------------------
 

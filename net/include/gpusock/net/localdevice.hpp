@@ -599,12 +599,13 @@ GPUSOCK_HD inline uint32_t offer_taken(Socket* p, uint32_t word) {
   return word >> kPostBits;
 }
 // Sender: takes its offer back; the bytes a reader took meanwhile (0: none). A reader
-// taking it is copying and says so without waiting on anything, so this waits only for
-// that copy (giving up only when the runtime shuts down).
+// taking it is copying and says so without waiting on anything (kTaken; a peek puts
+// kOffered back, and the compare-and-swap is tried again), so this waits only for that
+// copy (giving up only when the runtime shuts down).
 GPUSOCK_HD inline uint32_t withdraw_offer(Socket* p) {
   uint32_t w = kOffered;
-  if (A32(p->post).compare_exchange(w, kPostNone, Order::kAcquire)) return 0;
   for (uint32_t i = 0;; ++i) {
+    if (w == kOffered && A32(p->post).compare_exchange(w, kPostNone, Order::kAcquire)) return 0;
     if ((w & kPostState) == kTaken) return offer_taken(p, w);
     if ((i & 4095) == 4095 && shutting_down()) return 0;
     spin_pause(i);
@@ -1393,9 +1394,9 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   uint8_t* r = lead && p != nullptr ? detail::ring(t, detail::index_of(t, p)) : nullptr;
   uint64_t tail = lead && p != nullptr ? detail::A64(p->tail).load(Order::kRelaxed) : 0;
   uint64_t done = 0;
-  // The leader's offer of the warp's bytes to the reader (detail::offer_bytes), and for
-  // how many passes the ring has been empty since. The lanes' stores into buf before
-  // this call are ordered before the leader's offer by this barrier.
+  // The leader's offer of the warp's bytes to the reader (detail::offer_bytes), and since
+  // when the ring has been empty with it out. The lanes' stores into buf before this call
+  // are ordered before the leader's offer by this barrier.
   bool offered = false;
   uint64_t empty_since = 0;  // since when the ring is empty with the offer out (0: not)
   const bool may_offer = lead && !nb && detail::can_post(t, buf, len);
