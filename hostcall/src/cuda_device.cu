@@ -224,17 +224,20 @@ class CudaBackend : public DeviceBackend {
       const cudaError_t e = cudaStreamSynchronize(c->stream);
       return e == cudaSuccess ? Status{} : cuda_status(e, "cudaStreamSynchronize");
     }
-    // A ticket whose event a later copy reused: that later copy's end implies its end.
-    const uint64_t t = std::max(ticket, c->next > kCopyEvents ? c->next - kCopyEvents : uint64_t{1});
-    const cudaError_t e = cudaEventSynchronize(c->events[t % kCopyEvents]);
+    const cudaError_t e = cudaEventSynchronize(event_of(c, ticket));
     return e == cudaSuccess ? Status{} : cuda_status(e, "cudaEventSynchronize");
   }
   bool copies_done(uint64_t ticket) override {
     CopyStream* c = copy_stream(false);
     if (c == nullptr || ticket == 0) return true;
     if (ticket >= c->next) return cudaStreamQuery(c->stream) == cudaSuccess;
+    return cudaEventQuery(event_of(c, ticket)) == cudaSuccess;  // cudaErrorNotReady: still running
+  }
+  // The event whose end implies the end of copy `ticket` (< c->next): its own, or, where a
+  // later copy reused it, the oldest event still recorded, which ended after it.
+  static cudaEvent_t event_of(const CopyStream* c, uint64_t ticket) {
     const uint64_t t = std::max(ticket, c->next > kCopyEvents ? c->next - kCopyEvents : uint64_t{1});
-    return cudaEventQuery(c->events[t % kCopyEvents]) == cudaSuccess;  // cudaErrorNotReady: still running
+    return c->events[t % kCopyEvents];
   }
   Status check_device_range(const void* p, size_t bytes) override {
     for (const uint8_t* end : {static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + bytes - 1}) {

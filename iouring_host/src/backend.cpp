@@ -1327,9 +1327,9 @@ class IouringBackend final : public net::Backend {
       Pull& p = *op->pull;
       if (p.answered) continue;
       if (!p.taken_all()) break;
-      // The oldest send in the area waits until a piece of its own has gone out, so a send
-      // on a socket that has already failed answers that failure, as send(2) would; a
-      // later one is answered at once, its bytes queued behind bytes the socket took.
+      // The oldest send in the area, unless the probe in do_send_pull vouched for the
+      // socket, waits until a piece of its own has gone out, so it answers what that found;
+      // a later one is answered at once, its bytes queued behind bytes the socket took.
       if (op == a.ops.front() && p.sent == 0 && p.fetched > 0 && !p.vouched) break;
       if (p.fetched > 0 && !rt_->finish_deliveries(p.last_ticket).ok()) return fail_area(r, -EIO);
       p.answered = true;

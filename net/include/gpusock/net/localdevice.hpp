@@ -612,6 +612,29 @@ GPUSOCK_HD inline uint32_t withdraw_offer(Socket* p) {
     w = A32(p->post).load(Order::kAcquire);
   }
 }
+// Sender, its offer out, given this pass's relaxed load of p->post (`word`) and whether
+// the ring is empty: the bytes the reader took. *out turns false once the offer is no
+// longer out: taken (kTaken), or taken back after the ring stayed empty kOfferPatienceNs
+// (*empty_since: when this sender first saw it empty; 0: not empty).
+GPUSOCK_HD inline uint32_t offer_progress(Socket* p, uint32_t word, bool ring_empty, uint64_t* empty_since, bool* out) {
+  const bool taken = (word & kPostState) == kTaken;
+  if (!taken) {
+    if (!ring_empty) {
+      *empty_since = 0;
+      return 0;
+    }
+    const uint64_t now = globaltimer_ns();
+    if (*empty_since == 0) *empty_since = now;
+    if (now - *empty_since <= kOfferPatienceNs) return 0;
+  }
+  // Taken: acquire (the word stays kTaken until this sender moves it), so the reader's copy
+  // out of the buffer comes before the caller may write it again. Else a reader that no
+  // longer comes: the ring it is.
+  const uint32_t n = taken ? offer_taken(p, A32(p->post).load(Order::kAcquire)) : withdraw_offer(p);
+  *out = false;
+  *empty_since = 0;
+  return n;
+}
 // Receiver, consumer lock held, ring empty, `word` (a load of s->post) kOffered: takes
 // the sender's offer. Returns how many bytes it holds (0: withdrawn) and where in *src.
 GPUSOCK_HD inline uint32_t take_offer(Socket* s, uint32_t word, const uint8_t** src) {
@@ -692,20 +715,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
     if (offered) {
       // No byte goes into the ring while the offer is out: the reader takes it after
       // every byte before it.
-      uint32_t n = 0;
-      if ((offer & kPostState) == kTaken) {
-        // Acquire (the word stays kTaken until this sender moves it): the reader's copy out
-        // of buf comes before the caller may write buf again.
-        n = offer_taken(p, A32(p->post).load(Order::kAcquire));
-        offered = false;
-      } else if (tail != head) {
-        empty_since = 0;
-      } else if (empty_since == 0) {
-        empty_since = globaltimer_ns();
-      } else if (globaltimer_ns() - empty_since > kOfferPatienceNs) {
-        n = withdraw_offer(p);  // a reader that no longer comes: the ring it is
-        offered = false;
-      }
+      const uint32_t n = offer_progress(p, offer, tail == head, &empty_since, &offered);
       if (!offered) {
         done += n;
         i = 0;
@@ -746,7 +756,6 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
     // the ring.
     if (offer == kPostNone && can_post(t, buf, len - done) && offer_bytes(p, buf + done, len - done)) {
       offered = true;
-      empty_since = 0;
       continue;
     }
     if ((err = wait_check(s, fd, i)) != 0) break;
@@ -1398,7 +1407,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
   // when the ring has been empty with it out. The lanes' stores into buf before this call
   // are ordered before the leader's offer by this barrier.
   bool offered = false;
-  uint64_t empty_since = 0;  // since when the ring is empty with the offer out (0: not)
+  uint64_t empty_since = 0;
   const bool may_offer = lead && !nb && detail::can_post(t, buf, len);
   warp::sync(mask);
   for (uint32_t i = 0; err == 0;) {
@@ -1417,20 +1426,8 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
         // Nothing into the ring while the offer is out (the reader takes it after every
         // byte before it): wait until it is taken, or take it back from a reader that
         // does not take offers.
-        if ((offer & kPostState) == kTaken) {
-          taken = detail::offer_taken(p, detail::A32(p->post).load(Order::kAcquire));  // see stream_send
-          offered = false;
-        } else if (tail == head && empty_since != 0 && globaltimer_ns() - empty_since > kOfferPatienceNs) {
-          taken = detail::withdraw_offer(p);  // a reader that no longer comes: the ring it is
-          offered = false;
-        } else {
-          if (tail != head) {
-            empty_since = 0;
-          } else if (empty_since == 0) {
-            empty_since = globaltimer_ns();
-          }
-          stop = detail::wait_check(s, fd, i);
-        }
+        taken = detail::offer_progress(p, offer, tail == head, &empty_since, &offered);
+        if (offered) stop = detail::wait_check(s, fd, i);
       } else {
         const uint64_t left = len - done;
         if (tail == head && left > 0 && (n = detail::claim(p, offer, &dst)) > 0) {
@@ -1444,7 +1441,6 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
             } else if (may_offer && offer == kPostNone &&
                        detail::offer_bytes(p, static_cast<const uint8_t*>(buf) + done, left)) {
               offered = true;  // the ring is full: the reader may take the rest straight
-              empty_since = 0;
             } else {
               stop = detail::wait_check(s, fd, i);
             }
