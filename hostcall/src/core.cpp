@@ -185,11 +185,16 @@ Core::~Core() {
   if (failed()) device_->reset_after_failure();
 }
 
-Status Core::set_module_state(uint32_t index, void* device_ptr) {
+Status Core::set_module_state(uint32_t index, void* device_ptr, const void* head, size_t head_bytes) {
   if (index >= hostcall::kModuleStates || device_ptr == nullptr) return {EINVAL, "bad module state index or null pointer"};
+  if (head_bytes > hostcall::kModuleHeadBytes || (head_bytes > 0 && head == nullptr)) {
+    return {EINVAL, "a module head is at most " + std::to_string(hostcall::kModuleHeadBytes) + " bytes"};
+  }
   std::lock_guard<std::mutex> lock(hook_mu_);
   if (module_states_[index] != nullptr) return {EEXIST, "module state " + std::to_string(index) + " is already set"};
-  Status s = device_->copy_to_device(&ctx_dev_->modules[index], &device_ptr, sizeof device_ptr);
+  // The head first: a kernel that sees the pointer sees the head with it.
+  Status s = head_bytes > 0 ? device_->copy_to_device(ctx_dev_->module_heads[index], head, head_bytes) : Status{};
+  if (s.ok()) s = device_->copy_to_device(&ctx_dev_->modules[index], &device_ptr, sizeof device_ptr);
   if (s.ok()) module_states_[index] = device_ptr;
   return s;
 }

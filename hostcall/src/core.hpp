@@ -146,7 +146,7 @@ class Core : public std::enable_shared_from_this<Core> {
     std::lock_guard<std::mutex> lock(hook_mu_);
     adopted_device_.push_back(dev);
   }
-  Status set_module_state(uint32_t index, void* device_ptr);
+  Status set_module_state(uint32_t index, void* device_ptr, const void* head, size_t head_bytes);
 
   // ---- device allocations, for deliver() (docs/architecture.md 12.4, receive 3a) ----
   void note_allocation(void* dev, size_t bytes);

@@ -91,7 +91,9 @@ void Runtime::mapped_free_at_exit(void* host) {
 void Runtime::device_free_at_exit(void* device) {
   if (device != nullptr) core_->adopt_device(device);
 }
-Status Runtime::set_module_state(uint32_t index, void* device_ptr) { return core_->set_module_state(index, device_ptr); }
+Status Runtime::set_module_state(uint32_t index, void* device_ptr, const void* head, size_t head_bytes) {
+  return core_->set_module_state(index, device_ptr, head, head_bytes);
+}
 uint32_t Runtime::service_threads() const { return core_->options().service_threads; }
 Status Runtime::copy_to_device(void* dst, const void* src, size_t bytes) {
   if (core_->failed()) return core_->health();

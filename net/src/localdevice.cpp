@@ -34,6 +34,7 @@ Result<std::shared_ptr<LocalDevice>> enable_localdevice(Runtime& rt, const Local
   const uint64_t ports_bytes = 2ull * local::kPorts * sizeof(uint32_t);
   const uint64_t rings_bytes = uint64_t{options.max_sockets} * options.ring_bytes;
   const uint64_t table_at = 0;
+  const uint64_t cursors_at = 128;  // zeroed with the rest of the allocation
   const uint64_t sockets_at = 256;
   const uint64_t ports_at = sockets_at + (sockets_bytes + 255) / 256 * 256;
   const uint64_t rings_at = ports_at + (ports_bytes + 255) / 256 * 256;
@@ -48,8 +49,9 @@ Result<std::shared_ptr<LocalDevice>> enable_localdevice(Runtime& rt, const Local
   t.sockets = reinterpret_cast<local::Socket*>(base + sockets_at);
   t.ports = reinterpret_cast<uint32_t*>(base + ports_at);
   t.rings = base + rings_at;
+  t.cursors = reinterpret_cast<local::Cursors*>(base + cursors_at);
   Status s = rt.copy_to_device(base + table_at, &t, sizeof t);
-  if (s.ok()) s = rt.set_module_state(local::kModuleIndex, base + table_at);
+  if (s.ok()) s = rt.set_module_state(local::kModuleIndex, base + table_at, &t, sizeof t);
   if (!s.ok()) {
     rt.device_free(base);
     return s;
@@ -82,7 +84,7 @@ Result<LocalDeviceSnapshot> LocalDevice::snapshot() const {
     info.fd = k.fd_state == local::kFdOpen ? local::make_fd(i, info.generation) : -1;
     info.port = k.port;
     info.peer_port = k.peer_port;
-    info.queued = k.tail - k.head;
+    info.queued = k.tail - local::detail::consumed(k.head);
     info.backlog = k.backlog;
     info.bytes_in = k.bytes_in;
     info.bytes_direct = k.bytes_direct;

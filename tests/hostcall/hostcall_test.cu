@@ -63,6 +63,22 @@ struct NullCalls {
   }
 };
 
+// Per thread: a null call, then every byte of module 1's head and both module pointers
+// against what the test set (head byte i = i * 7 + 3). 1 when all is right (the buffer
+// starts zeroed, so a thread that never ran shows).
+struct ContextCheck {
+  GPUSOCK_HD void operator()(int64_t* out, const void* state) const {
+    int64_t bad = gpusock::hostcall::call(hc::op::kNull) != 0 ? 1000 : 0;
+    const auto* head = static_cast<const uint8_t*>(hc::module_head(1));
+    for (uint32_t i = 0; i < hc::kModuleHeadBytes; ++i) bad += head[i] != static_cast<uint8_t>(i * 7 + 3);
+    const auto* none = static_cast<const uint8_t*>(hc::module_head(2));
+    for (uint32_t i = 0; i < hc::kModuleHeadBytes; ++i) bad += none[i] != 0;
+    bad += hc::module_state(1) != state ? 100 : 0;
+    bad += hc::module_state(2) != nullptr ? 100 : 0;
+    out[gpusock::global_thread_id()] = 1 + bad;
+  }
+};
+
 // Each lane sends its own arguments; records result - expected (0 when right).
 struct EchoPerLane {
   GPUSOCK_HD void operator()(int64_t* out) const {
@@ -361,6 +377,28 @@ TEST_P(HostcallTest, NullCallRoundTripAnswersZero) {
   Run({1}, {64}, NullCalls{}, out.data(), 10);
   for (int64_t v : out.to_host()) EXPECT_EQ(v, 0);
   EXPECT_EQ(lanes_for(rt_->stats(), hc::op::kNull), 640u);
+}
+
+// A GPU block copies the context into its shared memory when it starts; blocks of fewer
+// threads than a warp, of more, and of three dimensions each see all of it, module heads
+// included.
+TEST_P(HostcallTest, BlocksOfEveryShapeSeeTheWholeContextAndModuleHeads) {
+  Start();
+  auto state = Buffer<uint8_t>(16);
+  uint8_t head[hc::kModuleHeadBytes];
+  for (uint32_t i = 0; i < sizeof head; ++i) head[i] = static_cast<uint8_t>(i * 7 + 3);
+  EXPECT_EQ(rt_->set_module_state(1, state.data(), head, sizeof head + 1).code(), EINVAL);  // too long
+  ASSERT_TRUE(rt_->set_module_state(1, state.data(), head, sizeof head).ok());
+  EXPECT_EQ(rt_->set_module_state(1, state.data(), head, sizeof head).code(), EEXIST);
+  for (Dim3 block : {Dim3{1}, Dim3{5}, Dim3{31}, Dim3{33}, Dim3{3, 2, 2}, Dim3{64}}) {
+    const uint32_t threads = block.x * block.y * block.z;
+    auto out = Buffer<int64_t>(2 * threads);
+    Run({2}, block, ContextCheck{}, out.data(), static_cast<const void*>(state.data()));
+    const auto got = out.to_host();
+    for (uint32_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i], 1) << "block " << block.x << "x" << block.y << "x" << block.z << ", thread " << i;
+    }
+  }
 }
 
 TEST_P(HostcallTest, AllLanesWithDifferentArgumentsGetTheirOwnResultsInOneSlot) {

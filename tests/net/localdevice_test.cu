@@ -218,6 +218,82 @@ TEST_P(LdTest, PingPongBetweenWarpsOfDifferentBlocks) {
   EXPECT_EQ(HostcallLanes(), 0u);
 }
 
+// ---- small sends of whole words (loaded with the socket's fields) ----------------------
+
+// Lane 0 of warp 1 sends `msgs` messages of the sizes below out of device memory (byte k
+// of message i is i * 37 + k): whole 8-byte words from an aligned address, which a send
+// loads early, mixed with odd sizes and an unaligned source, which it copies as before;
+// the odd sizes leave the ring's position unaligned, and the 16 KiB ring wraps under all
+// of them. Every 16th message it first waits 30 us, so lane 0 of warp 0, receiving each
+// message with recv(MSG_WAITALL) into device memory, waits with its buffer offered and
+// that message goes straight into it. out[0]: sender result, out[1]: wrong bytes, out[2]:
+// receiver result, out[3]: the receiving socket's bytes_direct.
+struct SmallSends {
+  GPUSOCK_HD static uint32_t size_of(int i) {
+    const uint32_t sizes[13] = {8, 16, 24, 32, 40, 48, 56, 64, 5, 64, 13, 64, 8};
+    return sizes[i % 13];
+  }
+  GPUSOCK_HD void operator()(int msgs, uint8_t* sbuf, uint8_t* rbuf, int64_t* out) const {
+    if (warp::lane_id() != 0) return;
+    if (gpusock::global_warp_id() == 1) {
+      const int c = ld_connect(61);
+      int64_t r = c < 0 ? c : 0;
+      for (int i = 0; i < msgs && r == 0; ++i) {
+        const uint32_t n = size_of(i);
+        uint8_t* src = sbuf + (i % 7 == 3 ? 1 : 0);
+        for (uint32_t k = 0; k < n; ++k) src[k] = static_cast<uint8_t>(i * 37 + k);
+        if (i % 16 == 15) {
+          const uint64_t t0 = gpusock::globaltimer_ns();
+          while (gpusock::globaltimer_ns() - t0 < 30000) gpusock::spin_pause(64);
+        }
+        const int64_t sent = raw::send(c, src, n, 0);
+        if (sent != n) r = 1000000 + i * 10 + (sent < 0 ? 1 : 2);
+      }
+      if (c >= 0) raw::close(c);
+      out[0] = r;
+      return;
+    }
+    const int l = ld_listen(61, 4);
+    const int c = l < 0 ? l : raw::accept(l, nullptr, nullptr);
+    int64_t r = c < 0 ? c : 0, wrong = 0;
+    for (int i = 0; i < msgs && r == 0; ++i) {
+      const uint32_t n = size_of(i);
+      const int64_t got = raw::recv(c, rbuf, n, MSG_WAITALL);
+      if (got != n) {
+        r = 1000000 + i;
+        break;
+      }
+      for (uint32_t k = 0; k < n; ++k) wrong += rbuf[k] != static_cast<uint8_t>(i * 37 + k);
+    }
+    if (r == 0 && raw::recv(c, rbuf, 1, 0) != 0) r = 2;  // then end of stream
+    if (c >= 0) {
+      namespace ld = gpusock::net::local;
+      ld::Socket* me = ld::detail::slot_of(ld::detail::table(), c);
+      out[3] = me != nullptr ? static_cast<int64_t>(ld::detail::A64(me->bytes_direct).load(gpusock::Order::kRelaxed)) : -1;
+      raw::close(c);
+    }
+    if (l >= 0) raw::close(l);
+    out[1] = wrong;
+    out[2] = r;
+  }
+};
+
+TEST_P(LdTest, SmallSendsOfWholeWordsArriveIntactThroughTheRingAndStraight) {
+  Start();  // 16 KiB rings
+  constexpr int kMsgs = 4000;
+  auto sbuf = Buffer<uint8_t>(128);
+  auto rbuf = Buffer<uint8_t>(128);
+  auto out = Buffer<int64_t>(4);
+  auto k = Launch({2}, {32}, SmallSends{}, kMsgs, sbuf.data(), rbuf.data(), out.data());
+  Finish(k);
+  auto o = out.to_host();
+  EXPECT_EQ(o[0], 0) << "sender";
+  EXPECT_EQ(o[1], 0) << "wrong bytes";
+  EXPECT_EQ(o[2], 0) << "receiver";
+  EXPECT_GT(o[3], 0) << "no message went straight into the waiting receiver's buffer";
+  EXPECT_EQ(HostcallLanes(), 0u);
+}
+
 // ---- one listener, many client warps ---------------------------------------------------
 
 // Warp 0's lanes serve localdevice:7 together until `clients` connections are answered;
@@ -465,16 +541,16 @@ struct HandedStraight {
         return;
       }
       if (lane == 0) {  // wait for the reader's offer (the test's reason to exist)
-        ld::Table* t = ld::detail::table();
+        const ld::Table* t = ld::detail::table();
         ld::Socket* me = &t->sockets[ld::fd_index(c)];
         ld::Socket* peer = &t->sockets[ld::detail::get(me->peer)];
         const uint64_t t0 = gpusock::globaltimer_ns();
         int64_t waited = 0;
-        while ((ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & 3) != ld::kPosted) {
+        while ((ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & ld::kPostState) != ld::kPosted) {
           waited = static_cast<int64_t>(gpusock::globaltimer_ns() - t0);
           if (waited > 10'000'000'000) break;
         }
-        out[4] = (ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & 3) == ld::kPosted ? 0 : waited;
+        out[4] = (ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & ld::kPostState) == ld::kPosted ? 0 : waited;
       }
       warp::sync(all);
       constexpr uint32_t kSizes[] = {40000, 1, 7, 4096, 100, 20000, 65536, 333, 131072, 12};

@@ -24,14 +24,14 @@ namespace gpusock::hostcall {
 
 #if GPUSOCK_IS_GPU || defined(__CUDACC__)
 // Each translation unit compiled by nvcc has its own copy; launch() (instantiated in
-// that unit) stores the runtime's context here before the kernel body runs.
-static __shared__ const DeviceContext* gpusock_kernel_context;
+// that unit) copies the runtime's context here before the kernel body runs.
+static __shared__ DeviceContext gpusock_kernel_context;
 #endif
 
-// The runtime this kernel was launched on.
+// The runtime this kernel was launched on (GPU: the block's copy in shared memory).
 GPUSOCK_HD inline const DeviceContext* context() {
 #if GPUSOCK_IS_GPU
-  return gpusock_kernel_context;
+  return &gpusock_kernel_context;
 #else
   return gpusock::internal::current_lane()->ctx;
 #endif
@@ -39,6 +39,8 @@ GPUSOCK_HD inline const DeviceContext* context() {
 
 // A module's device state (Runtime::set_module_state), or null.
 GPUSOCK_HD inline void* module_state(uint32_t index) { return context()->modules[index]; }
+// The head given with that state: kModuleHeadBytes, zero where none was given.
+GPUSOCK_HD inline const void* module_head(uint32_t index) { return context()->module_heads[index]; }
 
 // Per-thread errno of the POSIX-shaped layers. Lanes never share it: on a GPU it lives
 // in a device array indexed by the hardware thread slot (SM, warp slot, lane), which no

@@ -67,8 +67,16 @@ namespace internal {
 template <typename Kernel, typename... Args>
 __global__ void gpusock_entry(const hostcall::DeviceContext* ctx, CudaLaunchIds ids, Kernel kernel, Args... args) {
   __shared__ bool skip;
-  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
-    hostcall::gpusock_kernel_context = ctx;
+  // The block's copy of the context, 16 bytes a thread by the first warp's threads (all of
+  // the block's when it has fewer).
+  static_assert(sizeof(hostcall::DeviceContext) % 16 == 0 && alignof(hostcall::DeviceContext) >= 16);
+  const uint32_t t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const uint32_t threads = blockDim.x * blockDim.y * blockDim.z, copiers = threads < 32 ? threads : 32;
+  constexpr uint32_t kWords = sizeof(hostcall::DeviceContext) / 16;
+  for (uint32_t i = t; t < copiers && i < kWords; i += copiers) {
+    reinterpret_cast<uint4*>(&hostcall::gpusock_kernel_context)[i] = reinterpret_cast<const uint4*>(ctx)[i];
+  }
+  if (t == 0) {
     gpusock_launch_id = ids.id;
     gpusock_launch_abort = ids.abort;
     gpusock_launch_cause = ids.cause;

@@ -190,11 +190,16 @@ struct DeviceState {
 inline constexpr uint32_t kLaunchIds = 1024;
 inline constexpr uint32_t kLaunchCauseWords = 8;
 
-// Module state pointers a DeviceContext carries (see DeviceContext::modules).
+// Module state pointers a DeviceContext carries (see DeviceContext::modules), and the
+// bytes of each module's head (DeviceContext::module_heads).
 inline constexpr uint32_t kModuleStates = 4;
+inline constexpr uint32_t kModuleHeadBytes = 64;
 
 // Everything device code needs to reach the runtime, in device-visible memory. Kernels
-// find it through gpusock::hostcall::context(); launch() puts it there.
+// find it through gpusock::hostcall::context(). On a GPU launch() copies it into each
+// block's shared memory when the block starts, so reading it costs no trip to L2 (an
+// acquire anywhere in the kernel empties the SM's L1, so a device-memory copy would be
+// fetched from L2 again and again); it does not change while kernels run.
 struct DeviceContext {
   Slot* slots;                      // mapped host memory, device pointer
   uint64_t* ring;                   // mapped host memory, device pointer
@@ -213,6 +218,10 @@ struct DeviceContext {
   // localdevice family uses index 0). Set by Runtime::set_module_state before kernels use
   // it; null when the module is not enabled.
   void* modules[kModuleStates];
+  // Per module, up to kModuleHeadBytes that never change while kernels run (sizes,
+  // pointers), given to Runtime::set_module_state: read from the block's copy of this
+  // context, where the module state itself is a trip to L2 (hostcall::module_head()).
+  alignas(16) uint8_t module_heads[kModuleStates][kModuleHeadBytes];
   // How long a submission waits for a free slot before it fails with -EBUSY
   // (RuntimeOptions::slot_wait); 0 waits until shutdown.
   uint64_t slot_wait_ns;

@@ -238,9 +238,12 @@ class Runtime {
   // The same for device_alloc() memory.
   void device_free_at_exit(void* device);
   // Publishes a module's device state to kernels as DeviceContext::modules[index]
-  // (hostcall::module_state(index) on the device). Set it before launching kernels that
-  // use it. Returns ok, or EINVAL (index out of range, null), EEXIST (already set).
-  Status set_module_state(uint32_t index, void* device_ptr);
+  // (hostcall::module_state(index) on the device), with up to kModuleHeadBytes of `head`
+  // (hostcall::module_head(index)): what a module's hot paths read and never change, which
+  // a GPU kernel then reads from its block's shared copy of the context. Set it before
+  // launching kernels that use it: a GPU block copies the context when it starts. Returns
+  // ok, or EINVAL (index out of range, null, head too long), EEXIST (already set).
+  Status set_module_state(uint32_t index, void* device_ptr, const void* head = nullptr, size_t head_bytes = 0);
   uint32_t service_threads() const;
 
   // Region facts, for modules built on hostcall (net/ registers the staging arena with

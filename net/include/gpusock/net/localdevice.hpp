@@ -181,12 +181,15 @@ struct alignas(128) Socket {
   uint32_t peer_gen;      // stream: the peer's generation
   uint32_t backlog;       // listener: most queued connections
   uint32_t producer_lock;
-  uint32_t consumer_lock;
+  uint32_t reserved;
   uint32_t eof;           // the peer sends no more (its close or SHUT_WR)
   uint32_t reset;         // the connection was reset (its listener closed before accept)
   uint32_t shut;          // Shut bits of this side
   uint32_t options;       // bit per settable option (SO_REUSEADDR, ...), for getsockopt
-  uint64_t head;          // bytes (listener: entries) the owner consumed
+  // Bytes (listener: entries) the owner consumed, << 1, and in bit 0 the consumer lock
+  // (kHeadHeld): one word, so a recv lets go and publishes what it read with one release
+  // (section 13.3). Read it through consumed().
+  uint64_t head;
   uint64_t tail;          // bytes (entries) writers committed
   uint64_t bytes_in;      // bytes this socket received (consumed)
   uint64_t bytes_out;     // bytes this socket sent
@@ -200,18 +203,27 @@ struct alignas(128) Socket {
 };
 static_assert(sizeof(Socket) == 128, "a socket is one 128-byte line");
 
-// The family's state in device memory; net::enable_localdevice() builds it.
+// What allocation and ephemeral ports move on (the table's only fields that change).
+struct Cursors {
+  uint32_t alloc;      // where the next allocation starts looking
+  uint32_t ephemeral;  // the next ephemeral port to try
+};
+
+// The family's state in device memory; net::enable_localdevice() builds it. The table
+// never changes while kernels run: it is also module 0's head (hostcall::module_head),
+// which a GPU block reads from its shared copy of the context, so finding a socket costs
+// no trip to L2 (section 13.2).
 struct Table {
   uint32_t magic;
   uint32_t max_sockets;
   uint32_t ring_bytes;    // per socket, a power of two
-  uint32_t alloc_cursor;  // where the next allocation starts looking
-  uint32_t ephemeral_cursor;
   uint32_t hand_off;      // LocalDeviceOptions::hand_off: a waiting recv offers its buffer
   Socket* sockets;
   uint8_t* rings;         // max_sockets * ring_bytes
   uint32_t* ports;        // [2][kPorts]: stream, datagram; socket index + 1, 0 = free
+  Cursors* cursors;       // in the table's block of device memory
 };
+static_assert(sizeof(Table) <= hostcall::kModuleHeadBytes, "the table is a module head");
 
 GPUSOCK_HD constexpr bool is_local_fd(int fd) { return fd >= kFdBase; }
 GPUSOCK_HD constexpr int make_fd(uint32_t index, uint32_t gen) {
@@ -226,9 +238,9 @@ namespace detail {
 using A32 = AtomicRef<uint32_t, Scope::kDevice>;
 using A64 = AtomicRef<uint64_t, Scope::kDevice>;
 
-GPUSOCK_HD inline Table* table() {
-  auto* t = static_cast<Table*>(hostcall::module_state(kModuleIndex));
-  return (t != nullptr && t->magic == kTableMagic) ? t : nullptr;
+GPUSOCK_HD inline const Table* table() {
+  const auto* t = static_cast<const Table*>(hostcall::module_head(kModuleIndex));
+  return t->magic == kTableMagic ? t : nullptr;
 }
 GPUSOCK_HD inline uint32_t index_of(const Table* t, const Socket* s) { return static_cast<uint32_t>(s - t->sockets); }
 GPUSOCK_HD inline uint8_t* ring(const Table* t, uint32_t index) { return t->rings + uint64_t{index} * t->ring_bytes; }
@@ -257,7 +269,7 @@ GPUSOCK_HD inline uint32_t copy_group() {
 
 // Takes a reference on socket `index` if it is alive and (unless any_gen) of generation
 // `gen` (low kGenMask bits when `fd_bits`). Returns it, or nullptr.
-GPUSOCK_HD inline Socket* pin(Table* t, uint32_t index, uint32_t gen, bool any_gen, bool fd_bits) {
+GPUSOCK_HD inline Socket* pin(const Table* t, uint32_t index, uint32_t gen, bool any_gen, bool fd_bits) {
   if (index >= t->max_sockets) return nullptr;
   Socket* s = &t->sockets[index];
   A64 life(s->life);
@@ -272,10 +284,10 @@ GPUSOCK_HD inline Socket* pin(Table* t, uint32_t index, uint32_t gen, bool any_g
 }
 GPUSOCK_HD inline uint32_t generation(Socket* s) { return static_cast<uint32_t>(A64(s->life).load(Order::kAcquire) >> 32); }
 
-GPUSOCK_HD inline void unpin(Table* t, Socket* s);
+GPUSOCK_HD inline void unpin(const Table* t, Socket* s);
 
 // The descriptor's socket, pinned, or nullptr (EBADF): wrong range, stale, or closed.
-GPUSOCK_HD inline Socket* pin_fd(Table* t, int fd) {
+GPUSOCK_HD inline Socket* pin_fd(const Table* t, int fd) {
   if (t == nullptr || !is_local_fd(fd)) return nullptr;
   Socket* s = pin(t, fd_index(fd), fd_gen(fd), false, true);
   if (s != nullptr && ld32(s->fd_state) != kFdOpen) {
@@ -295,15 +307,36 @@ GPUSOCK_HD inline void lock(uint32_t& l) {
 }
 GPUSOCK_HD inline void unlock(uint32_t& l) { A32(l).store(0, Order::kRelease); }
 
+// The consumer side's lock is bit 0 of the head word (Socket::head).
+inline constexpr uint64_t kHeadHeld = 1;
+GPUSOCK_HD constexpr uint64_t consumed(uint64_t head_word) { return head_word >> 1; }
+GPUSOCK_HD inline uint64_t load_head(Socket* s, Order o) { return consumed(A64(s->head).load(o)); }
+// Takes s's consumer lock; returns what the owner has consumed (the head), which only a
+// holder changes.
+GPUSOCK_HD inline uint64_t lock_consumer(Socket* s) {
+  A64 h(s->head);
+  for (uint32_t i = 0;; ++i) {
+    const uint64_t w = h.fetch_or(kHeadHeld, Order::kAcquire);  // uncontended: one atomic
+    if ((w & kHeadHeld) == 0) return consumed(w);
+    spin_pause(i);
+  }
+}
+// Publishes `head` (release: the ring's bytes before it were read) and lets go.
+GPUSOCK_HD inline void unlock_consumer(Socket* s, uint64_t head) { A64(s->head).store(head << 1, Order::kRelease); }
+// Publishes `head` and keeps the lock (a recv that waits for more).
+GPUSOCK_HD inline void publish_head(Socket* s, uint64_t head) {
+  A64(s->head).store(head << 1 | kHeadHeld, Order::kRelease);
+}
+
 // Frees a socket whose last reference went: its port goes back, its generation moves on
 // at the next allocation, and it is free for socket() again.
-GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
+GPUSOCK_HD inline void free_slot(const Table* t, Socket* s) {
   const uint32_t index = index_of(t, s);
   // send and recv lock instead of pinning (one atomic instead of two): a writer holding the
   // producer lock, or a reader holding the consumer lock, relies on the slot staying this
   // socket until it lets go. Wait for both.
   lock(s->producer_lock);
-  lock(s->consumer_lock);
+  lock_consumer(s);
   if (detail::get(s->owns_port) != 0) {
     uint32_t expect = index + 1;
     A32(*port_slot(t, detail::get(s->type), detail::get(s->port))).compare_exchange(expect, 0, Order::kAcqRel);
@@ -321,7 +354,6 @@ GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
   A32(s->eof).store(0, Order::kRelaxed);
   A32(s->reset).store(0, Order::kRelaxed);
   A32(s->shut).store(0, Order::kRelaxed);
-  A64(s->head).store(0, Order::kRelaxed);
   A64(s->tail).store(0, Order::kRelaxed);
   A64(s->bytes_in).store(0, Order::kRelaxed);
   A64(s->bytes_out).store(0, Order::kRelaxed);
@@ -329,21 +361,21 @@ GPUSOCK_HD inline void free_slot(Table* t, Socket* s) {
   // A recv leaves its offer kPostNone; only a recv that gave up on a claimed offer at
   // shutdown (unpost) can leave a late kFilled behind.
   A32(s->post).store(kPostNone, Order::kRelaxed);
-  unlock(s->consumer_lock);
+  unlock_consumer(s, 0);
   unlock(s->producer_lock);
   A32(s->state).store(kFree, Order::kRelease);
 }
 
-GPUSOCK_HD inline void unpin(Table* t, Socket* s) {
+GPUSOCK_HD inline void unpin(const Table* t, Socket* s) {
   const uint64_t w = A64(s->life).fetch_sub(1, Order::kAcqRel);
   if (static_cast<uint32_t>(w) == 1) free_slot(t, s);
 }
 
 // A free socket with one reference (its descriptor's, or a pending connection's), or
 // nullptr when all max_sockets are in use.
-GPUSOCK_HD inline Socket* alloc(Table* t, uint32_t type) {
+GPUSOCK_HD inline Socket* alloc(const Table* t, uint32_t type) {
   const uint32_t n = t->max_sockets;
-  const uint32_t start = A32(t->alloc_cursor).fetch_add(1, Order::kRelaxed);
+  const uint32_t start = A32(t->cursors->alloc).fetch_add(1, Order::kRelaxed);
   for (uint32_t k = 0; k < n; ++k) {
     Socket* s = &t->sockets[(start + k) % n];
     if (A32(s->state).load(Order::kAcquire) != kFree) continue;
@@ -361,7 +393,7 @@ GPUSOCK_HD inline Socket* alloc(Table* t, uint32_t type) {
 
 // Claims `port` (0: an ephemeral one) of s's type for s. Returns 0, -EADDRINUSE, or
 // -EADDRNOTAVAIL (no ephemeral port left).
-GPUSOCK_HD inline int claim_port(Table* t, Socket* s, uint32_t port) {
+GPUSOCK_HD inline int claim_port(const Table* t, Socket* s, uint32_t port) {
   const uint32_t me = index_of(t, s) + 1;
   if (port != 0) {
     uint32_t expect = 0;
@@ -372,7 +404,7 @@ GPUSOCK_HD inline int claim_port(Table* t, Socket* s, uint32_t port) {
   }
   constexpr uint32_t range = kPorts - kEphemeralFirst;
   for (uint32_t k = 0; k < range; ++k) {
-    const uint32_t p = kEphemeralFirst + A32(t->ephemeral_cursor).fetch_add(1, Order::kRelaxed) % range;
+    const uint32_t p = kEphemeralFirst + A32(t->cursors->ephemeral).fetch_add(1, Order::kRelaxed) % range;
     uint32_t expect = 0;
     if (A32(*port_slot(t, detail::get(s->type), p)).compare_exchange(expect, me, Order::kAcqRel)) {
       detail::put(s->port, p);
@@ -384,7 +416,7 @@ GPUSOCK_HD inline int claim_port(Table* t, Socket* s, uint32_t port) {
 }
 
 // The socket bound to (type, port), pinned, or nullptr.
-GPUSOCK_HD inline Socket* pin_port(Table* t, uint32_t type, uint32_t port) {
+GPUSOCK_HD inline Socket* pin_port(const Table* t, uint32_t type, uint32_t port) {
   const uint32_t v = A32(*port_slot(t, type, port)).load(Order::kAcquire);
   if (v == 0) return nullptr;
   Socket* s = pin(t, v - 1, 0, true, false);
@@ -432,19 +464,19 @@ GPUSOCK_HD inline bool names(Socket* s, int fd) {
 }
 
 // The slot descriptor fd points at (nullptr when fd cannot name one), not yet validated.
-GPUSOCK_HD inline Socket* slot_of(Table* t, int fd) {
+GPUSOCK_HD inline Socket* slot_of(const Table* t, int fd) {
   if (t == nullptr || !is_local_fd(fd) || fd_index(fd) >= t->max_sockets) return nullptr;
   return &t->sockets[fd_index(fd)];
 }
 
 // The descriptor's socket with its consumer lock held (free_slot takes that lock, so the
-// slot stays this socket while it is held), or nullptr (EBADF).
-GPUSOCK_HD inline Socket* lock_own(Table* t, int fd) {
+// slot stays this socket while it is held) and its head in *head, or nullptr (EBADF).
+GPUSOCK_HD inline Socket* lock_own(const Table* t, int fd, uint64_t* head) {
   Socket* s = slot_of(t, fd);
   if (s == nullptr) return nullptr;
-  lock(s->consumer_lock);
+  *head = lock_consumer(s);
   if (!names(s, fd)) {
-    unlock(s->consumer_lock);
+    unlock_consumer(s, *head);
     return nullptr;
   }
   return s;
@@ -452,7 +484,7 @@ GPUSOCK_HD inline Socket* lock_own(Table* t, int fd) {
 
 // The descriptor's socket, unpinned, for a send to validate again once it holds its peer's
 // lock; nullptr (EBADF) when it does not name one now.
-GPUSOCK_HD inline Socket* peek_fd(Table* t, int fd) {
+GPUSOCK_HD inline Socket* peek_fd(const Table* t, int fd) {
   Socket* s = slot_of(t, fd);
   return s != nullptr && names(s, fd) ? s : nullptr;
 }
@@ -496,10 +528,45 @@ GPUSOCK_HD inline void ring_read(uint8_t* dst, const uint8_t* r, uint32_t cap, u
   hostcall::internal::group_copy(mask, dst + first, r, n - first, true);
 }
 
+// ---- a small send's bytes, loaded early ----
+// A stream send of at most kEarlyBytes, whole 8-byte words from an 8-byte aligned buffer,
+// loads them in the round of its socket's fields instead of after its peer's lock: on a
+// GPU the lock's acquire empties the SM's L1, so loading the caller's buffer after it is
+// one more trip to L2 (section 13.10).
+inline constexpr uint32_t kEarlyBytes = 64;
+struct Early {
+  uint64_t w[kEarlyBytes / 8];
+  uint32_t n = 0;  // bytes held: 0 (none) or the whole send
+};
+GPUSOCK_HD inline void load_early(Early* e, const uint8_t* src, uint64_t len) {
+  if (len == 0 || len > kEarlyBytes || ((reinterpret_cast<uintptr_t>(src) | len) & 7) != 0) return;
+  const auto* p = reinterpret_cast<const uint64_t*>(src);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (uint32_t i = 0; i < kEarlyBytes / 8; ++i) {
+    if (i * 8 < len) e->w[i] = p[i];
+  }
+  e->n = static_cast<uint32_t>(len);
+}
+// Stores e's bytes at dst, if they are the n bytes to go there and dst takes 8-byte words;
+// false: the caller copies from the buffer instead.
+GPUSOCK_HD inline bool store_early(const Early* e, uint8_t* dst, uint32_t n) {
+  if (e == nullptr || e->n == 0 || e->n != n || (reinterpret_cast<uintptr_t>(dst) & 7) != 0) return false;
+  auto* q = reinterpret_cast<uint64_t*>(dst);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (uint32_t i = 0; i < kEarlyBytes / 8; ++i) {
+    if (i * 8 < n) q[i] = e->w[i];
+  }
+  return true;
+}
+
 // Locks the producer side of s's stream peer and checks it is still that peer (the slot
 // cannot be freed or reused while the lock is held: free_slot takes it). Returns the
 // peer, locked, or nullptr (the peer is gone).
-GPUSOCK_HD inline Socket* lock_peer(Table* t, uint32_t index, uint32_t gen) {
+GPUSOCK_HD inline Socket* lock_peer(const Table* t, uint32_t index, uint32_t gen) {
   if (index >= t->max_sockets) return nullptr;
   Socket* p = &t->sockets[index];
   lock(p->producer_lock);
@@ -573,12 +640,13 @@ GPUSOCK_HD inline uint32_t claim(Socket* p, uint32_t word, uint8_t** dst) {
 GPUSOCK_HD inline void fill(Socket* p, uint32_t n) { A32(p->post).store(kFilled | n << kPostBits, Order::kRelease); }
 // A scalar sender's whole hand-off (claim, copy, fill): the bytes it put straight into
 // the reader's buffer, 0 if the reader withdrew.
-GPUSOCK_HD inline uint32_t send_straight(Socket* p, uint32_t word, const uint8_t* src, uint64_t left) {
+GPUSOCK_HD inline uint32_t send_straight(Socket* p, uint32_t word, const uint8_t* src, uint64_t left,
+                                         const Early* early = nullptr) {
   uint8_t* dst = nullptr;
   uint32_t take = claim(p, word, &dst);
   if (take == 0) return 0;
   if (take > left) take = static_cast<uint32_t>(left);
-  hostcall::internal::group_copy(copy_group(), dst, src, take, false);
+  if (!store_early(early, dst, take)) hostcall::internal::group_copy(copy_group(), dst, src, take, false);
   fill(p, take);
   return take;
 }
@@ -635,10 +703,19 @@ GPUSOCK_HD inline uint32_t offer_progress(Socket* p, uint32_t word, bool ring_em
   *empty_since = 0;
   return n;
 }
-// Receiver, consumer lock held, ring empty, `word` (a load of s->post) kOffered: takes
-// the sender's offer. Returns how many bytes it holds (0: withdrawn) and where in *src.
-GPUSOCK_HD inline uint32_t take_offer(Socket* s, uint32_t word, const uint8_t** src) {
+// Receiver, consumer lock held, having seen its ring empty at `head`, `word` (a load of
+// s->post) kOffered: takes the sender's offer. Returns how many bytes it holds (0: none to
+// take) and where in *src.
+GPUSOCK_HD inline uint32_t take_offer(Socket* s, uint32_t word, uint64_t head, const uint8_t** src) {
   if (word != kOffered || !A32(s->post).compare_exchange(word, kTaking, Order::kAcquire)) return 0;
+  // The ring may have filled since this reader saw it empty, under an offer that is not
+  // the one it saw: that sender took it back after kOfferPatienceNs and wrote the rest into
+  // the ring, and a later send filled the ring and offered anew. Those bytes come first:
+  // put the offer back (the acquire above sees every byte put in before it was made).
+  if (A64(s->tail).load(Order::kAcquire) != head) {
+    A32(s->post).store(kOffered, Order::kRelease);
+    return 0;
+  }
   *src = reinterpret_cast<const uint8_t*>(A64(s->post_buf).load(Order::kRelaxed));
   return A32(s->post_len).load(Order::kRelaxed);
 }
@@ -652,10 +729,10 @@ GPUSOCK_HD inline void took(Socket* s, uint32_t n) {
 GPUSOCK_HD inline void keep_offer(Socket* s) { A32(s->post).store(kOffered, Order::kRelease); }
 // A scalar recv's whole take (take, copy unless MSG_TRUNC, say; a peek puts the offer
 // back): the bytes it took, at most room, 0 if there was no offer to take.
-GPUSOCK_HD inline uint32_t recv_straight(Socket* s, uint8_t* dst, uint64_t room, bool copy, bool peek) {
+GPUSOCK_HD inline uint32_t recv_straight(Socket* s, uint64_t head, uint8_t* dst, uint64_t room, bool copy, bool peek) {
   const uint32_t w = A32(s->post).load(Order::kRelaxed);
   const uint8_t* src = nullptr;
-  uint32_t n = take_offer(s, w, &src);
+  uint32_t n = take_offer(s, w, head, &src);
   if (n == 0) return 0;
   if (n > room) n = static_cast<uint32_t>(room);
   if (copy) hostcall::internal::group_copy(copy_group(), dst, src, n, true);
@@ -668,7 +745,7 @@ GPUSOCK_HD inline uint32_t recv_straight(Socket* s, uint8_t* dst, uint64_t room,
 }
 
 // Tells the stream peer of s that no more bytes come (close or SHUT_WR).
-GPUSOCK_HD inline void signal_eof(Table* t, Socket* s) {
+GPUSOCK_HD inline void signal_eof(const Table* t, Socket* s) {
   if (A32(s->state).load(Order::kAcquire) != kConnected) return;
   Socket* p = pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
   if (p == nullptr) return;
@@ -683,8 +760,8 @@ GPUSOCK_HD inline bool nonblocking(Socket* s, int flags) {
 
 // Stream send into the ring of s's peer (index, generation gen), under the peer's producer
 // lock (free_slot takes it too, so the slot stays that socket while it is held).
-GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t index, uint32_t gen, const uint8_t* buf,
-                                      uint64_t len, bool nb) {
+GPUSOCK_HD inline int64_t stream_send(const Table* t, Socket* s, int fd, uint32_t index, uint32_t gen, const uint8_t* buf,
+                                      uint64_t len, bool nb, const Early* early = nullptr) {
   if (index >= t->max_sockets) return -EPIPE;
   Socket* p = &t->sockets[index];
   const uint32_t cap = t->ring_bytes;
@@ -703,7 +780,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
   uint64_t empty_since = 0;
   for (uint32_t i = 0;; ++i) {
     const uint32_t fds = get(p->fd_state), shut = get(p->shut), offer = get(p->post);
-    const uint64_t head = A64(p->head).load(Order::kAcquire);
+    const uint64_t head = load_head(p, Order::kAcquire);
     if (i == 0 && !alive_as(life, gen)) {
       err = -EPIPE;  // the peer is gone (its slot freed, perhaps reused)
       break;
@@ -728,7 +805,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
     }
     if (offer == kPosted && tail == head && len > done) {
       // The reader waits on an empty ring: straight into its buffer.
-      if (const uint32_t take = send_straight(p, offer, buf + done, len - done); take > 0) {
+      if (const uint32_t take = send_straight(p, offer, buf + done, len - done, done == 0 ? early : nullptr); take > 0) {
         done += take;
         i = 0;
         if (done == len) break;
@@ -740,7 +817,8 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
     const uint32_t n = static_cast<uint32_t>(left < room ? left : room);
     if (n > 0) {
       i = 0;
-      ring_write(r, cap, tail, buf + done, n);
+      const uint32_t at = static_cast<uint32_t>(tail & (cap - 1));
+      if (done != 0 || at + n > cap || !store_early(early, r + at, n)) ring_write(r, cap, tail, buf + done, n);
       tail += n;
       A64(p->tail).store(tail, Order::kRelease);
       done += n;
@@ -768,7 +846,7 @@ GPUSOCK_HD inline int64_t stream_send(Table* t, Socket* s, int fd, uint32_t inde
 }
 
 // One datagram into d's ring (all of it or nothing).
-GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, int fd, Socket* d, const uint8_t* buf, uint64_t len, bool nb) {
+GPUSOCK_HD inline int64_t dgram_send(const Table* t, Socket* s, int fd, Socket* d, const uint8_t* buf, uint64_t len, bool nb) {
   const uint32_t cap = t->ring_bytes;
   if (len > cap - kDgramHeader) return -EMSGSIZE;
   const uint64_t need = kDgramHeader + round8(len);
@@ -781,7 +859,7 @@ GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, int fd, Socket* d, con
       err = -ECONNREFUSED;
       break;
     }
-    if (cap - (tail - A64(d->head).load(Order::kAcquire)) >= need) break;
+    if (cap - (tail - load_head(d, Order::kAcquire)) >= need) break;
     if (nb) {
       err = -EAGAIN;
       break;
@@ -805,7 +883,7 @@ GPUSOCK_HD inline int64_t dgram_send(Table* t, Socket* s, int fd, Socket* d, con
 // ---- the calls (raw convention: -errno) ---------------------------------------------------
 
 GPUSOCK_HD inline int socket(int type_flags) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   if (t == nullptr) return -EAFNOSUPPORT;
   const int type = type_flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
   if (type != SOCK_STREAM && type != SOCK_DGRAM) return -EPROTONOSUPPORT;
@@ -817,7 +895,7 @@ GPUSOCK_HD inline int socket(int type_flags) {
 }
 
 GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   uint32_t port = 0;
@@ -828,7 +906,7 @@ GPUSOCK_HD inline int bind(int fd, const sockaddr* addr, socklen_t len) {
 }
 
 GPUSOCK_HD inline int listen(int fd, int backlog) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   int r = 0;
@@ -853,7 +931,7 @@ GPUSOCK_HD inline int listen(int fd, int backlog) {
 // queue makes a blocking connect wait and a non-blocking one answer -EAGAIN (as Unix
 // sockets do). -ECONNREFUSED when nothing listens on the port.
 GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* c = detail::pin_fd(t, fd);
   if (c == nullptr) return -EBADF;
   uint32_t port = 0;
@@ -905,7 +983,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
       }
       const uint64_t tail = detail::A64(l->tail).load(Order::kRelaxed);
       const uint32_t room = detail::A32(l->backlog).load(Order::kRelaxed);
-      if (tail - detail::A64(l->head).load(Order::kAcquire) < (room < cap ? room : cap)) {
+      if (tail - detail::load_head(l, Order::kAcquire) < (room < cap ? room : cap)) {
         // Entry = the server socket: index in the low word, generation in the high.
         detail::A64(q[tail & (cap - 1)]).store((uint64_t{detail::generation(s)} << 32) | detail::index_of(t, s), Order::kRelaxed);
         detail::A64(l->tail).store(tail + 1, Order::kRelease);
@@ -935,7 +1013,7 @@ GPUSOCK_HD inline int connect(int fd, const sockaddr* addr, socklen_t len) {
 }
 
 GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* l = detail::pin_fd(t, fd);
   if (l == nullptr) return -EBADF;
   if (detail::ld32(l->state) != kListening) {
@@ -948,15 +1026,11 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
   int r = 0;
   uint64_t e = 0;
   for (uint32_t i = 0;; ++i) {
-    if (detail::A64(l->tail).load(Order::kAcquire) != detail::A64(l->head).load(Order::kRelaxed)) {
-      detail::lock(l->consumer_lock);
-      const uint64_t head = detail::A64(l->head).load(Order::kRelaxed);
+    if (detail::A64(l->tail).load(Order::kAcquire) != detail::load_head(l, Order::kRelaxed)) {
+      const uint64_t head = detail::lock_consumer(l);
       const bool got = detail::A64(l->tail).load(Order::kAcquire) != head;
-      if (got) {
-        e = detail::A64(q[head & (cap - 1)]).load(Order::kRelaxed);
-        detail::A64(l->head).store(head + 1, Order::kRelease);
-      }
-      detail::unlock(l->consumer_lock);
+      if (got) e = detail::A64(q[head & (cap - 1)]).load(Order::kRelaxed);
+      detail::unlock_consumer(l, got ? head + 1 : head);
       if (got) break;
     }
     if (nb) {
@@ -978,13 +1052,15 @@ GPUSOCK_HD inline int accept4(int fd, sockaddr* addr, socklen_t* len, int flags)
 
 GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flags, const sockaddr* dest, socklen_t dest_len) {
   if (len > 0 && buf == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   const auto* p = static_cast<const uint8_t*>(buf);
   // Streams, the hot path: no pin. The peer's producer lock keeps the peer's slot, and
   // the check after it that fd still names s keeps the call honest about s.
   Socket* s = detail::slot_of(t, fd);
   if (s == nullptr) return -EBADF;
-  // Every field the call needs, in one round of loads.
+  // Every field the call needs, and a small send's bytes, in one round of loads.
+  detail::Early early;
+  detail::load_early(&early, p, len);
   const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
   const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
   const uint32_t shut = detail::get(s->shut), nbk = detail::get(s->nonblock);
@@ -995,7 +1071,7 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
     if (dest != nullptr && st != kConnected) return -EOPNOTSUPP;  // no connect-on-send for streams
     if ((shut & kShutWr) != 0) return -EPIPE;
     if (st != kConnected) return -ENOTCONN;
-    return detail::stream_send(t, s, fd, peer_index, peer_gen, p, len, detail::nonblocking(flags, nbk));
+    return detail::stream_send(t, s, fd, peer_index, peer_gen, p, len, detail::nonblocking(flags, nbk), &early);
   }
   s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
@@ -1023,21 +1099,21 @@ GPUSOCK_HD inline int64_t sendto(int fd, const void* buf, uint64_t len, int flag
 // bytes; datagrams: return the datagram's full length).
 GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, sockaddr* src, socklen_t* src_len) {
   if (len > 0 && buf == nullptr && (flags & MSG_TRUNC) == 0) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::slot_of(t, fd);
   if (s == nullptr) return -EBADF;
-  detail::lock(s->consumer_lock);  // free_slot takes it too: the slot stays s while held
+  // The consumer lock (free_slot takes it too: the slot stays s while held) and the head.
+  uint64_t head = detail::lock_consumer(s);
   // Every field the call needs, in one round of loads.
   const uint64_t life = detail::A64(s->life).load(Order::kRelaxed);
   const uint32_t fds = detail::get(s->fd_state), type = detail::get(s->type), st = detail::get(s->state);
   const uint32_t nbk = detail::get(s->nonblock);
-  uint64_t head = detail::A64(s->head).load(Order::kRelaxed);
   if (!detail::fd_names(life, fds, fd)) {
-    detail::unlock(s->consumer_lock);
+    detail::unlock_consumer(s, head);
     return -EBADF;
   }
   if (type == SOCK_STREAM && st != kConnected) {
-    detail::unlock(s->consumer_lock);
+    detail::unlock_consumer(s, head);
     return -ENOTCONN;
   }
   const bool nb = detail::nonblocking(flags, nbk);
@@ -1057,6 +1133,9 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
     // progress and every 16th pass after that.
     bool look = true;
     for (uint32_t i = 0;; ++i) {
+      // The three reasons to stop waiting, relaxed, in the round of the loads below (an
+      // acquire holds back only what follows it), so a waiting pass is one trip to L2.
+      const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
       // Acquire loads (a relaxed one with a device-scope fence once filled measured slower
       // on an H100). A filled offer is taken without waiting for the tail's load after it.
       uint32_t direct = 0;  // bytes a sender put straight into out + done
@@ -1089,17 +1168,17 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         const uint32_t n = static_cast<uint32_t>(want < avail ? want : avail);
         if ((flags & MSG_TRUNC) == 0) detail::ring_read(out + done, r, cap, head + (peek ? done : 0), n);
         done += n;
-        if (!peek) {
-          head += n;
-          detail::A64(s->head).store(head, Order::kRelease);
-        }
+        if (!peek) head += n;
+        // Published with the unlock below, or now if the call waits for more (room for
+        // the sender meanwhile).
         if (done == len || (flags & MSG_WAITALL) == 0 || peek) break;
+        detail::publish_head(s, head);
         look = true;
         continue;
       }
       if (!posted && done < len && (look || (i & 15) == 15)) {
         look = false;
-        if (const uint32_t m = detail::recv_straight(s, out + done, len - done, (flags & MSG_TRUNC) == 0, peek); m > 0) {
+        if (const uint32_t m = detail::recv_straight(s, head, out + done, len - done, (flags & MSG_TRUNC) == 0, peek); m > 0) {
           done += m;
           i = 0;
           look = true;
@@ -1107,8 +1186,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
           continue;
         }
       }
-      // Nothing to read: the three reasons to stop waiting, loaded together.
-      const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
+      // Nothing to read: the three reasons to stop waiting, loaded at the top of the pass.
       if (len == 0 || (shut & kShutRd) != 0) break;
       if (eof != 0) {
         // eof is stored (release) after the peer's last tail: after an acquire fence, one
@@ -1149,7 +1227,7 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
         const uint32_t n = mlen < len ? mlen : static_cast<uint32_t>(len);
         detail::ring_read(out, r, cap, head + kDgramHeader, n);
         if (!peek) {
-          detail::A64(s->head).store(head + kDgramHeader + round8(mlen), Order::kRelease);
+          head += kDgramHeader + round8(mlen);  // published with the unlock below
           detail::A64(s->bytes_in).fetch_add(mlen, Order::kRelaxed);
         }
         detail::addr_out(static_cast<uint32_t>(h >> 32), src, src_len);
@@ -1165,12 +1243,12 @@ GPUSOCK_HD inline int64_t recvfrom(int fd, void* buf, uint64_t len, int flags, s
       spin_pause(i);
     }
   }
-  detail::unlock(s->consumer_lock);
+  detail::unlock_consumer(s, head);
   return result;
 }
 
 GPUSOCK_HD inline int shutdown(int fd, int how) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   int r = 0;
@@ -1192,7 +1270,7 @@ GPUSOCK_HD inline int shutdown(int fd, int how) {
 // -EPIPE. A listener's queued, unaccepted connections are reset (their clients' recv
 // answers -ECONNRESET).
 GPUSOCK_HD inline int close(int fd) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   uint32_t expect = kFdOpen;
@@ -1208,9 +1286,9 @@ GPUSOCK_HD inline int close(int fd) {
     detail::unlock(s->producer_lock);
     const uint32_t cap = t->ring_bytes / 8;
     auto* q = reinterpret_cast<uint64_t*>(detail::ring(t, detail::index_of(t, s)));
-    detail::lock(s->consumer_lock);
+    const uint64_t head = detail::lock_consumer(s);
     const uint64_t tail = detail::A64(s->tail).load(Order::kAcquire);
-    for (uint64_t h = detail::A64(s->head).load(Order::kRelaxed); h != tail; ++h) {
+    for (uint64_t h = head; h != tail; ++h) {
       const uint64_t e = detail::A64(q[h & (cap - 1)]).load(Order::kRelaxed);
       Socket* pending = &t->sockets[static_cast<uint32_t>(e)];
       Socket* client = detail::pin(t, detail::get(pending->peer), detail::get(pending->peer_gen), false, false);
@@ -1221,8 +1299,7 @@ GPUSOCK_HD inline int close(int fd) {
       detail::A32(pending->fd_state).store(kFdClosed, Order::kRelease);  // its client's sends: EPIPE
       detail::unpin(t, pending);  // the queue's reference
     }
-    detail::A64(s->head).store(tail, Order::kRelease);
-    detail::unlock(s->consumer_lock);
+    detail::unlock_consumer(s, tail);
   } else if (detail::get(s->type) == SOCK_STREAM) {
     detail::signal_eof(t, s);
   }
@@ -1233,7 +1310,7 @@ GPUSOCK_HD inline int close(int fd) {
 
 GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
   if (addr == nullptr || len == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   detail::addr_out(detail::get(s->port), addr, len);
@@ -1243,7 +1320,7 @@ GPUSOCK_HD inline int getsockname(int fd, sockaddr* addr, socklen_t* len) {
 
 GPUSOCK_HD inline int getpeername(int fd, sockaddr* addr, socklen_t* len) {
   if (addr == nullptr || len == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   const uint32_t peer = detail::A32(s->peer_port).load(Order::kAcquire);
@@ -1267,7 +1344,7 @@ GPUSOCK_HD inline int option_bit(int level, int name) {
 }
 
 GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value, socklen_t len) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   int r = 0;
@@ -1289,7 +1366,7 @@ GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value,
 
 GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
   if (value == nullptr || len == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   int v = 0;
@@ -1322,7 +1399,7 @@ GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, sockl
 }
 
 GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return -EBADF;
   int r = 0;
@@ -1339,13 +1416,13 @@ GPUSOCK_HD inline int fcntl(int fd, int cmd, int arg) {
 
 // The events of one localdevice descriptor that are ready now (POLLNVAL for a bad one).
 GPUSOCK_HD inline short poll_events(int fd, short events) {
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = detail::pin_fd(t, fd);
   if (s == nullptr) return POLLNVAL;
   short ready = 0;
   const uint32_t st = detail::ld32(s->state);
   // A stream's data: bytes in the ring, or a blocked sender's offer to take.
-  const bool data = detail::A64(s->tail).load(Order::kAcquire) != detail::A64(s->head).load(Order::kAcquire) ||
+  const bool data = detail::A64(s->tail).load(Order::kAcquire) != detail::load_head(s, Order::kAcquire) ||
                     (detail::ld32(s->post) & kPostState) == kOffered;
   if (st == kListening) {
     if (data) ready |= POLLIN;
@@ -1362,7 +1439,7 @@ GPUSOCK_HD inline short poll_events(int fd, short events) {
     Socket* p = detail::pin(t, detail::get(s->peer), detail::get(s->peer_gen), false, false);
     if (p == nullptr || detail::ld32(p->fd_state) == kFdClosed) {
       ready |= POLLHUP;
-    } else if (t->ring_bytes - (detail::A64(p->tail).load(Order::kRelaxed) - detail::A64(p->head).load(Order::kAcquire)) > 0) {
+    } else if (t->ring_bytes - (detail::A64(p->tail).load(Order::kRelaxed) - detail::load_head(p, Order::kAcquire)) > 0) {
       ready |= POLLOUT;
     }
     if (p != nullptr) detail::unpin(t, p);
@@ -1385,7 +1462,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     return warp::shfl(mask, r, leader);
   }
   if (len > 0 && buf == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = nullptr;
   Socket* p = nullptr;
   int64_t err = 0;
@@ -1419,7 +1496,7 @@ GPUSOCK_HD inline int64_t warp_send(uint32_t mask, int fd, const void* buf, uint
     uint8_t* dst = nullptr;
     if (lead) {
       const uint32_t fds = detail::get(p->fd_state), shut = detail::get(p->shut), offer = detail::get(p->post);
-      const uint64_t head = detail::A64(p->head).load(Order::kAcquire);
+      const uint64_t head = detail::load_head(p, Order::kAcquire);
       if (fds == kFdClosed || (shut & kShutRd) != 0) {
         stop = -EPIPE;
       } else if (offered) {
@@ -1506,16 +1583,17 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
     return warp::shfl(mask, r, leader);
   }
   if (len > 0 && buf == nullptr) return -EFAULT;
-  Table* t = detail::table();
+  const Table* t = detail::table();
   Socket* s = nullptr;
   int64_t err = 0;
+  uint64_t head = 0;  // the leader's: what the socket's owner has consumed
   if (lead) {
-    s = detail::lock_own(t, fd);
+    s = detail::lock_own(t, fd, &head);
     if (s == nullptr) err = -EBADF;
     else if (detail::get(s->type) != SOCK_STREAM) err = -EOPNOTSUPP;
     else if (detail::get(s->state) != kConnected) err = -ENOTCONN;
     if (err != 0 && s != nullptr) {
-      detail::unlock(s->consumer_lock);
+      detail::unlock_consumer(s, head);
       s = nullptr;
     }
   }
@@ -1523,7 +1601,6 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
   const uint32_t cap = t->ring_bytes;
   const bool nb = lead && s != nullptr && detail::nonblocking(s, flags);
   const bool peek = (flags & MSG_PEEK) != 0;
-  uint64_t head = lead && err == 0 ? detail::A64(s->head).load(Order::kRelaxed) : 0;
   int64_t result = err;
   bool posted = false;  // the leader offered buf to the sender (detail::post)
   const bool offer = lead && !nb && !peek && (flags & MSG_TRUNC) == 0 && detail::can_post(t, buf, len);
@@ -1538,6 +1615,8 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
     const uint8_t* from = nullptr;
     int64_t stop = 0;     // 1: end of stream (result 0)
     if (lead) {
+      // The reasons to stop waiting first, relaxed: one round with the acquire loads.
+      const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
       const uint32_t w = posted ? detail::A32(s->post).load(Order::kAcquire) : 0;
       const uint64_t avail = detail::A64(s->tail).load(Order::kAcquire) - head;
       if ((w & kPostState) == kFilled) {
@@ -1550,12 +1629,11 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
       n = direct > 0 ? 0 : static_cast<uint32_t>(len < avail ? len : avail);
       if (n == 0 && direct == 0 && take && !posted && (look || (i & 15) == 15)) {
         look = false;
-        if ((got = detail::take_offer(s, detail::A32(s->post).load(Order::kRelaxed), &from)) > len) {
+        if ((got = detail::take_offer(s, detail::A32(s->post).load(Order::kRelaxed), head, &from)) > len) {
           got = static_cast<uint32_t>(len);
         }
       }
       if (n == 0 && direct == 0 && got == 0) {
-        const uint32_t shut = detail::get(s->shut), eof = detail::get(s->eof), reset = detail::get(s->reset);
         if (len == 0 || (shut & kShutRd) != 0) {
           stop = 1;
         } else if (eof != 0) {
@@ -1612,8 +1690,7 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
       const uint8_t* rr = detail::ring(t, fd_index(fd));
       detail::ring_read(static_cast<uint8_t*>(buf), rr, cap, pos, lead ? n : 0, mask);
       if (lead && !peek) {
-        head += n;
-        detail::A64(s->head).store(head, Order::kRelease);
+        head += n;  // published with the unlock below
         detail::A64(s->bytes_in).fetch_add(n, Order::kRelaxed);
       }
       result = n;
@@ -1625,7 +1702,7 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
     }
     spin_pause(i++);
   }
-  if (lead && s != nullptr) detail::unlock(s->consumer_lock);
+  if (lead && s != nullptr) detail::unlock_consumer(s, head);
   return result;
 }
 
