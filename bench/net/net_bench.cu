@@ -11,16 +11,16 @@
 //            --no-pull) vs a CPU io_uring sender working from pinned memory with the same
 //            send size, into the same sink; and peer ->
 //            GPU (one warp's warp_recv of 2 MiB asks into device memory, every byte checked
-//            by the 16 warps of its block after each call) vs cpu_recv into pinned memory
+//            by 8 blocks x 16 warps after each call) vs cpu_recv into pinned memory
 //            (recvs of up to 4 MiB, every byte checked after each, one thread). GB/s;
-//            ratio = kernel / CPU. Beside it, the same GPU receiver pipelined: 15 warps
-//            check one buffer while warp 0 receives into the other.
+//            ratio = kernel / CPU. Beside it, the same GPU receiver pipelined: the other
+//            warps check one buffer while warp 0 receives into the other.
 //   send_zc: io_uring send vs send_zc by chunk size on loopback (the SEND_ZC threshold).
 //
 // Usage: net_bench [--device cpu|cuda] [--json FILE] [--quick] [--bulk-only]
 //                  [--recv-buffer-kib N] [--deliver-min-kib N] [--deliver-chunk-kib N]
 //                  [--deliver-chunks N] [--gather-max-kib N] [--recv-ask-kib N]
-//                  [--check-warps N] [--send-chunk-kib N] [--no-pull] [--pull-chunk-kib N]
+//                  [--check-warps N] [--check-blocks N] [--send-chunk-kib N] [--no-pull] [--pull-chunk-kib N]
 //                  [--pull-chunks N] [--pull-async 0|1]
 //   --bulk-only: only the bulk part (for sweeps of the options below).
 //   --recv-buffer-kib: the backend's receive buffer size (its default, 64, if not given);
@@ -30,8 +30,9 @@
 //   buffer for the warp to copy out (the way before delivery).
 //   --deliver-chunk-kib, --deliver-chunks, --gather-max-kib: the backend's
 //   deliver_chunk_bytes, deliver_chunks and deliver_gather_max (defaults: the backend's).
-//   --recv-ask-kib (default 2048), --check-warps (default 16): the peer -> GPU
-//   receiver's warp_recv size and the warps of its block that check each call's bytes.
+//   --recv-ask-kib (default 2048), --check-warps (default 16), --check-blocks (default 8 on a
+//   GPU, 1 on the cpu device): the peer -> GPU receiver's warp_recv size, and the blocks and
+//   warps per block that check each call's bytes.
 //   --send-chunk-kib (default 256): the size of each GPU -> peer send, kernel and CPU alike.
 //   --no-pull: the backend's pull_sends off (the warp copies every send into staging);
 //   --pull-chunk-kib, --pull-chunks: its pull_chunk_bytes and pull_chunks;
@@ -156,7 +157,8 @@ GPUSOCK_HD inline uint64_t check(const uint8_t* dst, uint32_t len, uint64_t off,
       const uint32_t i = start + u * kStep;
       if (i >= whole) continue;
 #if defined(__CUDA_ARCH__)
-      const uint4 v = *reinterpret_cast<const uint4*>(dst + i);  // dst is 16-byte aligned
+      // dst is 16-byte aligned; L1 bypassed, as the host rewrote the buffer since the last look
+      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(dst + i));
       w[u][0] = v.x, w[u][1] = v.y, w[u][2] = v.z, w[u][3] = v.w;
 #else
       __builtin_memcpy(w[u], dst + i, 16);
@@ -178,34 +180,57 @@ GPUSOCK_HD inline uint64_t check(const uint8_t* dst, uint32_t len, uint64_t off,
   return bad;
 }
 
-// One block: warp 0 receives (warp_recv into device memory), then every warp of the
-// block checks its share of the bytes, as an application would spread work on what it
-// received over the block. One warp alone checks at about 3.4 GB/s on the H100 (bound by
-// load latency), below the CPU receiver's rate, which would measure the check.
+// Warp 0 of block 0 receives (warp_recv into device memory), then every warp of every
+// block checks its share of the bytes, as an application spreads work on what it received
+// over the GPU. One warp alone checks at about 3.4 GB/s on the H100 (bound by load
+// latency) and the 16 warps of one block at about 21 GB/s, which measured the check
+// beside the receive; `--check-blocks` (default 8 on a GPU) spreads it over SMs. The
+// blocks meet in a grid barrier (grid_meet) after each call, so all of them must be
+// resident at once: a few blocks on a GPU, one on the cpu device.
 //
 // Pipelined (`overlap`): dst holds two buffers of `chunk`; while warp 0 receives into one,
-// warps 1.. check the other (what the call before brought), so the check runs beside
-// the host's receiving instead of after it. The CPU receiver cannot do that on its one
-// thread (its recv copies inline), so this figure is reported beside the serial one,
+// the other warps check the other (what the call before brought), so the check runs
+// beside the host's receiving instead of after it. The CPU receiver cannot do that on its
+// one thread (its recv copies inline), so this figure is reported beside the serial one,
 // not instead of it.
-struct BlockReceiver {
+//
+// out: [0] bytes, [1] ns from the first call to the end, [2] wrong bytes, [3] ns inside
+// warp_recv, [4] and [5] call i's answer at [4 + i % 2], [6] the barrier's arrivals.
+struct GridReceiver {
   GPUSOCK_HD void operator()(uint16_t port, uint8_t* dst, uint32_t chunk, int64_t* out, bool overlap) const {
+    using A64 = gpusock::AtomicRef<int64_t, gpusock::Scope::kDevice>;
     const uint32_t lane = gpusock::warp::lane_id();
-    const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32, w = t / 32;
-    const uint32_t first_checker = overlap ? 1 : 0, checkers = warps - first_checker;
-    int64_t* shared_n = out + 4;  // out[4], out[5]: warp 0's answer of call i, at [i % 2]
+    const uint32_t t = gpusock::thread_idx().x, warps = gpusock::block_dim().x / 32;
+    const uint32_t blocks = gpusock::grid_dim().x, gw = gpusock::block_idx().x * warps + t / 32;
+    const uint32_t first_checker = overlap ? 1 : 0, checkers = blocks * warps - first_checker;
+    // The k-th meeting of every block: the block's threads, then thread 0 arrives (release)
+    // and waits (acquire) until every block has arrived k times, then the block again.
+    int64_t meetings = 0;
+    auto grid_meet = [&] {
+      gpusock::sync_block();
+      ++meetings;
+      if (t == 0) {
+        A64 arrived(out[6]);
+        arrived.fetch_add(1, gpusock::Order::kAcqRel);
+        for (uint32_t i = 0; arrived.load(gpusock::Order::kAcquire) < meetings * static_cast<int64_t>(blocks); ++i) {
+          gpusock::spin_pause(i);
+        }
+      }
+      gpusock::sync_block();
+    };
+    auto answer = [&](uint32_t i) { return A64(out[4 + (i & 1)]).load(gpusock::Order::kRelaxed); };
     int fd = -1;
-    if (w == 0) {
+    if (gw == 0) {
       fd = warp_connect_loopback(port);
-      if (lane == 0) shared_n[0] = fd < 0 ? -1 : 0;
+      if (lane == 0) A64(out[4]).store(fd < 0 ? -1 : 0, gpusock::Order::kRelaxed);
     }
-    gpusock::sync_block();
-    if (shared_n[0] < 0 || checkers == 0) return;
-    // Checks [0, n) of b, stream offset `at`: this warp's 64 KiB slices.
+    grid_meet();
+    if (answer(0) < 0 || checkers == 0) return;
+    // Checks [0, n) of b, stream offset `at`: this warp's 16 KiB slices.
     auto check_share = [&](const uint8_t* b, int64_t n, uint64_t at) {
       uint64_t bad_here = 0;
-      constexpr uint32_t kSlice = 64 * 1024;
-      for (uint32_t s = (w - first_checker) * kSlice; s < static_cast<uint32_t>(n); s += checkers * kSlice) {
+      constexpr uint32_t kSlice = 16 * 1024;
+      for (uint32_t s = (gw - first_checker) * kSlice; s < static_cast<uint32_t>(n); s += checkers * kSlice) {
         const uint32_t len = static_cast<uint32_t>(n) - s < kSlice ? static_cast<uint32_t>(n) - s : kSlice;
         bad_here += check(b + s, len, at + s, lane);
       }
@@ -215,32 +240,32 @@ struct BlockReceiver {
     int64_t t0 = 0, in_recv = 0, prev = 0;  // prev: bytes of the call before (pipelined)
     for (uint32_t i = 0;; ++i) {
       uint8_t* buf = dst + (overlap ? (i & 1) * static_cast<uint64_t>(chunk) : 0);
-      if (w == 0) {
+      if (gw == 0) {
         const int64_t r0 = static_cast<int64_t>(gpusock::globaltimer_ns());
         const int64_t n = raw::warp_recv(0xffffffffu, fd, buf, chunk, 0);
         const int64_t r1 = static_cast<int64_t>(gpusock::globaltimer_ns());
         if (i == 0) t0 = r0;
         in_recv += r1 - r0;
-        if (lane == 0) shared_n[i & 1] = n;
+        if (lane == 0) A64(out[4 + (i & 1)]).store(n, gpusock::Order::kRelaxed);
       } else if (overlap && prev > 0) {
         bad += check_share(dst + ((i + 1) & 1) * static_cast<uint64_t>(chunk), prev, prev_off);
       }
-      gpusock::sync_block();  // call i's answer is in (pipelined: the buffer checked is free)
-      const int64_t n = shared_n[i & 1];
+      grid_meet();  // call i's answer is in (pipelined: the buffer checked is free)
+      const int64_t n = answer(i);
       if (n <= 0) break;  // pipelined: the call before has just been checked
       if (overlap) {
         prev = n;
         prev_off = off;
       } else {
         bad += check_share(buf, n, off);
-        gpusock::sync_block();  // everyone is done with buf before warp 0 receives into it again
+        grid_meet();  // everyone is done with buf before warp 0 receives into it again
       }
       off += static_cast<uint64_t>(n);
     }
     const int64_t t1 = static_cast<int64_t>(gpusock::globaltimer_ns());
     for (uint32_t d = 16; d > 0; d /= 2) bad += gpusock::warp::shfl(0xffffffffu, bad, (lane + d) % 32);
-    if (lane == 0) gpusock::AtomicRef<int64_t, gpusock::Scope::kDevice>(out[2]).fetch_add(static_cast<int64_t>(bad), gpusock::Order::kRelaxed);
-    if (w == 0 && lane == 0) {
+    if (lane == 0) A64(out[2]).fetch_add(static_cast<int64_t>(bad), gpusock::Order::kRelaxed);
+    if (gw == 0 && lane == 0) {
       raw::close(fd);
       out[0] = static_cast<int64_t>(off);
       out[1] = t1 - t0;
@@ -278,7 +303,7 @@ std::string num(double v) {
 
 int main(int argc, char** argv) {
   gpusock::iouring::Options bopts;
-  uint32_t recv_ask = 2u << 20, check_warps = 16, send_chunk = 256u << 10, pull_async = 1;
+  uint32_t recv_ask = 2u << 20, check_warps = 16, check_blocks = 0, send_chunk = 256u << 10, pull_async = 1;
   bool bulk_only = false, no_pull = false;
   // This program's own flags; the rest go to parse_bench_args.
   struct NumFlag {
@@ -294,6 +319,7 @@ int main(int argc, char** argv) {
       {"--gather-max-kib", 64, 65536, 1024, &bopts.deliver_gather_max},
       {"--recv-ask-kib", 64, 16384, 1024, &recv_ask},
       {"--check-warps", 1, 32, 1, &check_warps},
+      {"--check-blocks", 1, 64, 1, &check_blocks},
       {"--send-chunk-kib", 4, 65536, 1024, &send_chunk},
       {"--pull-chunk-kib", 4, 16384, 1024, &bopts.pull_chunk_bytes},
       {"--pull-chunks", 2, 8, 1, &bopts.pull_chunks},
@@ -347,6 +373,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto& rt = **rtr;
+  // The checking blocks meet after each call, so all must be resident: 8 on a GPU, and on
+  // the cpu device (64 resident warps) one.
+  if (check_blocks == 0) check_blocks = rt.device() == gpusock::DeviceKind::kCuda ? 8 : 1;
+  if (check_blocks * check_warps > opts.cpu_resident_warps && rt.device() != gpusock::DeviceKind::kCuda) {
+    std::fprintf(stderr, "--check-blocks x --check-warps: at most %u warps on the cpu device\n", opts.cpu_resident_warps);
+    return 2;
+  }
   auto be = gpusock::iouring::create_backend(rt, bopts);
   if (!be.ok() || !gpusock::net::attach(rt, *be).ok()) {
     std::fprintf(stderr, "io_uring backend: %s\n", be.ok() ? "attach failed" : be.status().to_string().c_str());
@@ -377,6 +410,7 @@ int main(int argc, char** argv) {
   js.add("deliver_gather_max", std::to_string(bopts.deliver_gather_max));
   js.add("recv_ask_bytes", std::to_string(recv_ask));
   js.add("check_warps", std::to_string(check_warps));
+  js.add("check_blocks", std::to_string(check_blocks));
   const auto duration = quick ? std::chrono::milliseconds(500) : std::chrono::milliseconds(3000);
 
   // ---- request/response ----
@@ -482,15 +516,15 @@ int main(int argc, char** argv) {
   bn::BulkSourceOptions so;
   so.total_bytes = total;
   struct GpuRecv {
-    double gbps = 0, share = 0;
+    double gbps = 0, share = 0, in_recv_gbps = 0;  // in_recv: bytes over the time inside warp_recv alone
     int64_t bytes = 0, wrong = 0;
   };
   auto gpu_receive = [&](bool overlap) {
     auto source = bn::BulkSource::start(so, &err);
-    auto o2 = gpusock::DeviceBuffer<int64_t>::create(rt, 6);
-    auto kr = launched(gpusock::launch(rt, {1}, {32 * check_warps}, BlockReceiver{}, source->port(), dst->data(), recv_ask,
+    auto o2 = gpusock::DeviceBuffer<int64_t>::create(rt, 7);
+    auto kr = launched(gpusock::launch(rt, {check_blocks}, {32 * check_warps}, GridReceiver{}, source->port(), dst->data(), recv_ask,
                                        o2->data(), overlap),
-                       "receiver (fewer --check-warps may fit)");
+                       "receiver (fewer --check-warps or --check-blocks may fit)");
     kr->wait();
     source->wait(60000);
     auto o = o2->to_host();
@@ -499,6 +533,7 @@ int main(int argc, char** argv) {
     g.wrong = o[2];
     g.gbps = o[1] > 0 ? static_cast<double>(o[0]) / static_cast<double>(o[1]) : 0;  // bytes/ns = GB/s
     g.share = o[1] > 0 ? static_cast<double>(o[3]) / static_cast<double>(o[1]) : 0;
+    g.in_recv_gbps = o[3] > 0 ? static_cast<double>(o[0]) / static_cast<double>(o[3]) : 0;
     return g;
   };
   const GpuRecv serial = gpu_receive(false);
@@ -506,22 +541,23 @@ int main(int argc, char** argv) {
   bn::BulkResult cr = bn::cpu_recv("127.0.0.1", source2->port(), total, pin, 4 << 20);
   source2->wait(60000);
   source2.reset();
-  const GpuRecv piped = check_warps >= 2 ? gpu_receive(true) : GpuRecv{};
+  const GpuRecv piped = check_warps * check_blocks >= 2 ? gpu_receive(true) : GpuRecv{};
   const double recv_ratio = cr.gbps > 0 ? serial.gbps / cr.gbps : 0;
   const double piped_ratio = cr.gbps > 0 ? piped.gbps / cr.gbps : 0;
-  std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong; %.0f%% of the time inside warp_recv, the rest "
-              "checking with %u warps)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n",
+  std::printf("peer -> GPU: kernel %.2f GB/s (%lld bytes, %lld wrong; %.0f%% of the time inside warp_recv, %.2f GB/s "
+              "there; the rest checking with %u blocks x %u warps)   cpu (pinned) %.2f GB/s%s   ratio %.2f\n",
               serial.gbps, static_cast<long long>(serial.bytes), static_cast<long long>(serial.wrong), 100.0 * serial.share,
-              check_warps, cr.gbps, cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
+              serial.in_recv_gbps, check_blocks, check_warps, cr.gbps, cr.error.empty() ? "" : (" [" + cr.error + "]").c_str(), recv_ratio);
   std::printf("peer -> GPU, checking while the next call runs: kernel %.2f GB/s (%lld bytes, %lld wrong; %u warps check)"
               "   ratio to the same cpu %.2f\n",
               piped.gbps, static_cast<long long>(piped.bytes), static_cast<long long>(piped.wrong),
-              check_warps >= 2 ? check_warps - 1 : 0, piped_ratio);
+              check_warps * check_blocks - 1, piped_ratio);
   js.add("bulk", "{\"bytes\":" + std::to_string(total) + ",\"gpu_to_peer_gbps\":" + num(gs.gbps) +
                      ",\"cpu_send_gbps\":" + num(cs_sink.gbps) + ",\"send_ratio\":" + num(send_ratio) + ",\"gpu_to_peer_taken_bytes\":" + std::to_string(taken) +
                      ",\"warp_staging_copy_gbps\":" + num(copy_gbps) + ",\"peer_to_gpu_gbps\":" + num(serial.gbps) +
                      ",\"peer_to_gpu_wrong_bytes\":" + std::to_string(serial.wrong) +
-                     ",\"peer_to_gpu_recv_share\":" + num(serial.share) + ",\"cpu_recv_gbps\":" + num(cr.gbps) +
+                     ",\"peer_to_gpu_recv_share\":" + num(serial.share) +
+                     ",\"peer_to_gpu_in_recv_gbps\":" + num(serial.in_recv_gbps) + ",\"cpu_recv_gbps\":" + num(cr.gbps) +
                      ",\"recv_ratio\":" + num(recv_ratio) + ",\"peer_to_gpu_pipelined_gbps\":" + num(piped.gbps) +
                      ",\"peer_to_gpu_pipelined_wrong_bytes\":" + std::to_string(piped.wrong) +
                      ",\"pipelined_recv_ratio\":" + num(piped_ratio) + "}");
