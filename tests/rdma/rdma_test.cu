@@ -74,6 +74,12 @@ class RdmaTest : public gpusock::testing::KernelTest {
                       "against soft-RoCE (rdma_rxe) in a VM";
     }
     opts_.cpu_resident_warps = 16;
+    // A slot for every lane: lanes of one warp that the cpu device does not gather into one
+    // call (under the VM's emulated CPUs they often arrive too far apart), or that are let
+    // go as stragglers, make calls of their own, and each holds a slot while it blocks.
+    // SixtyFourConnectionsToOneKernelListener's 64 lanes blocked at once need 64; with the
+    // default two per warp (32 here) the rest waited out slot_wait and gave up (EBUSY).
+    opts_.slots_per_warp = 32;
   }
   void Start(const rdma::Options& o = {}) {
     StartRuntime();
@@ -557,7 +563,8 @@ TEST_P(RdmaTest, SixtyFourConnectionsToOneKernelListener) {
   }
   for (uint32_t i = 0; i < kConns; ++i) {
     uint64_t a = 0;
-    ASSERT_EQ(peer_->recv(fds[i], &a, sizeof a, true, 60000), 8) << "connection " << i;
+    // EXPECT, not ASSERT: the kernel must still be finished below, and its codes say why.
+    EXPECT_EQ(peer_->recv(fds[i], &a, sizeof a, true, 60000), 8) << "connection " << i;
     EXPECT_EQ(a, (1000 + i) * 7);
   }
   for (int fd : fds) peer_->close(fd);
