@@ -7,13 +7,16 @@
 //
 // Every warp is an independent server: it opens its own listening socket on the port
 // with SO_REUSEPORT (so the host kernel spreads new connections across warps) and owns up
-// to `conns_per_warp` connections. One pass of its event loop costs three hostcalls
-// whatever the number of connections:
+// to `conns_per_warp` connections. One pass of its event loop costs two hostcalls
+// whatever the number of connections (three with `device_poll` off):
 //
-//   1. poll: lane 0 polls the listener and every connection in one call (at most
-//      `poll_ms`, so a stop request is seen within that time). While the warp is busy
-//      (bytes came in during the last `spin_passes` passes) it skips this wait and tries
-//      every connection instead (step 2 answers EAGAIN for the idle ones).
+//   1. poll: the warp polls the listener and every connection at once (at most
+//      `poll_ms`, so a stop request is seen within that time). The listener has
+//      kSoPollOnDevice, which its connections inherit, so this is warp_poll() reading
+//      the host's readiness words, with no hostcall (docs 12.9a). With `device_poll` off
+//      it is one hostcall from lane 0, and while the warp is busy (bytes came in during
+//      the last `spin_passes` passes) it skips that wait and tries every connection
+//      instead (step 2 answers EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
 //      own, because lanes that call together are answered together.
@@ -51,6 +54,9 @@ struct EchoConfig {
   // 0 turns it off.
   uint32_t spin_passes = 8;
   int backlog = 1024;
+  // Poll on the device (net::kSoPollOnDevice on the listener, inherited by connections).
+  // false: every poll is a hostcall (and spin_passes applies); for comparison.
+  bool device_poll = true;
 };
 
 // Per-warp counters, written by lane 0 only; the host reads them after the kernel ends
@@ -77,6 +83,7 @@ struct EchoConn {
 // What one warp keeps between passes, in device memory.
 struct EchoWarp {
   int listener;
+  int device_poll;     // 1: the listener has kSoPollOnDevice
   uint32_t open;
   uint32_t nready;
   uint32_t nfree;
@@ -146,6 +153,13 @@ struct EchoServer {
     if (lane == 0) {
       w.listener = internal::open_listener(v.cfg);
       if (w.listener < 0) w.counters.error = w.listener;
+      w.device_poll = 0;
+      if (w.listener >= 0 && v.cfg.device_poll) {
+        // Where the backend keeps no readiness words this fails, and the warp polls
+        // through the host.
+        int one = 1;
+        w.device_poll = raw::setsockopt(w.listener, net::kSolGpusock, net::kSoPollOnDevice, &one, sizeof one) == 0;
+      }
       // Tell the host (a PCIe write, once).
       AtomicRef<uint32_t, Scope::kSystem>(v.flags[1 + wid])
           .store(w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u, Order::kRelease);
@@ -155,9 +169,12 @@ struct EchoServer {
     warp::sync(all);
     if (w.listener < 0) return;
 
+    const bool device_poll = w.device_poll != 0;
     for (;;) {
-      // 1. poll (lane 0), then the ready list and the free list for this pass.
+      // 1. poll, then the ready list and the free list for this pass (lane 0).
       int stop = 0;
+      uint32_t npoll = 0;  // entries to poll; 0: none this pass
+      int timeout = 0;
       if (lane == 0) {
         stop = internal::stop_requested(v) ? 1 : 0;
         uint32_t n = 0;
@@ -178,18 +195,8 @@ struct EchoServer {
           if (busy && (w.counters.passes & 15) != 0) {
             for (uint32_t k = 1; k < n; ++k) w.ready[w.nready++] = w.pfd_slot[k];
           } else {
-            int r = raw::poll(w.pfd, n, busy ? 0 : v.cfg.poll_ms);
-            if (r == -ESHUTDOWN) stop = 1;
-            if (r > 0) {
-              for (uint32_t k = 1; k < n; ++k) {
-                if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
-              }
-              if ((w.pfd[0].revents & POLLIN) != 0) {
-                for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
-                  if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
-                }
-              }
-            }
+            npoll = n;
+            timeout = busy ? 0 : v.cfg.poll_ms;
           }
           if (busy) --w.spin_left;
           ++w.counters.passes;
@@ -197,7 +204,31 @@ struct EchoServer {
       }
       stop = warp::shfl(all, stop, 0);
       if (stop) break;
+      npoll = warp::shfl(all, npoll, 0);
+      timeout = warp::shfl(all, timeout, 0);
       warp::sync(all);
+      if (npoll > 0) {
+        // The whole warp reads the readiness words (or lane 0 makes the poll hostcall).
+        int r = 0;
+        if (device_poll) {
+          r = raw::warp_poll(all, w.pfd, npoll, timeout);
+        } else {
+          if (lane == 0) r = raw::poll(w.pfd, npoll, timeout);
+          r = warp::shfl(all, r, 0);
+        }
+        if (r == -ESHUTDOWN) break;
+        if (lane == 0 && r > 0) {
+          for (uint32_t k = 1; k < npoll; ++k) {
+            if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
+          }
+          if ((w.pfd[0].revents & POLLIN) != 0) {
+            for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
+              if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
+            }
+          }
+        }
+        warp::sync(all);
+      }
 
       // 2. accept: lane i takes free slot i.
       const uint32_t nfree = w.nfree;
@@ -266,7 +297,8 @@ struct EchoServer {
         warp::exclusive_sum(all, static_cast<uint32_t>(reads), t_reads);
         warp::exclusive_sum(all, static_cast<uint32_t>(closed), t_closed);
         if (lane == 0) {
-          if (t_in > 0) w.spin_left = v.cfg.spin_passes;
+          // Busy passes only save a poll hostcall; a poll on the device costs none.
+          if (t_in > 0 && !device_poll) w.spin_left = v.cfg.spin_passes;
           w.counters.bytes_in += t_in;
           w.counters.bytes_out += t_out;
           w.counters.reads += t_reads;

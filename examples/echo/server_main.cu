@@ -2,8 +2,9 @@
 //
 //   gpusock-echo [--device cpu|cuda] [--port 7777] [--address 0.0.0.0] [--blocks N]
 //                [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]
-//                [--service-threads N] [--spin-passes N]
+//                [--service-threads N] [--spin-passes N] [--poll device|host]
 //
+// --poll host turns off polling on the device (docs 12.9a): every poll is a hostcall.
 // Runs until SIGINT or SIGTERM (or --duration seconds), then prints a summary:
 // connections, bytes, receives and receives per second. Prints "listening on ..." once
 // every warp has its listener. Exit status: 0 after a clean stop, 1 when the server could
@@ -33,7 +34,7 @@ int usage(const char* why) {
                "gpusock-echo: %s\n"
                "usage: gpusock-echo [--device cpu|cuda] [--port P] [--address A] [--blocks N]\n"
                "                    [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]\n"
-               "                    [--service-threads N] [--spin-passes N]\n",
+               "                    [--service-threads N] [--spin-passes N] [--poll device|host]\n",
                why);
   return 2;
 }
@@ -70,6 +71,7 @@ int main(int argc, char** argv) {
     else if (a == "--buffer" && num && n >= 64 && n <= (1 << 20)) cfg.buffer_bytes = static_cast<uint32_t>(n);
     else if (a == "--duration") duration = std::atof(v);
     else if (a == "--spin-passes" && num && n >= 0 && n <= 1000000) cfg.spin_passes = static_cast<uint32_t>(n);
+    else if (a == "--poll" && (std::strcmp(v, "device") == 0 || std::strcmp(v, "host") == 0)) cfg.device_poll = v[0] == 'd';
     else if (a == "--service-threads" && num && n > 0 && n <= 64) service_threads = n;
     else return usage(("bad option or value: " + a + " " + v).c_str());
   }

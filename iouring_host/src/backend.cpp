@@ -51,7 +51,7 @@ struct Sock;
 struct Ring;
 struct PollWait;
 
-enum class Kind : uint8_t { kAccept, kConnect, kSend, kRecv, kPollArm, kPollTimer };
+enum class Kind : uint8_t { kAccept, kConnect, kSend, kRecv, kPollArm, kPollTimer, kReady };
 
 // A send whose bytes the host takes out of device memory (docs 12.4, send step 2a). Its
 // bytes are copied into the ring's pull area piece after piece and sent from there; the
@@ -100,6 +100,8 @@ struct Op {
   std::unique_ptr<Pull> pull;
   // A send that waits for the socket's taken bytes to go first (Sock::held).
   bool held = false;
+  // A delivering receive's gather found the socket empty (its readiness word loses POLLIN).
+  bool emptied = false;
 };
 
 struct PollWait {
@@ -138,6 +140,13 @@ struct Sock {
   std::deque<Op*> held;
   int shutdown_after = -1;
   bool closing = false;
+  // Polled on the device (net::kSoPollOnDevice, docs 12.9a): the socket's readiness word
+  // is the backend's to keep. Set and cleared on the home thread; read by getsockopt on
+  // any thread. ready_op is the multishot poll that keeps the word (home thread only);
+  // urgent: a POLLPRI was seen, so a short read no longer proves the socket empty.
+  std::atomic<bool> ready{false};
+  Op* ready_op = nullptr;
+  bool urgent = false;
   // Listener state, home thread only (listening is also read by listings).
   std::atomic<bool> listening{false};
   bool accept_armed = false;
@@ -297,7 +306,31 @@ class IouringBackend final : public net::Backend {
     pool_host_ = static_cast<uint8_t*>(m->host);
     pool_dev_ = reinterpret_cast<uint64_t>(m->device);
     slice_bytes_ = slice;
+    if (opt_.ready_words > 0) init_ready(rt);
     return {};
+  }
+
+  // The readiness words (docs 12.9a): one per descriptor below ready_words, in mapped
+  // memory, published to kernels as module state net::kReadyModule. Without them (the
+  // runtime already has that module state: another backend of the same runtime keeps
+  // its own) kSoPollOnDevice answers ENOPROTOOPT and every poll() goes to the host.
+  void init_ready(Runtime& rt) {
+    const size_t bytes = (static_cast<size_t>(opt_.ready_words) * sizeof(uint32_t) + 4095) & ~size_t{4095};
+    auto m = rt.mapped_alloc(bytes);
+    if (!m.ok()) {
+      ready_note_ = "poll on the device off (" + m.status().to_string() + ")";
+      return;
+    }
+    rt.mapped_free_at_exit(m->host);
+    std::memset(m->host, 0, bytes);
+    net::ReadyHead head{static_cast<uint32_t*>(m->device), opt_.ready_words, 0};
+    Status st = rt.set_module_state(net::kReadyModule, m->device, &head, sizeof head);
+    if (!st.ok()) {
+      ready_note_ = "poll on the device off (" + st.to_string() + ")";
+      return;
+    }
+    ready_words_ = static_cast<uint32_t*>(m->host);
+    ready_count_ = opt_.ready_words;
   }
 
   bool delivers() const { return opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0; }
@@ -319,6 +352,8 @@ class IouringBackend final : public net::Backend {
              : ", SEND_ZC off";
     s += feat_.registered_buffers ? ", staging registered as fixed buffers"
                                   : ", staging not registered (" + feat_.registered_buffers_error + ")";
+    s += ready_words_ != nullptr ? ", poll on the device for " + std::to_string(ready_count_) + " descriptors"
+                                 : ", " + (ready_note_.empty() ? std::string("poll on the device off") : ready_note_);
     return s;
   }
 
@@ -466,6 +501,17 @@ class IouringBackend final : public net::Backend {
         return;
       case net::Op::kSetsockopt: {
         const int level = static_cast<int>(req.a[0]), name = static_cast<int>(req.a[1]);
+        if (level == net::kSolGpusock) {
+          if (name != net::kSoPollOnDevice) {
+            reply.finish(-ENOPROTOOPT);
+            return;
+          }
+          if (req.data.size() != sizeof(int)) {
+            reply.finish(-EINVAL);
+            return;
+          }
+          break;  // the readiness word is the home thread's
+        }
         if (!option_allowed(level, name, true)) {
           reply.finish(-ENOPROTOOPT);
           return;
@@ -475,6 +521,12 @@ class IouringBackend final : public net::Backend {
       }
       case net::Op::kGetsockopt: {
         const int level = static_cast<int>(req.a[0]), name = static_cast<int>(req.a[1]);
+        if (level == net::kSolGpusock && name == net::kSoPollOnDevice) {
+          const int v = s->ready.load(std::memory_order_relaxed) ? 1 : 0;
+          reply.set_addr(1, &v, static_cast<uint32_t>(std::min<int64_t>(req.a[2], sizeof v)));
+          reply.finish(0);
+          return;
+        }
         if (!option_allowed(level, name, false)) {
           reply.finish(-ENOPROTOOPT);
           return;
@@ -621,6 +673,9 @@ class IouringBackend final : public net::Backend {
     // -ECONNABORTED below. A listener stops listening: new connections are refused.
     ::shutdown(s->fd, SHUT_RDWR);
     end_waiting(r, *s, -ECONNABORTED, false);
+    // Polled on the device: readable and failed for good, so a poll ends and the next
+    // call sees ECONNABORTED.
+    if (s->ready.load(std::memory_order_relaxed)) ready_store(*s, ready_word(*s) | POLLIN | POLLERR);
     // A poll waiting on a listener watches its eventfd: make it readable, so the kernel's
     // poll ends and its accept() sees ECONNABORTED.
     if (const int e = s->accept_efd.load(std::memory_order_relaxed); e >= 0) {
@@ -934,6 +989,7 @@ class IouringBackend final : public net::Backend {
       case Kind::kRecv: return on_recv(r, op, res, flags);
       case Kind::kPollArm:
       case Kind::kPollTimer: return on_poll_event(r, op, res);
+      case Kind::kReady: return on_ready(r, op, res, flags);
     }
   }
 
@@ -982,6 +1038,7 @@ class IouringBackend final : public net::Backend {
       case net::Op::kRecv: return do_recv(r, s, req, std::move(reply));
       case net::Op::kClose: return do_close(r, s, std::move(reply));
       case net::Op::kShutdown: return do_shutdown(r, s, req, std::move(reply));
+      case net::Op::kSetsockopt: return do_poll_on_device(r, s, req, std::move(reply));
       default: reply.finish(-ENOSYS); return;
     }
   }
@@ -1068,8 +1125,13 @@ class IouringBackend final : public net::Backend {
     }
   }
 
-  // Keeps the listener's eventfd count equal to accepted.size().
-  static void count_accepted(Sock& l, int delta) {
+  // Keeps the listener's eventfd count equal to accepted.size(), and its readiness word
+  // readable while that is not 0.
+  void count_accepted(Sock& l, int delta) {
+    if (l.ready.load(std::memory_order_relaxed)) {
+      const uint32_t w = ready_word(l) & ~static_cast<uint32_t>(POLLIN);
+      ready_store(l, w | (l.accepted.empty() ? 0u : static_cast<uint32_t>(POLLIN)));
+    }
     const int e = l.accept_efd.load(std::memory_order_relaxed);
     if (e < 0) return;
     uint64_t v = 1;
@@ -1085,6 +1147,9 @@ class IouringBackend final : public net::Backend {
       return;
     }
     s->nonblock.store((flags & SOCK_NONBLOCK) != 0, std::memory_order_relaxed);
+    // Polled on the device like its listener (kSoPollOnDevice is inherited), where the
+    // descriptor has a word.
+    if (listener.ready.load(std::memory_order_relaxed)) watch(r, s);
     sockaddr_storage a{};
     socklen_t len = sizeof a;
     if (::getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
@@ -1615,6 +1680,7 @@ class IouringBackend final : public net::Backend {
     }
     if (res <= 0) {
       if (has_buf) return_buffer_now(r, b);
+      if (res == -EAGAIN && (op->flags & MSG_PEEK) == 0) ready_emptied(*op->sock);
       if (res == -ECANCELED && op->sock->closed) res = -EBADF;
       if (res <= 0 && op->sock->aborted.load(std::memory_order_relaxed) && !op->sock->closed) res = -ECONNABORTED;
       maybe_error(*op->sock, res);
@@ -1635,6 +1701,9 @@ class IouringBackend final : public net::Backend {
     const int answer = (op->flags & MSG_TRUNC) ? res : static_cast<int>(take);
     const uint8_t* bytes = r.bufs_host + static_cast<size_t>(b) * r.buf_bytes;
     const bool more_ok = op->sock->stream && (op->flags & MSG_PEEK) == 0;
+    if ((op->flags & MSG_PEEK) == 0 && op->sock->ready.load(std::memory_order_relaxed)) {
+      after_receive(*op->sock, static_cast<uint32_t>(res) < op->len);
+    }
     if (op->dst != 0 && opt_.deliver_min_bytes != 0 && take >= opt_.deliver_min_bytes &&
         rt_->is_device_memory(reinterpret_cast<void*>(op->dst), more_ok ? op->want : take) &&
         rt_->start_delivery(reinterpret_cast<void*>(op->dst), bytes, take).ok()) {
@@ -1642,7 +1711,10 @@ class IouringBackend final : public net::Backend {
       // step 3a). A stream receive that filled its buffer goes on to fill what the lane
       // asked for with what the socket already holds, in this same call.
       op->done = static_cast<uint32_t>(answer);  // a datagram's: with MSG_TRUNC its length
-      if (more_ok && take == op->len) gather_more(r, op);
+      if (more_ok && take == op->len) {
+        gather_more(r, op);
+        if (op->emptied) ready_emptied(*op->sock);
+      }
       return finish_gather(r, op, b);
     }
     // Lend the buffer: flag first (plain store; the reply's release store publishes it).
@@ -1678,6 +1750,7 @@ class IouringBackend final : public net::Backend {
         // Empty now, or the end of the stream (the next receive sees it again), or an
         // error: kept for the next receive, since this one answers bytes.
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) op->sock->pending_error = -errno;
+        op->emptied = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
         break;
       }
       count_in(*op->sock, static_cast<uint64_t>(n));
@@ -1688,7 +1761,10 @@ class IouringBackend final : public net::Backend {
       }
       ticket[piece] = t;
       op->done += static_cast<uint32_t>(n);
-      if (static_cast<size_t>(n) < ask) break;  // the socket is empty
+      if (static_cast<size_t>(n) < ask) {
+        op->emptied = true;  // the socket is empty
+        break;
+      }
     }
   }
   // Waits for the copies, gives receive buffer b back and answers the bytes delivered.
@@ -1715,6 +1791,125 @@ class IouringBackend final : public net::Backend {
     s.bytes_in.store(s.bytes_in.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
 
+  // ---- poll on the device (net::kSoPollOnDevice, docs 12.9a) ----
+  // A watched socket's word says what a poll(2) of it would: the host keeps it with a
+  // multishot IORING_OP_POLL_ADD (POLLIN | POLLPRI | POLLRDHUP) whose completions add
+  // events, and takes POLLIN away when a receive shows the socket empty. Bytes that
+  // arrive after that receive wake the multishot poll, whose completion comes after the
+  // receive's, so the word is never left without POLLIN while bytes wait; the reverse
+  // (a wake from before the receive, reaped after it) leaves POLLIN on an empty socket,
+  // which the next receive's EAGAIN takes away. So the device can see a socket readable
+  // that is empty, as poll(2) itself allows, but never the other way round.
+
+  uint32_t ready_word(const Sock& s) const {
+    return std::atomic_ref<uint32_t>(ready_words_[s.fd]).load(std::memory_order_relaxed);
+  }
+  // Release: a kernel that sees the word sees what the host wrote before (nothing it
+  // relies on today; the order is free on x86).
+  void ready_store(const Sock& s, uint32_t w) {
+    std::atomic_ref<uint32_t>(ready_words_[s.fd]).store(w | net::kReadyWatched, std::memory_order_release);
+  }
+  // A receive showed the socket empty: no POLLIN, unless the end of the stream or an
+  // error is there to be read.
+  void ready_emptied(Sock& s) {
+    if (!s.ready.load(std::memory_order_relaxed)) return;
+    const uint32_t w = ready_word(s);
+    if ((w & (POLLRDHUP | POLLHUP | POLLERR)) != 0 || (w & POLLIN) == 0) return;
+    ready_store(s, w & ~static_cast<uint32_t>(POLLIN));
+  }
+  // After a receive that took `bytes_short` (fewer than it asked): a stream is empty then,
+  // unless urgent data stopped the read at its mark; a datagram socket is empty when a
+  // zero-byte peek finds nothing.
+  void after_receive(Sock& s, bool bytes_short) {
+    if (s.stream && !s.urgent) {
+      if (bytes_short) ready_emptied(s);
+      return;
+    }
+    char c;
+    if (::recv(s.fd, &c, s.stream ? 1 : 0, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      ready_emptied(s);
+    }
+  }
+
+  // Starts keeping the socket's word. Returns 0, ENOPROTOOPT (no words), ENOSPC (the
+  // descriptor is past ready_words).
+  int watch(Ring& r, const std::shared_ptr<Sock>& s) {
+    if (ready_words_ == nullptr) return -ENOPROTOOPT;
+    if (s->fd < 0 || static_cast<uint32_t>(s->fd) >= ready_count_) return -ENOSPC;
+    if (s->ready.load(std::memory_order_relaxed)) return 0;
+    s->ready.store(true, std::memory_order_relaxed);
+    if (s->listening.load(std::memory_order_relaxed)) {
+      // A listener's readiness is its queue of accepted connections (count_accepted()).
+      ready_store(*s, s->accepted.empty() ? 0u : static_cast<uint32_t>(POLLIN));
+      return 0;
+    }
+    ready_store(*s, 0);  // events come with the poll's first completion
+    arm_ready(r, s);
+    return 0;
+  }
+  // Stops keeping it: the word goes to 0, so kernels poll the descriptor through the host.
+  void unwatch(Ring& r, Sock& s) {
+    if (!s.ready.exchange(false, std::memory_order_relaxed)) return;
+    std::atomic_ref<uint32_t>(ready_words_[s.fd]).store(0, std::memory_order_release);
+    if (s.ready_op != nullptr && !s.closed) {
+      if (io_uring_sqe* sqe = r.sqe()) {
+        io_uring_prep_cancel64(sqe, reinterpret_cast<uint64_t>(s.ready_op), 0);
+        io_uring_sqe_set_data64(sqe, kIgnore);
+      }
+    }
+  }
+  void arm_ready(Ring& r, const std::shared_ptr<Sock>& s) {
+    if (!s->ready.load(std::memory_order_relaxed) || s->ready_op != nullptr || s->closed) return;
+    io_uring_sqe* sqe = r.sqe();
+    if (sqe == nullptr) {
+      // No room to keep the word: hand the socket's polls back to the host.
+      unwatch(r, *s);
+      return;
+    }
+    Op* op = new_op(r, Kind::kReady, s);
+    io_uring_prep_poll_multishot(sqe, s->fd, POLLIN | POLLPRI | POLLRDHUP);
+    target(sqe, *s);
+    io_uring_sqe_set_data(sqe, op);
+    s->ready_op = op;
+  }
+  void on_ready(Ring& r, Op* op, int res, uint32_t flags) {
+    std::shared_ptr<Sock> s = op->sock;
+    const bool more = (flags & IORING_CQE_F_MORE) != 0;
+    if (!more) {
+      if (s->ready_op == op) s->ready_op = nullptr;
+      retire(r, op);
+    }
+    if (s->closed || !s->ready.load(std::memory_order_relaxed)) return;
+    if (res > 0) {
+      const uint32_t ev = static_cast<uint32_t>(res) & (POLLIN | POLLPRI | POLLERR | POLLHUP | POLLRDHUP);
+      if ((ev & POLLPRI) != 0) s->urgent = true;
+      ready_store(*s, ready_word(*s) | ev);
+    }
+    if (!more) {
+      // The multishot poll ended (the kernel's reasons: an overflowing completion queue,
+      // no memory; or an abort's cancel). Say readable, since an event may have come
+      // meanwhile, and keep the word again unless the socket was aborted.
+      ready_store(*s, ready_word(*s) | POLLIN);
+      if (!s->aborted.load(std::memory_order_relaxed)) arm_ready(r, s);
+    }
+  }
+  // setsockopt(kSolGpusock, kSoPollOnDevice), on the home ring.
+  void do_poll_on_device(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
+    int v = 0;
+    std::memcpy(&v, req.data.data(), sizeof v);
+    if (v == 0) {
+      unwatch(r, *s);
+      return reply.finish(0);
+    }
+    if (s->stream && !s->listening.load(std::memory_order_relaxed)) {
+      // A stream socket's events mean something once it listens or is connected.
+      sockaddr_storage a{};
+      socklen_t len = sizeof a;
+      if (::getpeername(s->fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return reply.finish(-ENOTCONN);
+    }
+    reply.finish(watch(r, s));
+  }
+
   // ---- close ----
   void do_shutdown(Ring& r, const std::shared_ptr<Sock>& s, net::Request& req, net::Reply reply) {
     const int how = static_cast<int>(req.a[0]);
@@ -1728,6 +1923,7 @@ class IouringBackend final : public net::Backend {
 
   void do_close(Ring& r, const std::shared_ptr<Sock>& s, net::Reply reply) {
     forget(s);
+    unwatch(r, *s);  // a poll of the descriptor now goes to the host, which says POLLNVAL
     if (holds_area(r, *s)) {
       // Taken bytes are still going out: answered now, as close(2) returns while the
       // kernel still sends what its buffer holds; the socket closes once they are out.
@@ -1745,6 +1941,7 @@ class IouringBackend final : public net::Backend {
   }
   void close_now(Ring& r, const std::shared_ptr<Sock>& s) {
     forget(s);
+    unwatch(r, *s);  // before the number can be reused
     s->closed = true;
     // The in-flight operations complete with -ECANCELED, answered -EBADF. The cancel must
     // reach the kernel while the fixed slot still names the socket: submitted at once.
@@ -1958,6 +2155,10 @@ class IouringBackend final : public net::Backend {
   std::atomic<uint32_t> nsockets_{0};
   std::atomic<bool> draining_{false};  // stop_accepting() was called
   FaultPlan* faults_ = nullptr;        // opt_.faults: null unless a test injects faults
+  // The readiness words (docs 12.9a), host view; null when poll on the device is off.
+  uint32_t* ready_words_ = nullptr;
+  uint32_t ready_count_ = 0;
+  std::string ready_note_;
 };
 
 const char* op_name(int op) {

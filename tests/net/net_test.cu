@@ -2108,6 +2108,391 @@ TEST_P(NetTest, CppLayerOwnsDescriptorsAndReturnsExpected) {
 
 // ---- start-up checks ----------------------------------------------------------------
 
+// ---- poll on the device (kSoPollOnDevice, docs 12.9a) ---------------------------------
+
+GPUSOCK_HD inline int poll_on_device(int fd, int on = 1) {
+  return raw::setsockopt(fd, gpusock::net::kSolGpusock, gpusock::net::kSoPollOnDevice, &on, sizeof on);
+}
+GPUSOCK_HD inline int64_t polled_on_device(int fd) {
+  int v = -1;
+  socklen_t len = sizeof v;
+  const int r = raw::getsockopt(fd, gpusock::net::kSolGpusock, gpusock::net::kSoPollOnDevice, &v, &len);
+  return r < 0 ? r : v;
+}
+
+// Lane 0 walks one connection through what a readiness word says: a listener with the
+// option, a connection that inherits it, bytes, a receive that empties the socket, the end
+// of the stream, a POLLOUT entry (the host answers it), the option turned off, a closed
+// descriptor, and the option's errors. The host counts poll hostcalls between box 1 and
+// box 3: there must be none. out: see the test.
+struct PollOnDeviceWalk {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    uint16_t port;
+    int lfd = listen_loopback(&port);
+    out[0] = poll_on_device(lfd);
+    out[1] = polled_on_device(lfd);
+    publish(box, 0, port);  // the host connects
+    pollfd p{lfd, POLLIN, 0};
+    out[2] = raw::poll(&p, 1, 20000);
+    out[3] = p.revents;
+    int c = raw::accept(lfd, nullptr, nullptr);
+    out[4] = polled_on_device(c);
+    p = {lfd, POLLIN, 0};
+    out[5] = raw::poll(&p, 1, 0);  // the queue is empty again
+    publish(box, 1, 1);  // the host takes its count of polls, then sends 5 bytes
+    pollfd q{c, POLLIN, 0};
+    out[6] = raw::poll(&q, 1, 20000);
+    out[7] = q.revents;
+    char buf[64];
+    out[8] = raw::recv(c, buf, sizeof buf, MSG_DONTWAIT);
+    q.revents = 0;
+    out[9] = raw::poll(&q, 1, 0);     // emptied by that receive
+    out[10] = raw::poll(&q, 1, 30);   // and nothing comes: a timeout
+    publish(box, 2, 1);  // the host sends one byte and closes
+    q = {c, POLLIN | POLLRDHUP, 0};
+    out[11] = raw::poll(&q, 1, 20000);
+    int64_t got = 0;
+    for (int i = 0; i < 1000 && got < 1; ++i) {
+      const int64_t n = raw::recv(c, buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0) got += n;
+      else if (n != -EAGAIN) break;
+    }
+    out[12] = got;
+    q = {c, POLLIN | POLLRDHUP, 0};
+    out[13] = raw::poll(&q, 1, 20000);  // the end of the stream stays readable
+    out[14] = q.revents & (POLLIN | POLLRDHUP);
+    out[15] = raw::recv(c, buf, sizeof buf, MSG_DONTWAIT);
+    publish(box, 3, 1);  // the host reads its count of polls again
+    await_box(box, 4);
+    q = {c, POLLOUT, 0};
+    out[16] = raw::poll(&q, 1, 1000);  // POLLOUT: through the host
+    out[17] = poll_on_device(c, 0);
+    out[18] = polled_on_device(c);
+    raw::close(c);
+    q = {c, POLLIN, 0};
+    out[19] = raw::poll(&q, 1, 0);
+    out[20] = q.revents;
+    int u = raw::socket(AF_INET, SOCK_STREAM, 0);
+    out[21] = poll_on_device(u);  // not listening, not connected
+    short small = 1;
+    out[22] = raw::setsockopt(lfd, gpusock::net::kSolGpusock, gpusock::net::kSoPollOnDevice, &small, sizeof small);
+    int one = 1;
+    out[23] = raw::setsockopt(lfd, gpusock::net::kSolGpusock, 99, &one, sizeof one);
+    raw::close(u);
+    raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, PollOnDeviceFollowsTheSocketWithoutAHostcall) {
+  Start();
+  auto out = Buffer<int64_t>(24);
+  auto k = Launch({1}, {32}, PollOnDeviceWalk{}, box_.dev, out.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  int fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_GE(fd, 0);
+  ASSERT_NE(Await(1), 0u);
+  const uint64_t polls_before = Calls(gpusock::net::op::kPoll);
+  ASSERT_TRUE(send_all(fd, "hello", 5));
+  ASSERT_NE(Await(2), 0u);
+  ASSERT_TRUE(send_all(fd, "x", 1));
+  ::shutdown(fd, SHUT_WR);
+  ASSERT_NE(Await(3), 0u);
+  const uint64_t polls_while_on_device = Calls(gpusock::net::op::kPoll) - polls_before;
+  Post(4, 1);
+  Finish(k);
+  ::close(fd);
+  const uint64_t polls_after = Calls(gpusock::net::op::kPoll) - polls_before;
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0) << "setsockopt on the listener";
+  EXPECT_EQ(o[1], 1);
+  EXPECT_EQ(o[2], 1) << "the listener wakes when a connection arrives";
+  EXPECT_EQ(o[3], POLLIN);
+  EXPECT_EQ(o[4], 1) << "the accepted connection inherits the option";
+  EXPECT_EQ(o[5], 0) << "the listener's queue is empty after accept";
+  EXPECT_EQ(o[6], 1);
+  EXPECT_EQ(o[7], POLLIN);
+  EXPECT_EQ(o[8], 5);
+  EXPECT_EQ(o[9], 0) << "a short read empties the word's POLLIN";
+  EXPECT_EQ(o[10], 0) << "timeout";
+  EXPECT_EQ(o[11], 1);
+  EXPECT_EQ(o[12], 1) << "the last byte";
+  EXPECT_EQ(o[13], 1);
+  EXPECT_EQ(o[14], POLLIN | POLLRDHUP) << "the end of the stream is readable, with POLLRDHUP";
+  EXPECT_EQ(o[15], 0) << "end of stream";
+  EXPECT_EQ(polls_while_on_device, 0u) << "every one of those polls was answered on the device";
+  EXPECT_EQ(o[16], 1) << "POLLOUT, answered by the host";
+  EXPECT_GE(polls_after, 1u);
+  EXPECT_EQ(o[17], 0);
+  EXPECT_EQ(o[18], 0) << "turned off";
+  EXPECT_EQ(o[19], 1);
+  EXPECT_EQ(o[20], POLLNVAL) << "a closed descriptor goes to the host again";
+  EXPECT_EQ(o[21], -ENOTCONN);
+  EXPECT_EQ(o[22], -EINVAL);
+  EXPECT_EQ(o[23], -ENOPROTOOPT);
+}
+
+// The warp accepts kConns connections from a listener polled on the device, then the whole
+// warp polls them with warp_poll() and records which are ready; each lane then receives on
+// its share of those, and a second warp_poll() must find none. out[0..2]: ready count,
+// second count, bytes received; out[3 + i]: connection i's revents.
+constexpr int kWarpPollConns = 40;
+struct WarpPollOnDevice {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, pollfd* p) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    const uint32_t all = gpusock::warp::existing_mask();
+    if (lane == 0) {
+      uint16_t port;
+      int lfd = listen_loopback(&port);
+      poll_on_device(lfd);
+      publish(box, 0, port);
+      for (int i = 0; i < kWarpPollConns; ++i) p[i] = {raw::accept(lfd, nullptr, nullptr), POLLIN, 0};
+      p[kWarpPollConns] = {lfd, POLLIN, 0};
+      publish(box, 1, 1);
+    }
+    gpusock::warp::sync(all);
+    await_box(box, 2);  // the host has sent to every third connection
+    const int ready = raw::warp_poll(all, p, kWarpPollConns + 1, 5000);
+    for (int i = static_cast<int>(lane); i < kWarpPollConns; i += 32) out[3 + i] = p[i].revents;
+    int64_t got = 0;
+    char buf[16];
+    for (int i = static_cast<int>(lane); i < kWarpPollConns; i += 32) {
+      if ((p[i].revents & POLLIN) != 0) {
+        const int64_t n = raw::recv(p[i].fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) got += n;
+      }
+    }
+    uint32_t total = 0;
+    gpusock::warp::exclusive_sum(all, static_cast<uint32_t>(got), total);
+    gpusock::warp::sync(all);
+    const int again = raw::warp_poll(all, p, kWarpPollConns + 1, 0);
+    if (lane == 0) {
+      out[0] = ready;
+      out[1] = again;
+      out[2] = total;
+    }
+    gpusock::warp::sync(all);
+    for (int i = static_cast<int>(lane); i <= kWarpPollConns; i += 32) raw::close(p[i].fd);
+  }
+};
+
+TEST_P(NetTest, WarpPollOnDeviceReportsExactlyTheReadyConnections) {
+  Start();
+  auto out = Buffer<int64_t>(3 + kWarpPollConns);
+  auto fds = Buffer<pollfd>(kWarpPollConns + 1);
+  auto k = Launch({1}, {32}, WarpPollOnDevice{}, box_.dev, out.data(), fds.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  std::vector<int> c;
+  for (int i = 0; i < kWarpPollConns; ++i) c.push_back(host_connect(static_cast<uint16_t>(port)));
+  ASSERT_NE(Await(1), 0u);
+  const uint64_t polls_before = Calls(gpusock::net::op::kPoll);
+  for (int i = 0; i < kWarpPollConns; i += 3) ASSERT_TRUE(send_all(c[i], "abc", 3));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Post(2, 1);
+  Finish(k);
+  for (int fd : c) ::close(fd);
+  auto o = Read(out);
+  // The kernel accepted in order, so connection i there is host connection i.
+  const int expect = (kWarpPollConns + 2) / 3;
+  EXPECT_EQ(o[0], expect);
+  EXPECT_EQ(o[1], 0) << "every ready connection was emptied";
+  EXPECT_EQ(o[2], 3 * expect);
+  for (int i = 0; i < kWarpPollConns; ++i) EXPECT_EQ(o[3 + i], i % 3 == 0 ? POLLIN : 0) << "connection " << i;
+  EXPECT_EQ(Calls(gpusock::net::op::kPoll), polls_before) << "no poll hostcall";
+}
+
+// Request/response through a socket polled on the device, each request sent only after
+// the answer to the one before came back: the receive that empties the socket and the
+// next request's arrival race as closely as they can. A missed arrival would leave the
+// kernel's poll waiting until its timeout, which the kernel counts as an error. out:
+// {rounds answered, polls that timed out, receives that found nothing, error}.
+struct PingPongPolledOnDevice {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out, int rounds, int size) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    uint16_t port;
+    int lfd = listen_loopback(&port);
+    poll_on_device(lfd);
+    publish(box, 0, port);
+    int c = raw::accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK);
+    int one = 1;
+    raw::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char buf[256];
+    int64_t answered = 0, timeouts = 0, empty = 0, err = 0;
+    int have = 0;
+    while (answered < rounds && err == 0) {
+      pollfd q{c, POLLIN, 0};
+      const int r = raw::poll(&q, 1, 5000);
+      if (r == 0) {
+        ++timeouts;
+        err = -ETIMEDOUT;
+        break;
+      }
+      if (r < 0) {
+        err = r;
+        break;
+      }
+      const int64_t n = raw::recv(c, buf + have, static_cast<uint64_t>(size - have), 0);
+      if (n == -EAGAIN) {
+        ++empty;
+        continue;
+      }
+      if (n <= 0) {
+        err = n == 0 ? -EPIPE : n;
+        break;
+      }
+      have += static_cast<int>(n);
+      if (have < size) continue;
+      if (raw::send(c, buf, static_cast<uint64_t>(size), 0) != size) err = -EIO;
+      have = 0;
+      ++answered;
+    }
+    out[0] = answered;
+    out[1] = timeouts;
+    out[2] = empty;
+    out[3] = err;
+    raw::close(c);
+    raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, PollOnDeviceMissesNoArrivalInRequestResponse) {
+  Start();
+  const int rounds = GetParam() == DeviceKind::kCpu ? 2000 : 5000;
+  const int size = 100;
+  auto out = Buffer<int64_t>(4);
+  auto k = Launch({1}, {32}, PingPongPolledOnDevice{}, box_.dev, out.data(), rounds, size);
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  int fd = host_connect(static_cast<uint16_t>(port));
+  ASSERT_GE(fd, 0);
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  std::vector<uint8_t> msg(size), back(size);
+  int wrong = 0, done = 0;
+  for (int i = 0; i < rounds; ++i) {
+    for (int j = 0; j < size; ++j) msg[j] = pattern_byte(static_cast<uint64_t>(i) * size + j);
+    // Every 7th request comes in two pieces, so a receive that empties the socket has the
+    // rest arrive right behind it.
+    if (i % 7 == 3) {
+      if (!send_all(fd, msg.data(), 10)) break;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      if (!send_all(fd, msg.data() + 10, size - 10)) break;
+    } else if (!send_all(fd, msg.data(), size)) {
+      break;
+    }
+    if (!recv_all(fd, back.data(), size)) break;
+    wrong += back != msg;
+    ++done;
+  }
+  Finish(k);
+  ::close(fd);
+  auto o = Read(out);
+  EXPECT_EQ(done, rounds);
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(o[0], rounds);
+  EXPECT_EQ(o[1], 0) << "a poll waited out its timeout: an arrival was missed";
+  EXPECT_EQ(o[3], 0);
+  std::printf("[ info ] %d rounds; receives after a poll that found nothing (a stale POLLIN): %lld\n", rounds,
+              static_cast<long long>(o[2]));
+}
+
+// A datagram socket polled on the device: two datagrams wait; after the first is read the
+// socket is still readable, after the second it is not. out: {set, ready, n, ready, n, ready}.
+struct UdpPolledOnDevice {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    int fd = raw::socket(AF_INET, SOCK_DGRAM, 0);
+    sockaddr_in a = loopback4(0);
+    raw::bind(fd, sa(a), sizeof a);
+    socklen_t len = sizeof a;
+    raw::getsockname(fd, sa(a), &len);
+    out[0] = poll_on_device(fd);
+    publish(box, 0, gpusock::ntohs(a.sin_port));
+    await_box(box, 1);  // two datagrams were sent
+    pollfd q{fd, POLLIN, 0};
+    out[1] = raw::poll(&q, 1, 5000);
+    char buf[64];
+    out[2] = raw::recv(fd, buf, sizeof buf, 0);
+    out[3] = raw::poll(&q, 1, 0);
+    out[4] = raw::recv(fd, buf, sizeof buf, 0);
+    out[5] = raw::poll(&q, 1, 0);
+    raw::close(fd);
+  }
+};
+
+TEST_P(NetTest, DatagramSocketPolledOnDeviceIsReadableWhileDatagramsWait) {
+  Start();
+  auto out = Buffer<int64_t>(6);
+  auto k = Launch({1}, {32}, UdpPolledOnDevice{}, box_.dev, out.data());
+  const uint32_t port = Await(0);
+  ASSERT_NE(port, 0u);
+  int hs = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(static_cast<uint16_t>(port));
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::sendto(hs, "one", 3, 0, reinterpret_cast<sockaddr*>(&to), sizeof to), 3);
+  ASSERT_EQ(::sendto(hs, "second", 6, 0, reinterpret_cast<sockaddr*>(&to), sizeof to), 6);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  Post(1, 1);
+  Finish(k);
+  ::close(hs);
+  auto o = Read(out);
+  EXPECT_EQ(o[0], 0);
+  EXPECT_EQ(o[1], 1);
+  EXPECT_EQ(o[2], 3);
+  EXPECT_EQ(o[3], 1) << "the second datagram still waits";
+  EXPECT_EQ(o[4], 6);
+  EXPECT_EQ(o[5], 0) << "none left";
+}
+
+// Where the backend keeps no word for a socket, the option is refused and poll() goes
+// through the host as before. out: {setsockopt, getsockopt, poll, revents}.
+struct PollOnDeviceRefused {
+  GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
+    if (gpusock::warp::lane_id() != 0) return;
+    uint16_t port;
+    int lfd = listen_loopback(&port);
+    out[0] = poll_on_device(lfd);
+    out[1] = polled_on_device(lfd);
+    publish(box, 0, port);
+    pollfd p{lfd, POLLIN, 0};
+    out[2] = raw::poll(&p, 1, 20000);
+    out[3] = p.revents;
+    raw::close(raw::accept(lfd, nullptr, nullptr));
+    raw::close(lfd);
+  }
+};
+
+TEST_P(NetTest, PollOnDeviceIsRefusedWhereTheBackendKeepsNoWord) {
+  for (const uint32_t words : {0u, 3u}) {  // none at all; none for descriptors past 2
+    SCOPED_TRACE(words);
+    rt_.reset();
+    gpusock::iouring::Options io;
+    io.ready_words = words;
+    Start(io);
+    if (HasFatalFailure()) return;
+    std::fill(box_.host, box_.host + 8, 0u);
+    auto out = Buffer<int64_t>(4);
+    auto k = Launch({1}, {32}, PollOnDeviceRefused{}, box_.dev, out.data());
+    const uint32_t port = Await(0);
+    ASSERT_NE(port, 0u);
+    int fd = host_connect(static_cast<uint16_t>(port));
+    ASSERT_GE(fd, 0);
+    Finish(k);
+    ::close(fd);
+    auto o = Read(out);
+    EXPECT_EQ(o[0], words == 0 ? -ENOPROTOOPT : -ENOSPC);
+    EXPECT_EQ(o[1], 0);
+    EXPECT_EQ(o[2], 1);
+    EXPECT_EQ(o[3], POLLIN);
+    // A fresh runtime: on the device this poll would have made none.
+    EXPECT_GE(Calls(gpusock::net::op::kPoll), 1u) << "the poll went through the host";
+  }
+}
+
 TEST(IouringFeatures, DisabledIoUringNamesTheSettingAndTheFix) {
   gpusock::iouring::KernelFeatures f;
   f.setup_error = EPERM;

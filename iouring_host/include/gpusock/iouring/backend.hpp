@@ -141,6 +141,10 @@ struct Options {
   // (net/backend.hpp, "Stragglers"). Shorter: less delay for answered lanes when a warp's
   // connections are unevenly busy; longer: fewer repeated calls when they are evenly busy.
   std::chrono::nanoseconds straggler_wait = std::chrono::microseconds(20);
+  // Descriptors below this can be polled on the device (net::kSoPollOnDevice, docs 12.9a):
+  // one 4-byte readiness word each, in mapped memory (256 KiB by default). 0: off, and
+  // every poll() of a host socket is a hostcall.
+  uint32_t ready_words = 65536;
   // Fault injection for tests (above); null in production, where it costs one predictable
   // branch per submission and one per service-loop pass.
   std::shared_ptr<FaultPlan> faults;

@@ -113,4 +113,26 @@ inline constexpr int kDeviceFdFirst = 0x40000000;
 // Most pollfd entries one lane's poll() may pass.
 inline constexpr uint32_t kMaxPollFds = 4096;
 
+// gpusock's own socket options: setsockopt(fd, kSolGpusock, name, &int, sizeof(int)). A
+// level no host protocol uses ("GP"); rdma/policy.hpp's kSoTransport shares it.
+inline constexpr int kSolGpusock = 0x4750;
+// 1: poll() answers for this socket on the device, with no hostcall (docs 12.9a). The
+// backend keeps a readiness word for it in mapped memory, which kernels read. On a stream
+// socket, set after listen() or connect(); accepted connections inherit it from their
+// listener. getsockopt says whether the socket has it (0 where the backend could not).
+inline constexpr int kSoPollOnDevice = 2;
+
+// The readiness words (kSoPollOnDevice): module state kReadyModule, whose head is a
+// ReadyHead. Word `fd` is 0 unless socket fd is polled on the device; then it is
+// kReadyWatched | the poll events the host last saw (POLLIN, POLLPRI, POLLERR, POLLHUP,
+// POLLRDHUP; POLLIN cleared when a receive emptied the socket). Only the socket's home
+// service thread writes it; kernels read it with relaxed system-scope loads.
+inline constexpr uint32_t kReadyModule = 1;
+inline constexpr uint32_t kReadyWatched = 1u << 31;
+struct ReadyHead {
+  uint32_t* words;  // device address of the table
+  uint32_t count;   // descriptors 0 .. count-1 have a word
+  uint32_t pad;
+};
+
 }  // namespace gpusock::net

@@ -337,26 +337,93 @@ GPUSOCK_HD inline int local_poll_pass(pollfd* fds, uint32_t nfds) {
   }
   return ready;
 }
-}  // namespace net::internal
 
-namespace raw {
+// ---- poll() on the device (kSoPollOnDevice, docs 12.9a) ----
 
-// Returns how many entries have revents != 0 (each entry's revents is set), 0 on
-// timeout, or -errno. timeout_ms < 0 waits without limit. Descriptors that are not this
-// runtime's sockets get POLLNVAL; negative ones are ignored. At most kMaxPollFds entries.
-//
-// localdevice descriptors are polled on the device, with no hostcall when every entry is
-// one. A mix of localdevice and host sockets alternates: a host poll of at most 1 ms (0
-// once a localdevice entry is ready), then a device pass; so a host socket's event ends
-// the wait at once and a localdevice event within about 1 ms.
-GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
-  if (nfds > net::kMaxPollFds) return -EINVAL;
-  if (nfds > 0 && fds == nullptr) return -EFAULT;
-  uint32_t local = 0, host_fds = 0;
-  for (uint32_t i = 0; i < nfds; ++i) {
-    local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
-    host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
+// The backend's readiness words, or null when it keeps none.
+GPUSOCK_HD inline const ReadyHead* ready_head() {
+  const ReadyHead* h = static_cast<const ReadyHead*>(hostcall::module_head(kReadyModule));
+  return h->words != nullptr ? h : nullptr;
+}
+
+// Events a readiness word answers; an entry asking for anything else (POLLOUT) goes to
+// the host.
+inline constexpr short kWordEvents = POLLIN | POLLRDNORM | POLLPRI | POLLRDHUP;
+
+// A pollfd entry's revents from its socket's readiness word.
+GPUSOCK_HD inline short word_revents(uint32_t word, short events) {
+  short r = static_cast<short>(word & (POLLERR | POLLHUP));
+  if ((word & POLLIN) != 0) r |= static_cast<short>(events & (POLLIN | POLLRDNORM));
+  r |= static_cast<short>(word & static_cast<uint32_t>(events & (POLLPRI | POLLRDHUP)));
+  return r;
+}
+
+// One look at entries first, first + stride, ... on the device: negative descriptors,
+// localdevice ones, and host sockets polled on the device. Sets their revents and returns
+// how many are ready, or -1 when one of them is a host socket the device cannot answer
+// for (not polled on the device, or asking for POLLOUT); revents are then unreliable.
+// The words are read eight at a time, so eight PCIe reads are in flight at once.
+GPUSOCK_HD inline int device_pass(pollfd* fds, uint32_t nfds, uint32_t first, uint32_t stride, const ReadyHead* h) {
+  int ready = 0;
+  constexpr uint32_t kBatch = 8;
+  for (uint32_t i0 = first; i0 < nfds; i0 += kBatch * stride) {
+    uint32_t word[kBatch];
+#if GPUSOCK_IS_GPU
+#pragma unroll
+#endif
+    for (uint32_t k = 0; k < kBatch; ++k) {
+      const uint32_t i = i0 + k * stride;
+      const int fd = i < nfds ? fds[i].fd : -1;
+      word[k] = (h != nullptr && fd >= 0 && static_cast<uint32_t>(fd) < h->count)
+                    ? AtomicRef<uint32_t, Scope::kSystem>(h->words[fd]).load(Order::kRelaxed)
+                    : 0;
+    }
+    for (uint32_t k = 0; k < kBatch; ++k) {
+      const uint32_t i = i0 + k * stride;
+      if (i >= nfds) break;
+      pollfd& p = fds[i];
+      if (p.fd < 0) {
+        p.revents = 0;
+      } else if (local::is_local_fd(p.fd)) {
+        p.revents = local::poll_events(p.fd, p.events);
+      } else if ((word[k] & kReadyWatched) != 0 && (p.events & ~kWordEvents) == 0) {
+        p.revents = word_revents(word[k], p.events);
+      } else {
+        return -1;
+      }
+      ready += p.revents != 0;
+    }
   }
+  return ready;
+}
+
+// r of device_poll(): the device cannot answer this poll; nothing was waited for.
+inline constexpr int kPollNeedsHost = -(1 << 21);
+
+// poll() answered on the device by one lane, while every entry is one the device can
+// answer for. Returns the ready count, 0 on timeout, -ESHUTDOWN, -ECANCELED, or
+// kPollNeedsHost.
+GPUSOCK_HD inline int device_poll(pollfd* fds, uint32_t nfds, int timeout_ms, const ReadyHead* h, uint64_t start) {
+  for (uint32_t i = 0;; ++i) {
+    const int ready = device_pass(fds, nfds, 0, 1, h);
+    if (ready != 0) return ready < 0 ? kPollNeedsHost : ready;
+    if (timeout_ms >= 0 && globaltimer_ns() - start >= static_cast<uint64_t>(timeout_ms) * 1000000u) return 0;
+    if ((i & 4095) == 4095 && hostcall::internal::shutting_down(hostcall::context())) return -ESHUTDOWN;
+    if ((i & 63) == 63 && gpusock::internal::lane_waits_end()) return -ECANCELED;
+    spin_pause(i);
+  }
+}
+
+// What is left of timeout_ms since `start` (negative: no limit).
+GPUSOCK_HD inline int poll_left_ms(int timeout_ms, uint64_t start) {
+  if (timeout_ms < 0) return timeout_ms;
+  const uint64_t waited_ms = (globaltimer_ns() - start) / 1000000u;
+  return waited_ms >= static_cast<uint64_t>(timeout_ms) ? 0 : timeout_ms - static_cast<int>(waited_ms);
+}
+
+// poll() where the host takes part: `local` and `host_fds` count the localdevice entries
+// and the host sockets (negative descriptors are neither).
+GPUSOCK_HD inline int poll_through_host(pollfd* fds, uint32_t nfds, int timeout_ms, uint32_t local, uint32_t host_fds) {
   if (local == 0) return net::internal::host_poll(fds, nfds, timeout_ms);
   const bool host = host_fds > 0;
   const uint64_t start = globaltimer_ns();
@@ -379,6 +446,41 @@ GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
       spin_pause(i);
     }
   }
+}
+
+}  // namespace net::internal
+
+namespace raw {
+
+// Returns how many entries have revents != 0 (each entry's revents is set), 0 on
+// timeout, or -errno. timeout_ms < 0 waits without limit. Descriptors that are not this
+// runtime's sockets get POLLNVAL; negative ones are ignored. At most kMaxPollFds entries.
+//
+// localdevice descriptors, and host sockets with kSoPollOnDevice asking for POLLIN,
+// POLLPRI or POLLRDHUP, are polled on the device: no hostcall while every entry is one of
+// those (the readiness words of docs 12.9a). Otherwise a mix of localdevice and host
+// sockets alternates: a host poll of at most 1 ms (0
+// once a localdevice entry is ready), then a device pass; so a host socket's event ends
+// the wait at once and a localdevice event within about 1 ms.
+GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
+  if (nfds > net::kMaxPollFds) return -EINVAL;
+  if (nfds > 0 && fds == nullptr) return -EFAULT;
+  uint32_t local = 0, host_fds = 0;
+  for (uint32_t i = 0; i < nfds; ++i) {
+    local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
+    host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
+  }
+  if (host_fds > 0) {
+    // Host sockets polled on the device (kSoPollOnDevice): no hostcall while every entry
+    // is one of those, a localdevice descriptor or negative.
+    if (const net::ReadyHead* h = net::internal::ready_head()) {
+      const uint64_t start = globaltimer_ns();
+      const int r = net::internal::device_poll(fds, nfds, timeout_ms, h, start);
+      if (r != net::internal::kPollNeedsHost) return r;
+      timeout_ms = net::internal::poll_left_ms(timeout_ms, start);
+    }
+  }
+  return net::internal::poll_through_host(fds, nfds, timeout_ms, local, host_fds);
 }
 
 // F_GETFL (returns O_RDWR | O_NONBLOCK when set) and F_SETFL (O_NONBLOCK is honoured;
@@ -466,6 +568,63 @@ GPUSOCK_HD inline int64_t warp_recv(uint32_t mask, int fd, void* buf, uint64_t l
   // The other lanes ask for 0 bytes: the host answers them at once, with no I/O.
   int64_t r = raw::recvfrom(fd, buf, warp::lane_id() == leader ? len : 0, flags & ~MSG_WAITALL, nullptr, nullptr);
   return warp::shfl(mask, r, leader);
+}
+
+// Warp-collective poll(): every lane in `mask` calls it with the same (fds, nfds,
+// timeout_ms), and `mask` names exactly those lanes; each gets poll()'s answer, and every
+// entry's revents is set and seen by all of them. While the device can answer for every
+// entry (kSoPollOnDevice sockets asking for POLLIN/POLLPRI/POLLRDHUP, localdevice
+// descriptors, negative ones) the lanes share the entries, so one pass over 256 sockets
+// is eight readiness-word reads per lane, in flight together; otherwise the leader makes
+// poll()'s hostcall. `fds` must be memory every lane of mask can read and write (global
+// or shared, not a lane's stack).
+GPUSOCK_HD inline int warp_poll(uint32_t mask, pollfd* fds, uint32_t nfds, int timeout_ms) {
+  if (nfds > net::kMaxPollFds) return -EINVAL;
+  if (nfds > 0 && fds == nullptr) return -EFAULT;
+  const uint32_t leader = warp::leader(mask);
+  const uint32_t me = warp::lane_id();
+  const net::ReadyHead* h = net::internal::ready_head();
+  int r = net::internal::kPollNeedsHost;
+  uint64_t start = 0;
+  if (h != nullptr && nfds > 0) {
+    start = warp::shfl(mask, globaltimer_ns(), leader);
+    const uint32_t rank = popcount(mask & ((1u << me) - 1));
+    const uint32_t width = popcount(mask);
+    for (uint32_t i = 0;; ++i) {
+      const int mine = net::internal::device_pass(fds, nfds, rank, width, h);
+      if (warp::ballot(mask, mine < 0) != 0) break;  // r stays kPollNeedsHost
+      uint32_t total = 0;
+      warp::exclusive_sum(mask, static_cast<uint32_t>(mine), total);
+      // The leader decides for all, so every lane leaves on the same pass.
+      int verdict = 1;  // 1: go on
+      if (me == leader) {
+        if (total > 0) verdict = static_cast<int>(total) + 1;
+        else if (timeout_ms >= 0 && globaltimer_ns() - start >= static_cast<uint64_t>(timeout_ms) * 1000000u) verdict = 0;
+        else if ((i & 4095) == 4095 && hostcall::internal::shutting_down(hostcall::context())) verdict = -ESHUTDOWN;
+        else if ((i & 63) == 63 && gpusock::internal::lane_waits_end()) verdict = -ECANCELED;
+      }
+      verdict = warp::shfl(mask, verdict, leader);
+      if (verdict != 1) {
+        r = verdict > 1 ? verdict - 1 : verdict;
+        break;
+      }
+      spin_pause(i);
+    }
+  }
+  if (r == net::internal::kPollNeedsHost) {
+    if (me == leader) {
+      uint32_t local = 0, host_fds = 0;
+      for (uint32_t i = 0; i < nfds; ++i) {
+        local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
+        host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
+      }
+      const int left = h != nullptr && nfds > 0 ? net::internal::poll_left_ms(timeout_ms, start) : timeout_ms;
+      r = net::internal::poll_through_host(fds, nfds, left, local, host_fds);
+    }
+    r = warp::shfl(mask, r, leader);
+  }
+  warp::sync(mask);  // every lane's revents stores are seen by the others
+  return r;
 }
 
 }  // namespace raw

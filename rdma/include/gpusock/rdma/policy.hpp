@@ -26,13 +26,14 @@
 #include <vector>
 
 #include "gpusock/hostcall/status.hpp"
+#include "gpusock/net/protocol.hpp"
 
 namespace gpusock::rdma {
 
 // setsockopt(fd, kSolGpusock, kSoTransport, &int, sizeof(int)) before bind/listen/connect
 // chooses the transport of that socket (Transport's values; kAuto leaves it to the
 // policy). getsockopt answers the transport in use (kAuto until chosen).
-inline constexpr int kSolGpusock = 0x4750;  // "GP": a level no host protocol uses
+inline constexpr int kSolGpusock = net::kSolGpusock;  // "GP": a level no host protocol uses
 inline constexpr int kSoTransport = 1;
 enum class Transport : int { kAuto = 0, kTcp = 1, kRdma = 2 };
 const char* to_string(Transport t);
