@@ -8,15 +8,15 @@
 // Every warp is an independent server: it opens its own listening socket on the port
 // with SO_REUSEPORT (so the host kernel spreads new connections across warps) and owns up
 // to `conns_per_warp` connections. One pass of its event loop costs two hostcalls
-// whatever the number of connections (three with `device_poll` off):
+// whatever the number of connections (three when it polls through the host):
 //
 //   1. poll: the warp polls the listener and every connection at once (at most
 //      `poll_ms`, so a stop request is seen within that time). The listener has
 //      kSoPollOnDevice, which its connections inherit, so this is warp_poll() reading
-//      the host's readiness words, with no hostcall (docs 12.9a). With `device_poll` off
-//      it is one hostcall from lane 0, and while the warp is busy (bytes came in during
-//      the last `spin_passes` passes) it skips that wait and tries every connection
-//      instead (step 2 answers EAGAIN for the idle ones).
+//      the host's readiness words, with no hostcall (docs 12.9a); with `device_poll` off
+//      it is one hostcall from lane 0. While the warp is busy (bytes came in during the
+//      last `spin_passes` passes) it skips the poll and tries every connection instead
+//      (step 2 answers EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
 //      own, because lanes that call together are answered together.
@@ -55,7 +55,7 @@ struct EchoConfig {
   uint32_t spin_passes = 8;
   int backlog = 1024;
   // Poll on the device (net::kSoPollOnDevice on the listener, inherited by connections).
-  // false: every poll is a hostcall (and spin_passes applies); for comparison.
+  // false: every poll is a hostcall; for comparison.
   bool device_poll = true;
 };
 
@@ -170,68 +170,85 @@ struct EchoServer {
     if (w.listener < 0) return;
 
     const bool device_poll = w.device_poll != 0;
+    const uint32_t below = (1u << lane) - 1;  // lanes under this one, for compaction
     for (;;) {
-      // 1. poll, then the ready list and the free list for this pass (lane 0).
-      int stop = 0;
-      uint32_t npoll = 0;  // entries to poll; 0: none this pass
-      int timeout = 0;
-      if (lane == 0) {
-        stop = internal::stop_requested(v) ? 1 : 0;
-        uint32_t n = 0;
-        if (!stop) {
-          w.pfd[n] = {w.listener, static_cast<short>(w.open < cap ? POLLIN : 0), 0};
-          w.pfd_slot[n++] = 0;
-          for (uint32_t i = 0; i < cap; ++i) {
-            const EchoConn& c = w.conn[i];
-            if (c.fd < 0) continue;
-            w.pfd[n] = {c.fd, static_cast<short>(c.len > c.off ? POLLOUT : POLLIN), 0};
-            w.pfd_slot[n++] = static_cast<uint16_t>(i);
-          }
-          // Busy (bytes arrived within the last spin_passes passes): skip the wait and
-          // try every connection; the listener is looked at every 16th busy pass.
-          const bool busy = w.spin_left > 0;
-          w.nready = 0;
-          w.nfree = 0;
-          if (busy && (w.counters.passes & 15) != 0) {
-            for (uint32_t k = 1; k < n; ++k) w.ready[w.nready++] = w.pfd_slot[k];
-          } else {
-            npoll = n;
-            timeout = busy ? 0 : v.cfg.poll_ms;
-          }
-          if (busy) --w.spin_left;
-          ++w.counters.passes;
-        }
-      }
+      // 1. poll, then the ready list and the free list for this pass. The warp builds
+      // each list together, 32 slots a round (a ballot places each lane's entry): one
+      // lane walking 256 slots in device memory took tens of microseconds a pass.
+      int stop = lane == 0 && internal::stop_requested(v) ? 1 : 0;
       stop = warp::shfl(all, stop, 0);
       if (stop) break;
-      npoll = warp::shfl(all, npoll, 0);
-      timeout = warp::shfl(all, timeout, 0);
+      const uint32_t open = w.open;
+      uint32_t n = 1;  // entry 0: the listener
+      if (lane == 0) {
+        w.pfd[0] = {w.listener, static_cast<short>(open < cap ? POLLIN : 0), 0};
+        w.pfd_slot[0] = 0;
+      }
+      for (uint32_t base = 0; base < cap && n - 1 < open; base += 32) {
+        const uint32_t i = base + lane;
+        const EchoConn c = i < cap ? w.conn[i] : EchoConn{-1, 0, 0};
+        const uint32_t m = warp::ballot(all, c.fd >= 0);
+        if (c.fd >= 0) {
+          const uint32_t k = n + popcount(m & below);
+          w.pfd[k] = {c.fd, static_cast<short>(c.len > c.off ? POLLOUT : POLLIN), 0};
+          w.pfd_slot[k] = static_cast<uint16_t>(i);
+        }
+        n += popcount(m);
+      }
+      // Busy (bytes arrived within the last spin_passes passes): skip the poll and try
+      // every connection; the listener is looked at every 16th busy pass. Measured on
+      // the H100 (bench/RESULTS.md): under load this beats receiving only what a poll
+      // on the device reported, since each receive call then carries more connections.
+      const bool busy = w.spin_left > 0;
+      const bool try_all = busy && (w.counters.passes & 15) != 0;
       warp::sync(all);
-      if (npoll > 0) {
+      uint32_t nready = 0, nfree = 0;
+      if (try_all) {
+        for (uint32_t k0 = 1; k0 < n; k0 += 32) {
+          if (k0 + lane < n) w.ready[k0 - 1 + lane] = w.pfd_slot[k0 + lane];
+        }
+        nready = n - 1;
+      } else {
         // The whole warp reads the readiness words (or lane 0 makes the poll hostcall).
+        const int timeout = busy ? 0 : v.cfg.poll_ms;
         int r = 0;
         if (device_poll) {
-          r = raw::warp_poll(all, w.pfd, npoll, timeout);
+          r = raw::warp_poll(all, w.pfd, n, timeout);
         } else {
-          if (lane == 0) r = raw::poll(w.pfd, npoll, timeout);
+          if (lane == 0) r = raw::poll(w.pfd, n, timeout);
           r = warp::shfl(all, r, 0);
+          warp::sync(all);
         }
         if (r == -ESHUTDOWN) break;
-        if (lane == 0 && r > 0) {
-          for (uint32_t k = 1; k < npoll; ++k) {
-            if (w.pfd[k].revents != 0) w.ready[w.nready++] = w.pfd_slot[k];
+        if (r > 0) {
+          for (uint32_t k0 = 1; k0 < n; k0 += 32) {
+            const uint32_t k = k0 + lane;
+            const bool ready = k < n && w.pfd[k].revents != 0;
+            const uint32_t m = warp::ballot(all, ready);
+            if (ready) w.ready[nready + popcount(m & below)] = w.pfd_slot[k];
+            nready += popcount(m);
           }
           if ((w.pfd[0].revents & POLLIN) != 0) {
-            for (uint32_t i = 0; i < cap && w.nfree < 32; ++i) {
-              if (w.conn[i].fd < 0) w.free_slots[w.nfree++] = static_cast<uint16_t>(i);
+            for (uint32_t base = 0; base < cap && nfree < 32; base += 32) {
+              const uint32_t i = base + lane;
+              const bool free = i < cap && w.conn[i].fd < 0;
+              const uint32_t m = warp::ballot(all, free);
+              const uint32_t pos = nfree + popcount(m & below);
+              if (free && pos < 32) w.free_slots[pos] = static_cast<uint16_t>(i);
+              nfree = nfree + popcount(m) < 32 ? nfree + popcount(m) : 32;
             }
           }
         }
-        warp::sync(all);
       }
+      if (lane == 0) {
+        w.nready = nready;
+        w.nfree = nfree;
+        if (busy) --w.spin_left;
+        ++w.counters.passes;
+      }
+      warp::sync(all);
 
       // 2. accept: lane i takes free slot i.
-      const uint32_t nfree = w.nfree;
       if (lane < nfree) {
         int fd = static_cast<int>(raw::accept4(w.listener, nullptr, nullptr, SOCK_NONBLOCK));
         const uint16_t slot = w.free_slots[lane];
@@ -254,7 +271,6 @@ struct EchoServer {
       }
 
       // 3. recv then send, 32 ready connections per round.
-      const uint32_t nready = w.nready;
       uint32_t in = 0, out = 0, reads = 0, closed = 0;
       for (uint32_t base = 0; base < nready; base += 32) {
         const bool mine = base + lane < nready;
@@ -297,8 +313,7 @@ struct EchoServer {
         warp::exclusive_sum(all, static_cast<uint32_t>(reads), t_reads);
         warp::exclusive_sum(all, static_cast<uint32_t>(closed), t_closed);
         if (lane == 0) {
-          // Busy passes only save a poll hostcall; a poll on the device costs none.
-          if (t_in > 0 && !device_poll) w.spin_left = v.cfg.spin_passes;
+          if (t_in > 0) w.spin_left = v.cfg.spin_passes;
           w.counters.bytes_in += t_in;
           w.counters.bytes_out += t_out;
           w.counters.reads += t_reads;
