@@ -3,8 +3,8 @@
 #   cpu-uring : echo-uring-server (plain host io_uring, multishot accept/recv, buffer ring)
 #   launch    : echo-launch-server (host receives, copies to the GPU, launches, copies back,
 #               sends; CUDA only, skipped without a GPU)
-#   gpusock   : examples/echo's kernel server (polls on the device, docs 12.9a)
-#   gpusock-hostpoll : the same server with --poll host (every poll a hostcall)
+#   gpusock   : examples/echo's kernel server (polls through the host)
+#   gpusock-devpoll : the same server with --poll device (polls on the device, docs 12.9a)
 # For each message size and connection count every server gets the same gpusock-echo-bench
 # run. Prints a table with req/s and p50 and the ratios the targets are stated in
 # (gpusock req/s / cpu-uring req/s, gpusock p50 / launch p50), and writes every result as
@@ -73,15 +73,15 @@ run_load() {  # name size conns
 }
 
 for size in $sizes; do
-  servers="cpu-uring gpusock gpusock-hostpoll"
-  [ -n "$launch" ] && [ "$device" != cpu ] && servers="cpu-uring launch gpusock gpusock-hostpoll"
+  servers="cpu-uring gpusock gpusock-devpoll"
+  [ -n "$launch" ] && [ "$device" != cpu ] && servers="cpu-uring launch gpusock gpusock-devpoll"
   [ -n "$only" ] && servers=$only
   for s in $servers; do
     case $s in
       cpu-uring) start "$s-$size" "$uring" --threads "$threads" --size "$size" || continue ;;
       launch) start "$s-$size" "$launch" --threads "$threads" || continue ;;
       gpusock) start "$s-$size" "$echo_srv" "${gpu_args[@]}" || continue ;;
-      gpusock-hostpoll) start "$s-$size" "$echo_srv" "${gpu_args[@]}" --poll host || continue ;;
+      gpusock-devpoll) start "$s-$size" "$echo_srv" "${gpu_args[@]}" --poll device || continue ;;
     esac
     for c in $conns; do run_load "$s" "$size" "$c"; done
     stop
@@ -91,12 +91,12 @@ done
 # The table: one row per (size, connections).
 field() { grep -o "\"$2\":[0-9.]*" "$1" 2>/dev/null | cut -d: -f2; }
 {
-  echo "| size | conns | cpu-uring req/s | launch req/s | gpusock req/s | gpusock/cpu-uring req/s | host-poll req/s | cpu-uring p50 us | launch p50 us | gpusock p50 us | host-poll p50 us | gpusock/launch p50 | errors |"
+  echo "| size | conns | cpu-uring req/s | launch req/s | gpusock req/s | gpusock/cpu-uring req/s | device-poll req/s | cpu-uring p50 us | launch p50 us | gpusock p50 us | device-poll p50 us | gpusock/launch p50 | errors |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for size in $sizes; do
     for c in $conns; do
       u=$out/cpu-uring-${size}B-${c}c.json l=$out/launch-${size}B-${c}c.json g=$out/gpusock-${size}B-${c}c.json
-      h=$out/gpusock-hostpoll-${size}B-${c}c.json
+      h=$out/gpusock-devpoll-${size}B-${c}c.json
       ur=$(field "$u" req_per_s) lr=$(field "$l" req_per_s) gr=$(field "$g" req_per_s) hr=$(field "$h" req_per_s)
       up=$(field "$u" p50_us) lp=$(field "$l" p50_us) gp=$(field "$g" p50_us) hp=$(field "$h" p50_us)
       errs=0

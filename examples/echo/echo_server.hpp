@@ -7,16 +7,16 @@
 //
 // Every warp is an independent server: it opens its own listening socket on the port
 // with SO_REUSEPORT (so the host kernel spreads new connections across warps) and owns up
-// to `conns_per_warp` connections. One pass of its event loop costs two hostcalls
-// whatever the number of connections (three when it polls through the host):
+// to `conns_per_warp` connections. One pass of its event loop costs three hostcalls
+// whatever the number of connections (two with `device_poll`):
 //
 //   1. poll: the warp polls the listener and every connection at once (at most
-//      `poll_ms`, so a stop request is seen within that time). The listener has
-//      kSoPollOnDevice, which its connections inherit, so this is warp_poll() reading
-//      the host's readiness words, with no hostcall (docs 12.9a); with `device_poll` off
-//      it is one hostcall from lane 0. While the warp is busy (bytes came in during the
-//      last `spin_passes` passes) it skips the poll and tries every connection instead
-//      (step 2 answers EAGAIN for the idle ones).
+//      `poll_ms`, so a stop request is seen within that time): one hostcall from lane 0,
+//      or, with `device_poll` (kSoPollOnDevice on the listener, which its connections
+//      inherit), warp_poll() over the host's readiness words with no hostcall (docs
+//      12.9a). While the warp is busy (bytes came in during the last `spin_passes`
+//      passes) it skips the poll and tries every connection instead (step 2 answers
+//      EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
 //      own, because lanes that call together are answered together.
@@ -54,9 +54,10 @@ struct EchoConfig {
   // 0 turns it off.
   uint32_t spin_passes = 8;
   int backlog = 1024;
-  // Poll on the device (net::kSoPollOnDevice on the listener, inherited by connections).
-  // false: every poll is a hostcall; for comparison.
-  bool device_poll = true;
+  // Poll on the device (net::kSoPollOnDevice on the listener, inherited by connections;
+  // docs 12.9a): no poll hostcall. Off by default: on the H100 the server was faster
+  // polling through the host (bench/RESULTS.md, "Polling on the device").
+  bool device_poll = false;
 };
 
 // Per-warp counters, written by lane 0 only; the host reads them after the kernel ends
@@ -102,7 +103,8 @@ struct EchoView {
   EchoWarp* warps;
   uint8_t* buffers;            // warps * conns_per_warp * buffer_bytes
   // Mapped host memory: word 0 non-zero asks every warp to end; word 1 + w is warp w's
-  // listener: 0 not yet, 1 listening, or -errno (as int32) when it could not listen.
+  // listener: 0 not yet, 1 listening (2: and polling on the device), or -errno (as int32)
+  // when it could not listen.
   // Read and written with system-scope atomics: the host and the kernel share them.
   uint32_t* flags;
   EchoConfig cfg;
@@ -162,7 +164,7 @@ struct EchoServer {
       }
       // Tell the host (a PCIe write, once).
       AtomicRef<uint32_t, Scope::kSystem>(v.flags[1 + wid])
-          .store(w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u, Order::kRelease);
+          .store(w.listener < 0 ? static_cast<uint32_t>(w.listener) : 1u + (w.device_poll ? 1u : 0u), Order::kRelease);
       for (uint32_t i = 0; i < cap; ++i) w.conn[i] = {-1, 0, 0};
       w.open = 0;
     }
@@ -375,6 +377,14 @@ class EchoState {
       ++n;
     }
     return n;
+  }
+  // Whether every warp polls on the device (valid once listening() > 0).
+  bool polls_on_device() const {
+    uint32_t* f = static_cast<uint32_t*>(stop_.host);
+    for (uint32_t i = 0; i < nwarps_; ++i) {
+      if (__atomic_load_n(&f[1 + i], __ATOMIC_ACQUIRE) != 2u) return false;
+    }
+    return true;
   }
   // Every warp's counters (a consistent copy once the kernel has ended).
   std::vector<EchoCounters> counters() const {

@@ -392,15 +392,14 @@ TEST_F(ControlTest, ServesTheEchoExample) {
     return listeners == 2 && connected == 2;
   })) << listeners << " listeners, " << connected << " connections with their bytes";
 
-  // The event loop's calls are counted. Its polls are answered on the device from the
-  // readiness words (docs 12.9a, kSoPollOnDevice on each warp's listener), so none reach
-  // the host.
+  // The event loop's three calls are all counted (the example polls through the host
+  // unless told --poll device).
   grpc::ClientContext sctx;
   v1::Stats st;
   ASSERT_TRUE(stub_->GetStats(&sctx, {}, &st).ok());
   std::map<std::string, uint64_t> calls;
   for (const auto& o : st.opcodes()) calls[o.name()] = o.calls();
-  EXPECT_EQ(calls["net.poll"], 0u);
+  EXPECT_GT(calls["net.poll"], 0u);
   EXPECT_GE(calls["net.recv"], 10u);
   EXPECT_GE(calls["net.send"], 10u);
 
