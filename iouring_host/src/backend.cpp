@@ -100,8 +100,6 @@ struct Op {
   std::unique_ptr<Pull> pull;
   // A send that waits for the socket's taken bytes to go first (Sock::held).
   bool held = false;
-  // A delivering receive's gather found the socket empty (its readiness word loses POLLIN).
-  bool emptied = false;
 };
 
 struct PollWait {
@@ -323,14 +321,19 @@ class IouringBackend final : public net::Backend {
     }
     rt.mapped_free_at_exit(m->host);
     std::memset(m->host, 0, bytes);
-    net::ReadyHead head{static_cast<uint32_t*>(m->device), opt_.ready_words, 0};
+    auto in_use = rt.device_alloc(sizeof(uint32_t));  // zeroed
+    if (!in_use.ok()) {
+      ready_note_ = "poll on the device off (" + in_use.status().to_string() + ")";
+      return;
+    }
+    rt.device_free_at_exit(*in_use);
+    net::ReadyHead head{static_cast<uint32_t*>(m->device), opt_.ready_words, 0, static_cast<uint32_t*>(*in_use)};
     Status st = rt.set_module_state(net::kReadyModule, m->device, &head, sizeof head);
     if (!st.ok()) {
       ready_note_ = "poll on the device off (" + st.to_string() + ")";
       return;
     }
     ready_words_ = static_cast<uint32_t*>(m->host);
-    ready_count_ = opt_.ready_words;
   }
 
   bool delivers() const { return opt_.deliver_min_bytes != 0 && opt_.deliver_chunk_bytes != 0; }
@@ -352,7 +355,7 @@ class IouringBackend final : public net::Backend {
              : ", SEND_ZC off";
     s += feat_.registered_buffers ? ", staging registered as fixed buffers"
                                   : ", staging not registered (" + feat_.registered_buffers_error + ")";
-    s += ready_words_ != nullptr ? ", poll on the device for " + std::to_string(ready_count_) + " descriptors"
+    s += ready_words_ != nullptr ? ", poll on the device for " + std::to_string(opt_.ready_words) + " descriptors"
                                  : ", " + (ready_note_.empty() ? std::string("poll on the device off") : ready_note_);
     return s;
   }
@@ -1712,8 +1715,7 @@ class IouringBackend final : public net::Backend {
       // asked for with what the socket already holds, in this same call.
       op->done = static_cast<uint32_t>(answer);  // a datagram's: with MSG_TRUNC its length
       if (more_ok && take == op->len) {
-        gather_more(r, op);
-        if (op->emptied) ready_emptied(*op->sock);
+        if (gather_more(r, op)) ready_emptied(*op->sock);
       }
       return finish_gather(r, op, b);
     }
@@ -1733,9 +1735,10 @@ class IouringBackend final : public net::Backend {
   // its own copy has ended), until the lane's request is full, the socket is empty or
   // deliver_gather_max bytes came in this call. Blocks this service thread for those
   // calls (each brings up to deliver_chunk_bytes); the first receive went through the
-  // ring, so the lane never waits here for bytes that are not there.
-  void gather_more(Ring& r, Op* op) {
-    if (r.bounce == nullptr) return;
+  // ring, so the lane never waits here for bytes that are not there. Returns whether it
+  // found the socket empty (its readiness word then loses POLLIN).
+  bool gather_more(Ring& r, Op* op) {
+    if (r.bounce == nullptr) return false;
     const uint64_t limit = std::min<uint64_t>(op->want, static_cast<uint64_t>(op->done) + opt_.deliver_gather_max);
     uint64_t ticket[kMaxBouncePieces] = {};  // the copy out of each piece; 0: none running
     for (uint32_t piece = 0; op->done < limit; piece = (piece + 1) % r.bounce_pieces) {
@@ -1750,8 +1753,7 @@ class IouringBackend final : public net::Backend {
         // Empty now, or the end of the stream (the next receive sees it again), or an
         // error: kept for the next receive, since this one answers bytes.
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) op->sock->pending_error = -errno;
-        op->emptied = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
-        break;
+        return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
       }
       count_in(*op->sock, static_cast<uint64_t>(n));
       uint64_t t = 0;
@@ -1761,11 +1763,9 @@ class IouringBackend final : public net::Backend {
       }
       ticket[piece] = t;
       op->done += static_cast<uint32_t>(n);
-      if (static_cast<size_t>(n) < ask) {
-        op->emptied = true;  // the socket is empty
-        break;
-      }
+      if (static_cast<size_t>(n) < ask) return true;  // the socket is empty
     }
+    return false;
   }
   // Waits for the copies, gives receive buffer b back and answers the bytes delivered.
   // All of a delivery happens inside the completion that started it, so no other
@@ -1835,7 +1835,7 @@ class IouringBackend final : public net::Backend {
   // descriptor is past ready_words).
   int watch(Ring& r, const std::shared_ptr<Sock>& s) {
     if (ready_words_ == nullptr) return -ENOPROTOOPT;
-    if (s->fd < 0 || static_cast<uint32_t>(s->fd) >= ready_count_) return -ENOSPC;
+    if (s->fd < 0 || static_cast<uint32_t>(s->fd) >= opt_.ready_words) return -ENOSPC;
     if (s->ready.load(std::memory_order_relaxed)) return 0;
     s->ready.store(true, std::memory_order_relaxed);
     if (s->listening.load(std::memory_order_relaxed)) {
@@ -2155,9 +2155,9 @@ class IouringBackend final : public net::Backend {
   std::atomic<uint32_t> nsockets_{0};
   std::atomic<bool> draining_{false};  // stop_accepting() was called
   FaultPlan* faults_ = nullptr;        // opt_.faults: null unless a test injects faults
-  // The readiness words (docs 12.9a), host view; null when poll on the device is off.
+  // The readiness words (docs 12.9a), host view, opt_.ready_words of them; null when poll
+  // on the device is off.
   uint32_t* ready_words_ = nullptr;
-  uint32_t ready_count_ = 0;
   std::string ready_note_;
 };
 

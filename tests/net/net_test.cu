@@ -2113,6 +2113,13 @@ TEST_P(NetTest, CppLayerOwnsDescriptorsAndReturnsExpected) {
 GPUSOCK_HD inline int poll_on_device(int fd, int on = 1) {
   return raw::setsockopt(fd, gpusock::net::kSolGpusock, gpusock::net::kSoPollOnDevice, &on, sizeof on);
 }
+// ReadyHead::in_use: 1 once a socket of this runtime was polled on the device, when poll()
+// starts reading readiness words; -1 where the backend keeps none.
+GPUSOCK_HD inline int64_t words_in_use() {
+  const auto* h = static_cast<const gpusock::net::ReadyHead*>(gpusock::hostcall::module_head(gpusock::net::kReadyModule));
+  if (h->words == nullptr || h->in_use == nullptr) return -1;
+  return gpusock::AtomicRef<uint32_t, gpusock::Scope::kDevice>(*h->in_use).load(gpusock::Order::kRelaxed);
+}
 GPUSOCK_HD inline int64_t polled_on_device(int fd) {
   int v = -1;
   socklen_t len = sizeof v;
@@ -2130,7 +2137,9 @@ struct PollOnDeviceWalk {
     if (gpusock::warp::lane_id() != 0) return;
     uint16_t port;
     int lfd = listen_loopback(&port);
+    out[24] = words_in_use();
     out[0] = poll_on_device(lfd);
+    out[25] = words_in_use();
     out[1] = polled_on_device(lfd);
     publish(box, 0, port);  // the host connects
     pollfd p{lfd, POLLIN, 0};
@@ -2186,7 +2195,7 @@ struct PollOnDeviceWalk {
 
 TEST_P(NetTest, PollOnDeviceFollowsTheSocketWithoutAHostcall) {
   Start();
-  auto out = Buffer<int64_t>(24);
+  auto out = Buffer<int64_t>(26);
   auto k = Launch({1}, {32}, PollOnDeviceWalk{}, box_.dev, out.data());
   const uint32_t port = Await(0);
   ASSERT_NE(port, 0u);
@@ -2231,6 +2240,8 @@ TEST_P(NetTest, PollOnDeviceFollowsTheSocketWithoutAHostcall) {
   EXPECT_EQ(o[21], -ENOTCONN);
   EXPECT_EQ(o[22], -EINVAL);
   EXPECT_EQ(o[23], -ENOPROTOOPT);
+  EXPECT_EQ(o[24], 0) << "a fresh runtime: poll() goes straight to the host";
+  EXPECT_EQ(o[25], 1) << "after the option: poll() reads the words";
 }
 
 // The warp accepts kConns connections from a listener polled on the device, then the whole
@@ -2449,7 +2460,7 @@ TEST_P(NetTest, DatagramSocketPolledOnDeviceIsReadableWhileDatagramsWait) {
 }
 
 // Where the backend keeps no word for a socket, the option is refused and poll() goes
-// through the host as before. out: {setsockopt, getsockopt, poll, revents}.
+// through the host as before. out: {setsockopt, getsockopt, poll, revents, words_in_use}.
 struct PollOnDeviceRefused {
   GPUSOCK_HD void operator()(uint32_t* box, int64_t* out) const {
     if (gpusock::warp::lane_id() != 0) return;
@@ -2457,6 +2468,7 @@ struct PollOnDeviceRefused {
     int lfd = listen_loopback(&port);
     out[0] = poll_on_device(lfd);
     out[1] = polled_on_device(lfd);
+    out[4] = words_in_use();
     publish(box, 0, port);
     pollfd p{lfd, POLLIN, 0};
     out[2] = raw::poll(&p, 1, 20000);
@@ -2475,7 +2487,7 @@ TEST_P(NetTest, PollOnDeviceIsRefusedWhereTheBackendKeepsNoWord) {
     Start(io);
     if (HasFatalFailure()) return;
     std::fill(box_.host, box_.host + 8, 0u);
-    auto out = Buffer<int64_t>(4);
+    auto out = Buffer<int64_t>(5);
     auto k = Launch({1}, {32}, PollOnDeviceRefused{}, box_.dev, out.data());
     const uint32_t port = Await(0);
     ASSERT_NE(port, 0u);
@@ -2488,6 +2500,7 @@ TEST_P(NetTest, PollOnDeviceIsRefusedWhereTheBackendKeepsNoWord) {
     EXPECT_EQ(o[1], 0);
     EXPECT_EQ(o[2], 1);
     EXPECT_EQ(o[3], POLLIN);
+    EXPECT_EQ(o[4], words == 0 ? -1 : 0) << "a refused option leaves poll() going straight to the host";
     // A fresh runtime: on the device this poll would have made none.
     EXPECT_GE(Calls(gpusock::net::op::kPoll), 1u) << "the poll went through the host";
   }

@@ -127,12 +127,19 @@ inline constexpr int kSoPollOnDevice = 2;
 // kReadyWatched | the poll events the host last saw (POLLIN, POLLPRI, POLLERR, POLLHUP,
 // POLLRDHUP; POLLIN cleared when a receive emptied the socket). Only the socket's home
 // service thread writes it; kernels read it with relaxed system-scope loads.
+//
+// `in_use` is one word of device memory that a kernel sets to 1 when its
+// setsockopt(kSoPollOnDevice, non-zero) succeeds, and nothing clears. While it is 0 no
+// socket of the runtime is polled on the device, so poll() goes straight to the host
+// without reading any word across the bus. It is a hint that can only err towards that
+// read: a poll through the host is right for every socket.
 inline constexpr uint32_t kReadyModule = 1;
 inline constexpr uint32_t kReadyWatched = 1u << 31;
 struct ReadyHead {
-  uint32_t* words;  // device address of the table
-  uint32_t count;   // descriptors 0 .. count-1 have a word
+  uint32_t* words;   // device address of the table
+  uint32_t count;    // descriptors 0 .. count-1 have a word
   uint32_t pad;
+  uint32_t* in_use;  // device memory: 1 once any socket was polled on the device
 };
 
 }  // namespace gpusock::net

@@ -102,6 +102,13 @@ GPUSOCK_HD inline int64_t posix(int64_t r) {
   return r;
 }
 
+// After a setsockopt(kSoPollOnDevice) the host accepted: from now on poll() reads the
+// readiness words. Setting it for a value of 0 too costs only that read.
+GPUSOCK_HD inline void note_poll_on_device() {
+  const ReadyHead* h = static_cast<const ReadyHead*>(hostcall::module_head(kReadyModule));
+  if (h->in_use != nullptr) AtomicRef<uint32_t, Scope::kDevice>(*h->in_use).store(1, Order::kRelaxed);
+}
+
 }  // namespace net::internal
 
 namespace raw {
@@ -275,8 +282,10 @@ GPUSOCK_HD inline int setsockopt(int fd, int level, int name, const void* value,
   if (net::local::is_local_fd(fd)) return net::local::setsockopt(fd, level, name, value, len);
   if (len > 0 && value == nullptr) return -EFAULT;
   if (len > net::kMaxOptBytes) return -EINVAL;
-  return static_cast<int>(
+  const int r = static_cast<int>(
       hostcall::wait(hostcall::submit_with_payload(net::op::kSetsockopt, value, len, fd, level, name)));
+  if (r == 0 && level == net::kSolGpusock && name == net::kSoPollOnDevice) net::internal::note_poll_on_device();
+  return r;
 }
 GPUSOCK_HD inline int getsockopt(int fd, int level, int name, void* value, socklen_t* len) {
   if (value == nullptr || len == nullptr) return -EFAULT;
@@ -340,10 +349,23 @@ GPUSOCK_HD inline int local_poll_pass(pollfd* fds, uint32_t nfds) {
 
 // ---- poll() on the device (kSoPollOnDevice, docs 12.9a) ----
 
-// The backend's readiness words, or null when it keeps none.
+// The backend's readiness words, or null when it keeps none or no socket was ever
+// polled on the device (ReadyHead::in_use, a device-memory load): then a poll goes
+// straight to the host without reading a word across the bus.
 GPUSOCK_HD inline const ReadyHead* ready_head() {
   const ReadyHead* h = static_cast<const ReadyHead*>(hostcall::module_head(kReadyModule));
-  return h->words != nullptr ? h : nullptr;
+  if (h->words == nullptr) return nullptr;
+  return AtomicRef<uint32_t, Scope::kDevice>(*h->in_use).load(Order::kRelaxed) != 0 ? h : nullptr;
+}
+
+// How many entries are localdevice descriptors and how many host sockets (negative
+// descriptors are neither).
+GPUSOCK_HD inline void count_fds(const pollfd* fds, uint32_t nfds, uint32_t& local, uint32_t& host_fds) {
+  local = host_fds = 0;
+  for (uint32_t i = 0; i < nfds; ++i) {
+    local += local::is_local_fd(fds[i].fd) ? 1u : 0u;
+    host_fds += (fds[i].fd >= 0 && !local::is_local_fd(fds[i].fd)) ? 1u : 0u;
+  }
 }
 
 // Events a readiness word answers; an entry asking for anything else (POLLOUT) goes to
@@ -466,10 +488,7 @@ GPUSOCK_HD inline int poll(pollfd* fds, uint32_t nfds, int timeout_ms) {
   if (nfds > net::kMaxPollFds) return -EINVAL;
   if (nfds > 0 && fds == nullptr) return -EFAULT;
   uint32_t local = 0, host_fds = 0;
-  for (uint32_t i = 0; i < nfds; ++i) {
-    local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
-    host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
-  }
+  net::internal::count_fds(fds, nfds, local, host_fds);
   if (host_fds > 0) {
     // Host sockets polled on the device (kSoPollOnDevice): no hostcall while every entry
     // is one of those, a localdevice descriptor or negative.
@@ -614,10 +633,7 @@ GPUSOCK_HD inline int warp_poll(uint32_t mask, pollfd* fds, uint32_t nfds, int t
   if (r == net::internal::kPollNeedsHost) {
     if (me == leader) {
       uint32_t local = 0, host_fds = 0;
-      for (uint32_t i = 0; i < nfds; ++i) {
-        local += net::local::is_local_fd(fds[i].fd) ? 1u : 0u;
-        host_fds += (fds[i].fd >= 0 && !net::local::is_local_fd(fds[i].fd)) ? 1u : 0u;
-      }
+      net::internal::count_fds(fds, nfds, local, host_fds);
       const int left = h != nullptr && nfds > 0 ? net::internal::poll_left_ms(timeout_ms, start) : timeout_ms;
       r = net::internal::poll_through_host(fds, nfds, left, local, host_fds);
     }
