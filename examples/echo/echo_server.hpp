@@ -19,7 +19,10 @@
 //      EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
-//      own, because lanes that call together are answered together.
+//      own, because lanes that call together are answered together. When at most
+//      `copy_helpers_below` connections are ready, the idle lanes join the call with
+//      zero-byte asks and help copy the bytes out of the host's buffers (and, in step 3,
+//      into staging): one connection's 1 KiB is then one round of loads, not eight.
 //   3. send: the lanes that received send the bytes back together (MSG_DONTWAIT). What a
 //      full socket buffer does not take stays in the connection's buffer; the connection
 //      then waits for POLLOUT and is not read until it is drained, so a client that does
@@ -58,6 +61,13 @@ struct EchoConfig {
   // docs 12.9a): no poll hostcall. Off by default: on the H100 the server was faster
   // polling through the host (bench/RESULTS.md, "Polling on the device").
   bool device_poll = false;
+  // When at most this many lanes of a round receive (or send), the warp's other lanes
+  // join their call with a zero-byte ask of their own, which the host answers at once.
+  // Lanes in one call copy its bytes together (hostcall::internal::group_copy), so one
+  // connection's 1 KiB comes out of the host's buffer in one round of loads, not eight.
+  // With more lanes at work each copying its own is as fast, and the riders would only
+  // cost the host requests to answer. 0 turns it off.
+  uint32_t copy_helpers_below = 4;
 };
 
 // Per-warp counters, written by lane 0 only; the host reads them after the kernel ends
@@ -136,6 +146,23 @@ GPUSOCK_HD inline int open_listener(const EchoConfig& cfg) {
     return r;
   }
   return fd;
+}
+
+// Whether this lane makes the round's recv (or send) call: it does when it has bytes to
+// move (`want`), and so does every other lane when at most `below` lanes have, to help
+// copy (EchoConfig::copy_helpers_below). *fd is the descriptor to call on: a helper asks
+// the first worker's for zero bytes. Every lane of `all` must call.
+// On the cpu device no lane helps: there each lane copies its own bytes anyway.
+GPUSOCK_HD inline bool ride_along(uint32_t all, bool want, int own_fd, uint32_t below, int* fd) {
+  if constexpr (!is_gpu()) {
+    *fd = own_fd;
+    return want;
+  }
+  const uint32_t workers = warp::ballot(all, want);
+  if (workers == 0) return false;
+  const int first = warp::shfl(all, own_fd, lowest_bit(workers));
+  *fd = want ? own_fd : first;
+  return want || popcount(workers) <= below;
 }
 
 }  // namespace internal
@@ -280,9 +307,15 @@ struct EchoServer {
         EchoConn* c = mine ? &w.conn[slot] : nullptr;
         uint8_t* buf = bufs + static_cast<uint64_t>(slot) * v.cfg.buffer_bytes;
         bool drop = false;
-        if (mine && c->len == c->off) {
-          int64_t r = raw::recv(c->fd, buf, v.cfg.buffer_bytes, MSG_DONTWAIT);
-          if (r > 0) {
+        // Every lane reaches each call together, so the lanes that receive share one
+        // hostcall, and when they are few the others ride along (copy_helpers_below).
+        const bool want_in = mine && c->len == c->off;
+        int fd = 0;
+        if (internal::ride_along(all, want_in, mine ? c->fd : -1, v.cfg.copy_helpers_below, &fd)) {
+          int64_t r = raw::recv(fd, want_in ? buf : nullptr, want_in ? v.cfg.buffer_bytes : 0, MSG_DONTWAIT);
+          if (!want_in) {
+            // a helper: nothing asked, nothing to keep
+          } else if (r > 0) {
             c->len = static_cast<uint32_t>(r);
             c->off = 0;
             in += static_cast<uint32_t>(r);
@@ -291,9 +324,13 @@ struct EchoServer {
             drop = true;  // 0: the client closed; < 0: the connection failed
           }
         }
-        if (mine && !drop && c->len > c->off) {
-          int64_t r = raw::send(c->fd, buf + c->off, c->len - c->off, MSG_DONTWAIT | MSG_NOSIGNAL);
-          if (r > 0) {
+        const bool want_out = mine && !drop && c->len > c->off;
+        if (internal::ride_along(all, want_out, mine ? c->fd : -1, v.cfg.copy_helpers_below, &fd)) {
+          int64_t r = raw::send(fd, want_out ? buf + c->off : nullptr, want_out ? c->len - c->off : 0,
+                                MSG_DONTWAIT | MSG_NOSIGNAL);
+          if (!want_out) {
+            // a helper
+          } else if (r > 0) {
             c->off += static_cast<uint32_t>(r);
             out += static_cast<uint32_t>(r);
             if (c->off == c->len) c->len = c->off = 0;

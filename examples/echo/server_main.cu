@@ -3,9 +3,12 @@
 //   gpusock-echo [--device cpu|cuda] [--port 7777] [--address 0.0.0.0] [--blocks N]
 //                [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]
 //                [--service-threads N] [--spin-passes N] [--poll device|host]
+//                [--copy-helpers-below N]
 //
 // --poll device polls the connections on the device, from the host's readiness words
 // (docs 12.9a), instead of with a poll hostcall (the default, faster on the H100 so far).
+// --copy-helpers-below N: when at most N connections of a round are ready, the warp's
+// other lanes join their recv and send calls to help copy (default 4; 0: never).
 // Runs until SIGINT or SIGTERM (or --duration seconds), then prints a summary:
 // connections, bytes, receives and receives per second. Prints "listening on ..." once
 // every warp has its listener. Exit status: 0 after a clean stop, 1 when the server could
@@ -35,7 +38,8 @@ int usage(const char* why) {
                "gpusock-echo: %s\n"
                "usage: gpusock-echo [--device cpu|cuda] [--port P] [--address A] [--blocks N]\n"
                "                    [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]\n"
-               "                    [--service-threads N] [--spin-passes N] [--poll device|host]\n",
+               "                    [--service-threads N] [--spin-passes N] [--poll device|host]\n"
+               "                    [--copy-helpers-below N]\n",
                why);
   return 2;
 }
@@ -73,6 +77,7 @@ int main(int argc, char** argv) {
     else if (a == "--duration") duration = std::atof(v);
     else if (a == "--spin-passes" && num && n >= 0 && n <= 1000000) cfg.spin_passes = static_cast<uint32_t>(n);
     else if (a == "--poll" && (std::strcmp(v, "device") == 0 || std::strcmp(v, "host") == 0)) cfg.device_poll = v[0] == 'd';
+    else if (a == "--copy-helpers-below" && num && n >= 0 && n <= 32) cfg.copy_helpers_below = static_cast<uint32_t>(n);
     else if (a == "--service-threads" && num && n > 0 && n <= 64) service_threads = n;
     else return usage(("bad option or value: " + a + " " + v).c_str());
   }

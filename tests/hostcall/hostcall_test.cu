@@ -259,6 +259,69 @@ struct BigPayloads {
   }
 };
 
+// One case of GroupCopyMixes, the same on host and device: whether `lane` takes part, how
+// many bytes it copies, from where to where, into its global area or a buffer on its
+// stack, and with fresh loads or not. The cases cover one lane alone, a few, half and the
+// whole warp; lengths around the 16-byte unit and the batch of units; aligned and
+// unaligned pointers; lengths the same in every lane or different in each.
+struct CopyCase {
+  bool in = false;
+  bool local = false;
+  bool fresh = false;
+  uint32_t len = 0, soff = 0, doff = 0;
+};
+inline constexpr uint32_t kCopyArea = 4096 + 64;  // a lane's area of dst: doff + len + guards fit
+GPUSOCK_HD inline CopyCase copy_case(uint32_t k, uint32_t lane) {
+  constexpr uint32_t kLens[] = {0, 1, 15, 16, 17, 64, 100, 127, 128, 129, 1000, 1024, 1031, 2048, 4080};
+  constexpr uint32_t kNum = sizeof(kLens) / sizeof(kLens[0]);
+  const uint64_t rk = mix(0x51ed27ull + k);                    // the case's choices
+  const uint64_t r = mix(rk ^ (uint64_t{lane} * 0x9e3779b97f4a7c15ull));  // this lane's
+  CopyCase c;
+  switch (rk % 4) {
+    case 0: c.in = true; break;
+    case 1: c.in = lane == (rk >> 8) % 32; break;
+    case 2: c.in = lane < 3; break;
+    default: c.in = ((r >> 3) & 1) != 0; break;
+  }
+  c.len = ((rk >> 16) & 1) != 0 ? kLens[(r >> 8) % kNum] : kLens[(rk >> 20) % kNum];
+  const bool aligned = ((rk >> 24) & 3) != 0;
+  c.soff = aligned ? 16 * static_cast<uint32_t>((r >> 32) % 64) : static_cast<uint32_t>((r >> 32) % 1024);
+  c.doff = aligned ? 16 : 1 + static_cast<uint32_t>((r >> 44) % 15);
+  c.local = ((rk >> 28) % 4) == 0 && c.len <= 256;
+  c.fresh = ((rk >> 32) & 1) != 0;
+  return c;
+}
+
+// Runs `cases` cases of group_copy over one warp: the lanes of a case copy together, each
+// its own bytes; then every lane checks its bytes and one guard byte either side.
+// bad[lane] = bytes wrong; moved[lane] = bytes it copied.
+struct GroupCopyMixes {
+  GPUSOCK_HD void operator()(const uint8_t* src, uint8_t* dst, uint32_t cases, int64_t* bad, int64_t* moved) const {
+    const uint32_t lane = gpusock::warp::lane_id();
+    const uint32_t all = gpusock::warp::existing_mask();
+    uint8_t* area = dst + uint64_t{lane} * kCopyArea;
+    int64_t wrong = 0, total = 0;
+    for (uint32_t k = 0; k < cases; ++k) {
+      const CopyCase c = copy_case(k, lane);
+      alignas(16) uint8_t stack[256 + 32];
+      uint8_t* to = (c.local ? stack : area) + c.doff;
+      const uint8_t guard = static_cast<uint8_t>(0xa5 ^ k);
+      for (uint32_t i = 0; i < c.len + 2; ++i) to[static_cast<int64_t>(i) - 1] = guard;
+      gpusock::warp::sync(all);  // the guards are written before any lane copies into this area
+      const uint32_t mask = gpusock::warp::ballot(all, c.in);
+      if (c.in) hc::internal::group_copy(mask, to, src + c.soff, c.len, c.fresh);
+      gpusock::warp::sync(all);
+      if (!c.in) continue;
+      wrong += to[-1] != guard;
+      wrong += to[c.len] != guard;
+      for (uint32_t i = 0; i < c.len; ++i) wrong += to[i] != src[c.soff + i];
+      total += c.len;
+    }
+    bad[lane] = wrong;
+    moved[lane] = total;
+  }
+};
+
 // Reads the monotonic clock many times; out[tid*3] = first, +1 = last, +2 = # of times
 // it went backwards.
 struct ClockReads {
@@ -737,6 +800,49 @@ TEST_P(HostcallTest, PayloadsLargerThanOneStagingRunSplitIntoCallsAndArriveWhole
   // calls, so there are more calls than warp-rounds.
   EXPECT_GT(lanes, threads * rounds / 2);
   EXPECT_GT(calls, uint64_t{threads / 32} * rounds);
+}
+
+// group_copy (client.hpp) chooses per call between the lanes copying together and each
+// its own; every mix of lanes, lengths, alignments, stack buffers and fresh loads must
+// move exactly each lane's bytes and touch nothing around them.
+TEST_P(HostcallTest, GroupCopyMovesEveryLanesBytesWhateverTheMix) {
+  Start();
+  constexpr uint32_t kCases = 3000;
+  std::vector<uint8_t> bytes(8192);
+  std::mt19937_64 rng(20261207);
+  for (auto& b : bytes) b = static_cast<uint8_t>(rng());
+  auto src = Buffer<uint8_t>(bytes.size());
+  ASSERT_TRUE(src.from_host(bytes).ok());
+  auto dst = Buffer<uint8_t>(32 * kCopyArea);
+  auto bad = Buffer<int64_t>(32);
+  auto moved = Buffer<int64_t>(32);
+  Run({1}, {32}, GroupCopyMixes{}, static_cast<const uint8_t*>(src.data()), dst.data(), kCases, bad.data(), moved.data());
+  const auto b = bad.to_host();
+  const auto m = moved.to_host();
+  int64_t want_total = 0, lone = 0, local = 0, unaligned = 0;
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    int64_t want = 0;
+    for (uint32_t k = 0; k < kCases; ++k) {
+      const CopyCase c = copy_case(k, lane);
+      if (!c.in) continue;
+      want += c.len;
+      local += c.local && c.len > 0;
+      unaligned += c.doff != 16 && c.len > 0;
+    }
+    EXPECT_EQ(b[lane], 0) << "lane " << lane;
+    EXPECT_EQ(m[lane], want) << "lane " << lane;
+    want_total += want;
+  }
+  for (uint32_t k = 0; k < kCases; ++k) {
+    uint32_t n = 0;
+    for (uint32_t lane = 0; lane < 32; ++lane) n += copy_case(k, lane).in;
+    lone += n == 1;
+  }
+  // The mix is wide: each kind of case happened many times.
+  EXPECT_GT(want_total, int64_t{10} << 20);
+  EXPECT_GT(lone, 300);
+  EXPECT_GT(local, 1000);
+  EXPECT_GT(unaligned, 1000);
 }
 
 TEST_P(HostcallTest, RegisterHandlerRejectsBadOpcodes) {

@@ -314,57 +314,134 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint8_t load_fresh8(const uint8_t* p) {
 #endif
 }
 
-// Copies each lane's n bytes from src to dst. On a GPU, where both of a lane's buffers are
-// in global memory the lanes of `mask` copy that lane's bytes together, 16 bytes per lane
-// per step, so stores to mapped memory go out as full, coalesced lines; a buffer in a
-// lane's local memory (its stack) is private to that lane, so the lane copies it alone. On
-// the cpu device each lane copies its own (its lanes are threads: a warp step there is a
-// barrier, not a cycle). `fresh` loads bypass this SM's L1 (ld.global.cv): for bytes the
-// host wrote, such as a receive buffer the host lent. All lanes of mask must call.
+// Loads each lane keeps in flight before its first store, in group_copy(): a copy out of
+// host memory (a lent receive buffer) waits about one bus round trip per batch of loads,
+// so a lane alone copying 1 KiB (64 units of 16 bytes) waits 64 / kCopyUnroll round trips.
+// Each unit held costs four registers. A build may set GPUSOCK_COPY_UNROLL to try others.
+#ifndef GPUSOCK_COPY_UNROLL
+#define GPUSOCK_COPY_UNROLL 8
+#endif
+inline constexpr uint32_t kCopyUnroll = GPUSOCK_COPY_UNROLL;
+static_assert(kCopyUnroll >= 1 && kCopyUnroll <= 64, "GPUSOCK_COPY_UNROLL: 1..64");
+
+#if GPUSOCK_IS_GPU
+template <bool kFresh>
+__device__ GPUSOCK_ALWAYS_INLINE Chunk16 load16_as(const uint8_t* p) {
+  const Chunk16* c = reinterpret_cast<const Chunk16*>(p);
+  if constexpr (kFresh) return load_fresh16(c);
+  else return *c;
+}
+template <bool kFresh>
+__device__ GPUSOCK_ALWAYS_INLINE uint8_t load8_as(const uint8_t* p) {
+  if constexpr (kFresh) return load_fresh8(p);
+  else return *p;
+}
+
+// Batches of loads (each one round of memory latency) one lane spends on its share of an
+// n-byte copy split across `step` lanes: what copy_share() below does, counted.
+__device__ GPUSOCK_ALWAYS_INLINE uint32_t copy_rounds(const uint8_t* d, const uint8_t* s, uint32_t n, uint32_t step) {
+  if (n == 0) return 0;
+  if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) != 0) {
+    const uint32_t per = (n + step - 1) / step;
+    return (per + 15) / 16;
+  }
+  const uint32_t per = (n / 16 + step - 1) / step;
+  return (per + kCopyUnroll - 1) / kCopyUnroll + ((n & 15) != 0 ? 1 : 0);
+}
+
+// This lane's share of an n-byte copy split across `step` lanes, the lane being `first` of
+// them: 16-byte units first, first + step, ... where both pointers are 16-byte aligned,
+// then the bytes after the last whole unit (or every byte, unaligned) the same way. Each
+// batch issues all its loads before its first store, and a batch's last units are
+// predicated rather than left to a loop, so a short tail costs one round, not one per unit.
+template <bool kFresh>
+__device__ GPUSOCK_ALWAYS_INLINE void copy_share(uint8_t* d, const uint8_t* s, uint32_t n, uint32_t first, uint32_t step) {
+  // Offsets stay 32-bit: `left` (bytes from i to the end) never overflows, and a batch
+  // stops where the next would start past the end.
+  uint32_t head = 0;
+  if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) == 0) {
+    head = n & ~15u;
+    const uint32_t stride = step * 16, batch = kCopyUnroll * stride;
+    for (uint32_t i = first * 16; i < head; i += batch) {
+      const uint32_t left = head - i;
+      Chunk16 v[kCopyUnroll];
+#pragma unroll
+      for (uint32_t u = 0; u < kCopyUnroll; ++u) {
+        v[u] = Chunk16{0, 0};
+        if (u * stride < left) v[u] = load16_as<kFresh>(s + i + u * stride);
+      }
+#pragma unroll
+      for (uint32_t u = 0; u < kCopyUnroll; ++u) {
+        if (u * stride < left) *reinterpret_cast<Chunk16*>(d + i + u * stride) = v[u];
+      }
+      if (left <= batch) break;
+    }
+  }
+  constexpr uint32_t kBytes = 4;  // single bytes in flight per batch (unaligned buffers, tails)
+  for (uint32_t i = head + first; i < n; i += kBytes * step) {
+    const uint32_t left = n - i;
+    uint8_t v[kBytes];
+#pragma unroll
+    for (uint32_t u = 0; u < kBytes; ++u) {
+      v[u] = 0;
+      if (u * step < left) v[u] = load8_as<kFresh>(s + i + u * step);
+    }
+#pragma unroll
+    for (uint32_t u = 0; u < kBytes; ++u) {
+      if (u * step < left) d[i + u * step] = v[u];
+    }
+    if (left <= kBytes * step) break;
+  }
+}
+
+template <bool kFresh>
+__device__ inline void group_copy_gpu(uint32_t mask, uint8_t* dst, const uint8_t* src, uint32_t n) {
+  const uint32_t me = warp::lane_id();
+  const uint32_t rank = popcount(mask & ((1u << me) - 1));
+  const uint32_t width = popcount(mask);
+  // Two ways to copy: each lane its own bytes, or the lanes together, one lane's bytes
+  // after another's. Together, stores leave as coalesced lines, but the group waits out
+  // every lane's bytes in turn; alone, the lanes' rounds overlap. Count both (a buffer on
+  // a lane's stack is copied by that lane alone either way) and take the one with fewer
+  // rounds: together for one lane's bulk bytes, alone for many lanes' short messages.
+  const bool global = n != 0 && __isGlobal(dst) && __isGlobal(src);
+  const uint32_t alone = copy_rounds(dst, src, n, 1);
+  const uint32_t shared = global ? copy_rounds(dst, src, n, width) : alone;
+  if (__reduce_max_sync(mask, alone) < __reduce_add_sync(mask, shared)) {
+    copy_share<kFresh>(dst, src, n, 0, 1);
+    warp::sync(mask);
+    return;
+  }
+  for (uint32_t m = mask; m != 0; m &= m - 1) {
+    const uint32_t owner = lowest_bit(m);
+    uint8_t* d = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(dst), owner));
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(src), owner));
+    const uint32_t len = warp::shfl(mask, n, owner);
+    if (len == 0) continue;
+    // Every lane sees the same pointers, so every lane makes the same choice.
+    const bool together = __isGlobal(d) && __isGlobal(s);
+    if (!together && me != owner) continue;
+    copy_share<kFresh>(d, s, len, together ? rank : 0, together ? width : 1);
+  }
+  warp::sync(mask);
+}
+#endif
+
+// Copies each lane's n bytes from src to dst; all lanes of mask must call. On a GPU the
+// lanes either copy their own bytes each or, where a lane's buffers are both in global
+// memory, copy that lane's bytes together, 16 bytes per lane per unit, so stores to mapped
+// memory go out as full, coalesced lines; whichever takes fewer rounds of loads (above). A
+// buffer in a lane's local memory (its stack) is private to that lane, so the lane copies
+// it alone. On the cpu device each lane copies its own (its lanes are threads: a warp step
+// there is a barrier, not a cycle). `fresh` loads bypass this SM's L1 (ld.global.cv): for
+// bytes the host wrote, such as a receive buffer the host lent.
 GPUSOCK_HD inline void group_copy(uint32_t mask, uint8_t* dst, const uint8_t* src, uint32_t n, bool fresh = false) {
   if constexpr (!is_gpu()) {
     copy_bytes(dst, src, n);
   } else {
 #if GPUSOCK_IS_GPU
-    const uint32_t me = warp::lane_id();
-    const uint32_t rank = popcount(mask & ((1u << me) - 1));
-    const uint32_t width = popcount(mask);
-    for (uint32_t m = mask; m != 0; m &= m - 1) {
-      const uint32_t owner = lowest_bit(m);
-      uint8_t* d = reinterpret_cast<uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(dst), owner));
-      const uint8_t* s = reinterpret_cast<const uint8_t*>(warp::shfl(mask, reinterpret_cast<uintptr_t>(src), owner));
-      const uint32_t len = warp::shfl(mask, n, owner);
-      if (len == 0) continue;
-      // Every lane sees the same pointers, so every lane makes the same choice.
-      const bool together = __isGlobal(d) && __isGlobal(s);
-      if (!together && me != owner) continue;
-      const uint32_t first = together ? rank : 0, step = together ? width : 1;
-      uint32_t head = 0;
-      if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) == 0) {
-        head = len & ~15u;
-        const uint32_t stride = step * 16;
-        uint32_t i = first * 16;
-        // Eight loads in flight before the first store: one lane's copy is bound by memory
-        // latency, not bandwidth, so it needs independent loads outstanding.
-        constexpr uint32_t kUnroll = 8;
-        for (; i + (kUnroll - 1) * stride < head; i += kUnroll * stride) {
-          Chunk16 v[kUnroll];
-#pragma unroll
-          for (uint32_t u = 0; u < kUnroll; ++u) {
-            const Chunk16* from = reinterpret_cast<const Chunk16*>(s + i + u * stride);
-            v[u] = fresh ? load_fresh16(from) : *from;
-          }
-#pragma unroll
-          for (uint32_t u = 0; u < kUnroll; ++u) *reinterpret_cast<Chunk16*>(d + i + u * stride) = v[u];
-        }
-        for (; i < head; i += stride) {
-          const Chunk16* from = reinterpret_cast<const Chunk16*>(s + i);
-          *reinterpret_cast<Chunk16*>(d + i) = fresh ? load_fresh16(from) : *from;
-        }
-      }
-      for (uint32_t i = head + first; i < len; i += step) d[i] = fresh ? load_fresh8(s + i) : s[i];
-    }
-    warp::sync(mask);
+    if (fresh) group_copy_gpu<true>(mask, dst, src, n);
+    else group_copy_gpu<false>(mask, dst, src, n);
 #endif
   }
 }
