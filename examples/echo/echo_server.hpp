@@ -19,10 +19,10 @@
 //      EAGAIN for the idle ones).
 //   2. recv: the ready connections are handed out to the 32 lanes, which receive together
 //      (MSG_DONTWAIT): one hostcall carries up to 32 receives. Lanes never block on their
-//      own, because lanes that call together are answered together. When at most
-//      `copy_helpers_below` connections are ready, the idle lanes join the call with
-//      zero-byte asks and help copy the bytes out of the host's buffers (and, in step 3,
-//      into staging): one connection's 1 KiB is then one round of loads, not eight.
+//      own, because lanes that call together are answered together. While the warp
+//      holds at most `copy_help_max_conns` connections, the idle lanes join the call
+//      with zero-byte asks and help copy the bytes out of the host's buffers (and, in
+//      step 3, into staging): one connection's 4 KiB is then two rounds of loads, not 32.
 //   3. send: the lanes that received send the bytes back together (MSG_DONTWAIT). What a
 //      full socket buffer does not take stays in the connection's buffer; the connection
 //      then waits for POLLOUT and is not read until it is drained, so a client that does
@@ -61,13 +61,18 @@ struct EchoConfig {
   // docs 12.9a): no poll hostcall. Off by default: on the H100 the server was faster
   // polling through the host (bench/RESULTS.md, "Polling on the device").
   bool device_poll = false;
-  // When at most this many lanes of a round receive (or send), the warp's other lanes
-  // join their call with a zero-byte ask of their own, which the host answers at once.
-  // Lanes in one call copy its bytes together (hostcall::internal::group_copy), so one
-  // connection's 1 KiB comes out of the host's buffer in one round of loads, not eight.
-  // With more lanes at work each copying its own is as fast, and the riders would only
-  // cost the host requests to answer. 0 turns it off.
-  uint32_t copy_helpers_below = 4;
+  // While the warp holds at most this many connections, the lanes with nothing to move
+  // join the calls of those that receive (or send) with zero-byte asks of their own, which
+  // the host answers at once. Lanes in one call copy its bytes together
+  // (hostcall::internal::group_copy), so one connection's 4 KiB comes out of the host's
+  // buffer in two rounds of loads, not 32. Under load the host's service thread is the
+  // limit and every helper is one more request for it, so with more connections nobody
+  // helps. 0 turns it off.
+  uint32_t copy_help_max_conns = 4;
+  // ... and only when a lane moves at least this many bytes (for a receive: its
+  // connection's last receive brought that many). On the H100 helpers cost more than
+  // they saved on 64-byte messages (bench/RESULTS.md).
+  uint32_t copy_help_bytes = 512;
 };
 
 // Per-warp counters, written by lane 0 only; the host reads them after the kernel ends
@@ -89,6 +94,7 @@ struct EchoConn {
   int fd;
   uint32_t len;
   uint32_t off;
+  uint32_t last_in;  // bytes of its last receive: what the next one is likely to bring
 };
 
 // What one warp keeps between passes, in device memory.
@@ -149,20 +155,22 @@ GPUSOCK_HD inline int open_listener(const EchoConfig& cfg) {
 }
 
 // Whether this lane makes the round's recv (or send) call: it does when it has bytes to
-// move (`want`), and so does every other lane when at most `below` lanes have, to help
-// copy (EchoConfig::copy_helpers_below). *fd is the descriptor to call on: a helper asks
-// the first worker's for zero bytes. Every lane of `all` must call.
+// move (`want`), and so does every other lane when `help` (the warp holds few
+// connections) and one lane with bytes has enough to be `worth` helping
+// (EchoConfig::copy_help_max_conns, copy_help_bytes). *fd is the descriptor to call on:
+// a helper asks the first worker's for zero bytes. Every lane of `all` must call.
 // On the cpu device no lane helps: there each lane copies its own bytes anyway.
-GPUSOCK_HD inline bool ride_along(uint32_t all, bool want, int own_fd, uint32_t below, int* fd) {
+GPUSOCK_HD inline bool ride_along(uint32_t all, bool want, bool worth, int own_fd, bool help, int* fd) {
   if constexpr (!is_gpu()) {
     *fd = own_fd;
     return want;
   }
   const uint32_t workers = warp::ballot(all, want);
   if (workers == 0) return false;
+  const uint32_t worth_help = warp::ballot(all, want && worth);
   const int first = warp::shfl(all, own_fd, lowest_bit(workers));
   *fd = want ? own_fd : first;
-  return want || popcount(workers) <= below;
+  return want || (help && worth_help != 0);
 }
 
 }  // namespace internal
@@ -301,6 +309,7 @@ struct EchoServer {
 
       // 3. recv then send, 32 ready connections per round.
       uint32_t in = 0, out = 0, reads = 0, closed = 0;
+      const bool help = w.open <= v.cfg.copy_help_max_conns;
       for (uint32_t base = 0; base < nready; base += 32) {
         const bool mine = base + lane < nready;
         const uint32_t slot = mine ? w.ready[base + lane] : 0;
@@ -308,15 +317,17 @@ struct EchoServer {
         uint8_t* buf = bufs + static_cast<uint64_t>(slot) * v.cfg.buffer_bytes;
         bool drop = false;
         // Every lane reaches each call together, so the lanes that receive share one
-        // hostcall, and when they are few the others ride along (copy_helpers_below).
+        // hostcall, and while the warp holds few connections the others ride along
+        // (copy_help_max_conns).
         const bool want_in = mine && c->len == c->off;
         int fd = 0;
-        if (internal::ride_along(all, want_in, mine ? c->fd : -1, v.cfg.copy_helpers_below, &fd)) {
+        const bool big_in = want_in && c->last_in >= v.cfg.copy_help_bytes;
+        if (internal::ride_along(all, want_in, big_in, mine ? c->fd : -1, help, &fd)) {
           int64_t r = raw::recv(fd, want_in ? buf : nullptr, want_in ? v.cfg.buffer_bytes : 0, MSG_DONTWAIT);
           if (!want_in) {
             // a helper: nothing asked, nothing to keep
           } else if (r > 0) {
-            c->len = static_cast<uint32_t>(r);
+            c->len = c->last_in = static_cast<uint32_t>(r);
             c->off = 0;
             in += static_cast<uint32_t>(r);
             ++reads;
@@ -325,7 +336,8 @@ struct EchoServer {
           }
         }
         const bool want_out = mine && !drop && c->len > c->off;
-        if (internal::ride_along(all, want_out, mine ? c->fd : -1, v.cfg.copy_helpers_below, &fd)) {
+        const bool big_out = want_out && c->len - c->off >= v.cfg.copy_help_bytes;
+        if (internal::ride_along(all, want_out, big_out, mine ? c->fd : -1, help, &fd)) {
           int64_t r = raw::send(fd, want_out ? buf + c->off : nullptr, want_out ? c->len - c->off : 0,
                                 MSG_DONTWAIT | MSG_NOSIGNAL);
           if (!want_out) {

@@ -3,12 +3,13 @@
 //   gpusock-echo [--device cpu|cuda] [--port 7777] [--address 0.0.0.0] [--blocks N]
 //                [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]
 //                [--service-threads N] [--spin-passes N] [--poll device|host]
-//                [--copy-helpers-below N]
+//                [--copy-help-max-conns N] [--copy-help-bytes B]
 //
 // --poll device polls the connections on the device, from the host's readiness words
 // (docs 12.9a), instead of with a poll hostcall (the default, faster on the H100 so far).
-// --copy-helpers-below N: when at most N connections of a round are ready, the warp's
-// other lanes join their recv and send calls to help copy (default 4; 0: never).
+// --copy-help-max-conns N: while a warp holds at most N connections, its idle lanes join
+// the recv and send calls to help copy (default 4; 0: never), when a lane has at least
+// --copy-help-bytes (512) to move.
 // Runs until SIGINT or SIGTERM (or --duration seconds), then prints a summary:
 // connections, bytes, receives and receives per second. Prints "listening on ..." once
 // every warp has its listener. Exit status: 0 after a clean stop, 1 when the server could
@@ -39,7 +40,7 @@ int usage(const char* why) {
                "usage: gpusock-echo [--device cpu|cuda] [--port P] [--address A] [--blocks N]\n"
                "                    [--warps-per-block N] [--conns-per-warp N] [--buffer BYTES] [--duration S]\n"
                "                    [--service-threads N] [--spin-passes N] [--poll device|host]\n"
-               "                    [--copy-helpers-below N]\n",
+               "                    [--copy-help-max-conns N] [--copy-help-bytes B]\n",
                why);
   return 2;
 }
@@ -77,7 +78,8 @@ int main(int argc, char** argv) {
     else if (a == "--duration") duration = std::atof(v);
     else if (a == "--spin-passes" && num && n >= 0 && n <= 1000000) cfg.spin_passes = static_cast<uint32_t>(n);
     else if (a == "--poll" && (std::strcmp(v, "device") == 0 || std::strcmp(v, "host") == 0)) cfg.device_poll = v[0] == 'd';
-    else if (a == "--copy-helpers-below" && num && n >= 0 && n <= 32) cfg.copy_helpers_below = static_cast<uint32_t>(n);
+    else if (a == "--copy-help-bytes" && num && n >= 0) cfg.copy_help_bytes = static_cast<uint32_t>(n);
+    else if (a == "--copy-help-max-conns" && num && n >= 0) cfg.copy_help_max_conns = static_cast<uint32_t>(n);
     else if (a == "--service-threads" && num && n > 0 && n <= 64) service_threads = n;
     else return usage(("bad option or value: " + a + " " + v).c_str());
   }
