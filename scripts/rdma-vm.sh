@@ -182,7 +182,7 @@ say "booting $kver under TCG (mem ${mem} MiB, limit ${timeout_s} s)"
 set +e
 timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m "$mem" -smp 2 -nographic -nic none \
   -no-reboot -kernel "$ktree/boot/vmlinuz-$kver" -initrd "$initrd" \
-  -append 'console=ttyS0 quiet panic=-1' </dev/null 2>&1 | tee "$log" | grep --line-buffered -v '^RDMA-VM: FILE '
+  -append "console=ttyS0 quiet panic=-1 ${GPUSOCK_VM_APPEND:-}" </dev/null 2>&1 | tee "$log" | grep --line-buffered -v '^RDMA-VM: FILE '
 set -e
 rm -f "$initrd"
 if [[ -n "$out_dir" ]]; then

@@ -159,9 +159,11 @@ GPUSOCK_HD inline int open_listener(const EchoConfig& cfg) {
 // connections) and one lane with bytes has enough to be `worth` helping
 // (EchoConfig::copy_help_max_conns, copy_help_bytes). *fd is the descriptor to call on:
 // a helper asks the first worker's for zero bytes. Every lane of `all` must call.
-// On the cpu device no lane helps: there each lane copies its own bytes anyway.
+// On the cpu device no lane helps: there each lane copies its own bytes anyway. `help`
+// is the same on every lane (it comes from the warp's connection count), so the early
+// return below leaves no lane behind at the ballots.
 GPUSOCK_HD inline bool ride_along(uint32_t all, bool want, bool worth, int own_fd, bool help, int* fd) {
-  if constexpr (!is_gpu()) {
+  if (!is_gpu() || !help) {
     *fd = own_fd;
     return want;
   }

@@ -845,6 +845,58 @@ TEST_P(HostcallTest, GroupCopyMovesEveryLanesBytesWhateverTheMix) {
   EXPECT_GT(unaligned, 1000);
 }
 
+// The GPU's way of group_copy, run on the host: copy_share() for every lane of a split
+// (`first` 0..step-1 of `step`) must together move exactly the n bytes, each byte once,
+// and touch nothing around them; copy_rounds(), which group_copy uses to choose between
+// copying together and alone, must say how many batches the split's longest lane takes.
+// Sizes cover the unit path's whole batches and tails, the byte path (either pointer off
+// 16-byte alignment), and lanes with nothing to do (step larger than the work).
+TEST(GroupCopyPieces, EverySplitMovesEachByteOnceAndCopyRoundsCountsItsLongestLane) {
+  namespace in = gpusock::hostcall::internal;
+  constexpr uint32_t kGuard = 64, kMax = 5000;
+  std::mt19937_64 rng(20261208);
+  // src: random bytes; ones: all 1, copied by each lane onto a cleared `mark` to see
+  // which bytes that lane wrote; hits: per byte, how many lanes wrote it.
+  alignas(16) static uint8_t src[kMax + 2 * kGuard], ones[kMax + 2 * kGuard];
+  alignas(16) static uint8_t dst[kMax + 2 * kGuard], mark[kMax + 2 * kGuard];
+  static uint8_t hits[kMax + 2 * kGuard];
+  for (auto& b : src) b = static_cast<uint8_t>(rng());
+  std::memset(ones, 1, sizeof ones);
+  const uint32_t steps[] = {1, 2, 3, 5, 8, 17, 31, 32};
+  uint64_t unit_cases = 0, byte_cases = 0;
+  for (uint32_t k = 0; k < 4000; ++k) {
+    const uint32_t n = k < 300 ? k : static_cast<uint32_t>(rng() % (k % 7 == 0 ? kMax : 700));
+    const uint32_t soff = (k % 5 == 0) ? static_cast<uint32_t>(rng() % 16) : 0;
+    const uint32_t doff = (k % 3 == 0) ? static_cast<uint32_t>(rng() % 16) : 0;
+    const uint32_t step = steps[k % 8];
+    const uint8_t* s = src + kGuard + soff;
+    uint8_t* d = dst + kGuard + doff;
+    std::memset(dst, 0xa5, sizeof dst);
+    std::memset(hits, 0, sizeof hits);
+    uint32_t longest = 0;
+    for (uint32_t first = 0; first < step; ++first) {
+      uint32_t batches = 0;
+      in::copy_share<false>(d, s, n, first, step, &batches);
+      longest = std::max(longest, batches);
+      std::memset(mark, 0, sizeof mark);
+      in::copy_share<false>(mark + kGuard + doff, ones + kGuard + soff, n, first, step);
+      for (uint32_t i = 0; i < sizeof hits; ++i) hits[i] = static_cast<uint8_t>(hits[i] + mark[i]);
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+      ASSERT_EQ(d[i], s[i]) << "case " << k << " n " << n << " step " << step << " byte " << i;
+      ASSERT_EQ(hits[kGuard + doff + i], 1) << "case " << k << " byte " << i << ": lanes that wrote it";
+    }
+    for (uint32_t i = 0; i < kGuard + doff; ++i) ASSERT_EQ(dst[i], 0xa5) << "case " << k << " before, " << i;
+    for (uint32_t i = kGuard + doff + n; i < sizeof dst; ++i) ASSERT_EQ(dst[i], 0xa5) << "case " << k << " after, " << i;
+    ASSERT_EQ(in::copy_rounds(d, s, n, step), longest) << "case " << k << " n " << n << " step " << step
+                                                       << " aligned " << in::aligned16(d, s);
+    if (n >= 16 && in::aligned16(d, s)) ++unit_cases;
+    if (n > 0 && !in::aligned16(d, s)) ++byte_cases;
+  }
+  EXPECT_GT(unit_cases, 1000u);
+  EXPECT_GT(byte_cases, 1000u);
+}
+
 TEST_P(HostcallTest, RegisterHandlerRejectsBadOpcodes) {
   Start();
   auto noop = [](hc::Call&) {};

@@ -224,14 +224,28 @@ TEST_P(LdTest, PingPongBetweenWarpsOfDifferentBlocks) {
 // of message i is i * 37 + k): whole 8-byte words from an aligned address, which a send
 // loads early, mixed with odd sizes and an unaligned source, which it copies as before;
 // the odd sizes leave the ring's position unaligned, and the 16 KiB ring wraps under all
-// of them. Every 16th message it first waits 30 us, so lane 0 of warp 0, receiving each
-// message with recv(MSG_WAITALL) into device memory, waits with its buffer offered and
-// that message goes straight into it. out[0]: sender result, out[1]: wrong bytes, out[2]:
-// receiver result, out[3]: the receiving socket's bytes_direct.
+// of them. Every 16th message it first waits until lane 0 of warp 0, receiving each
+// message with recv(MSG_WAITALL) into device memory, has offered its buffer (up to 20 ms
+// a message, so a hand-off that never comes fails the test instead of hanging it), and
+// that message goes straight into the buffer. out[0]: sender result, out[1]: wrong
+// bytes, out[2]: receiver result, out[3]: the receiving socket's bytes_direct.
 struct SmallSends {
   GPUSOCK_HD static uint32_t size_of(int i) {
     const uint32_t sizes[13] = {8, 16, 24, 32, 40, 48, 56, 64, 5, 64, 13, 64, 8};
     return sizes[i % 13];
+  }
+  // Until the reader of c's peer offers its buffer, or 20 ms.
+  GPUSOCK_HD static void await_offer(int c) {
+    namespace ld = gpusock::net::local;
+    const ld::Table* t = ld::detail::table();
+    ld::Socket* me = ld::detail::slot_of(t, c);
+    if (me == nullptr) return;
+    ld::Socket* peer = &t->sockets[ld::detail::get(me->peer)];
+    const uint64_t t0 = gpusock::globaltimer_ns();
+    while ((ld::detail::A32(peer->post).load(gpusock::Order::kAcquire) & ld::kPostState) != ld::kPosted &&
+           gpusock::globaltimer_ns() - t0 < 20000000) {
+      gpusock::spin_pause(64);
+    }
   }
   GPUSOCK_HD void operator()(int msgs, uint8_t* sbuf, uint8_t* rbuf, int64_t* out) const {
     if (warp::lane_id() != 0) return;
@@ -242,10 +256,7 @@ struct SmallSends {
         const uint32_t n = size_of(i);
         uint8_t* src = sbuf + (i % 7 == 3 ? 1 : 0);
         for (uint32_t k = 0; k < n; ++k) src[k] = static_cast<uint8_t>(i * 37 + k);
-        if (i % 16 == 15) {
-          const uint64_t t0 = gpusock::globaltimer_ns();
-          while (gpusock::globaltimer_ns() - t0 < 30000) gpusock::spin_pause(64);
-        }
+        if (i % 16 == 15) await_offer(c);
         const int64_t sent = raw::send(c, src, n, 0);
         if (sent != n) r = 1000000 + i * 10 + (sent < 0 ? 1 : 2);
       }

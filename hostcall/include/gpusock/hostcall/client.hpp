@@ -284,10 +284,15 @@ struct alignas(16) Chunk16 {
   uint64_t lo, hi;
 };
 
+// Whether both ends of a copy allow 16-byte units.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE bool aligned16(const void* dst, const void* src) {
+  return ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0;
+}
+
 // Copies n bytes into mapped staging memory, 16 bytes at a time when both sides allow.
 GPUSOCK_HD inline void copy_bytes(uint8_t* dst, const uint8_t* src, uint32_t n) {
   uint32_t i = 0;
-  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+  if (aligned16(dst, src)) {
     for (; i + 16 <= n; i += 16) {
       *reinterpret_cast<Chunk16*>(dst + i) = *reinterpret_cast<const Chunk16*>(src + i);
     }
@@ -323,30 +328,33 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint8_t load_fresh8(const uint8_t* p) {
 #endif
 inline constexpr uint32_t kCopyUnroll = GPUSOCK_COPY_UNROLL;
 static_assert(kCopyUnroll >= 1 && kCopyUnroll <= 64, "GPUSOCK_COPY_UNROLL: 1..64");
+// Single bytes each lane keeps in flight per batch where 16-byte units don't apply
+// (unaligned buffers, and the bytes after the last whole unit).
+inline constexpr uint32_t kCopyBytes = 4;
 
-#if GPUSOCK_IS_GPU
+// The pieces of group_copy() on a GPU (below). They compile for the host too, so that
+// tests run them there: copy_share() for every lane of a split, against copy_rounds().
 template <bool kFresh>
-__device__ GPUSOCK_ALWAYS_INLINE Chunk16 load16_as(const uint8_t* p) {
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE Chunk16 load16_as(const uint8_t* p) {
   const Chunk16* c = reinterpret_cast<const Chunk16*>(p);
   if constexpr (kFresh) return load_fresh16(c);
   else return *c;
 }
 template <bool kFresh>
-__device__ GPUSOCK_ALWAYS_INLINE uint8_t load8_as(const uint8_t* p) {
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint8_t load8_as(const uint8_t* p) {
   if constexpr (kFresh) return load_fresh8(p);
   else return *p;
 }
 
 // Batches of loads (each one round of memory latency) one lane spends on its share of an
-// n-byte copy split across `step` lanes: what copy_share() below does, counted.
-__device__ GPUSOCK_ALWAYS_INLINE uint32_t copy_rounds(const uint8_t* d, const uint8_t* s, uint32_t n, uint32_t step) {
-  if (n == 0) return 0;
-  if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) != 0) {
-    const uint32_t per = (n + step - 1) / step;
-    return (per + 15) / 16;
-  }
-  const uint32_t per = (n / 16 + step - 1) / step;
-  return (per + kCopyUnroll - 1) / kCopyUnroll + ((n & 15) != 0 ? 1 : 0);
+// n-byte copy split across `step` lanes: what copy_share() below does, counted. The
+// lane that is `first` 0 has the most of both kinds, so this is the split's longest lane.
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t copy_rounds(const uint8_t* d, const uint8_t* s, uint32_t n, uint32_t step) {
+  // Bytes the byte loop handles, and the units before them.
+  const uint32_t units = aligned16(d, s) ? n / 16 : 0;
+  const uint32_t bytes = n - units * 16;
+  return div_up(div_up(units, step), kCopyUnroll) + div_up(div_up(bytes, step), kCopyBytes);
 }
 
 // This lane's share of an n-byte copy split across `step` lanes, the lane being `first` of
@@ -354,39 +362,43 @@ __device__ GPUSOCK_ALWAYS_INLINE uint32_t copy_rounds(const uint8_t* d, const ui
 // then the bytes after the last whole unit (or every byte, unaligned) the same way. Each
 // batch issues all its loads before its first store, and a batch's last units are
 // predicated rather than left to a loop, so a short tail costs one round, not one per unit.
+// `batches`, where given, counts the batches (tests; group_copy passes none).
 template <bool kFresh>
-__device__ GPUSOCK_ALWAYS_INLINE void copy_share(uint8_t* d, const uint8_t* s, uint32_t n, uint32_t first, uint32_t step) {
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void copy_share(uint8_t* d, const uint8_t* s, uint32_t n, uint32_t first, uint32_t step,
+                                                 uint32_t* batches = nullptr) {
   // Offsets stay 32-bit: `left` (bytes from i to the end) never overflows, and a batch
   // stops where the next would start past the end.
   uint32_t head = 0;
-  if (((reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s)) & 15) == 0) {
+  if (aligned16(d, s)) {
     head = n & ~15u;
     const uint32_t stride = step * 16, batch = kCopyUnroll * stride;
     for (uint32_t i = first * 16; i < head; i += batch) {
       const uint32_t left = head - i;
+      if (batches != nullptr) ++*batches;
       Chunk16 v[kCopyUnroll];
-#pragma unroll
+      GPUSOCK_UNROLL
       for (uint32_t u = 0; u < kCopyUnroll; ++u) {
         v[u] = Chunk16{0, 0};
         if (u * stride < left) v[u] = load16_as<kFresh>(s + i + u * stride);
       }
-#pragma unroll
+      GPUSOCK_UNROLL
       for (uint32_t u = 0; u < kCopyUnroll; ++u) {
         if (u * stride < left) *reinterpret_cast<Chunk16*>(d + i + u * stride) = v[u];
       }
       if (left <= batch) break;
     }
   }
-  constexpr uint32_t kBytes = 4;  // single bytes in flight per batch (unaligned buffers, tails)
+  constexpr uint32_t kBytes = kCopyBytes;
   for (uint32_t i = head + first; i < n; i += kBytes * step) {
     const uint32_t left = n - i;
+    if (batches != nullptr) ++*batches;
     uint8_t v[kBytes];
-#pragma unroll
+    GPUSOCK_UNROLL
     for (uint32_t u = 0; u < kBytes; ++u) {
       v[u] = 0;
       if (u * step < left) v[u] = load8_as<kFresh>(s + i + u * step);
     }
-#pragma unroll
+    GPUSOCK_UNROLL
     for (uint32_t u = 0; u < kBytes; ++u) {
       if (u * step < left) d[i + u * step] = v[u];
     }
@@ -394,6 +406,7 @@ __device__ GPUSOCK_ALWAYS_INLINE void copy_share(uint8_t* d, const uint8_t* s, u
   }
 }
 
+#if GPUSOCK_IS_GPU
 template <bool kFresh>
 __device__ inline void group_copy_gpu(uint32_t mask, uint8_t* dst, const uint8_t* src, uint32_t n) {
   const uint32_t me = warp::lane_id();
@@ -687,7 +700,7 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
     // word itself, so nothing needs ordering after it; a reply with data in the slot
     // gets one acquire fence below, once, instead of one per poll.
     AtomicRef<uint64_t, Scope::kSystem> state(s->hdr.state);
-    const uint64_t start = globaltimer_ns();
+    const uint64_t start = is_gpu() ? globaltimer_ns() : 0;
     // The cpu device polls with acquire loads instead: they cost nothing extra on x86, and
     // ThreadSanitizer does not model a relaxed load followed by a fence.
     constexpr Order kPoll = is_gpu() ? Order::kRelaxed : Order::kAcquire;
@@ -704,7 +717,13 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
       // then sleep about an eighth of the time waited so far, up to 50 us: thousands of
       // waiting warps polling every microsecond would flood the bus with reads and slow
       // the very replies they wait for. The added delay stays below ~1/8 of the wait.
-      if (i >= 8) internal::sleep_ns((globaltimer_ns() - start) / 8, 50000, i);
+      // The cpu device backs off by iteration alone (spin_pause): reading the clock on
+      // every poll there is a system call where the clock source has no vDSO path (a
+      // VM's HPET), and it took a third of a waiting lane's time in the RDMA VM.
+      if (i >= 8) {
+        if constexpr (is_gpu()) internal::sleep_ns((globaltimer_ns() - start) / 8, 50000, i);
+        else spin_pause(i);
+      }
     }
     // Pairs with the host's release store of kReply: the result words it wrote before
     // are visible to the loads below. An inline reply needs no such fence.

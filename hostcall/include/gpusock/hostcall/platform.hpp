@@ -34,6 +34,13 @@
 #endif
 
 #define GPUSOCK_ALWAYS_INLINE inline __attribute__((always_inline))
+// Unrolls the next loop fully in device code; a host compiler (and nvcc's host pass of a
+// __host__ __device__ function) decides itself.
+#if defined(__CUDA_ARCH__)
+#define GPUSOCK_UNROLL _Pragma("unroll")
+#else
+#define GPUSOCK_UNROLL
+#endif
 
 namespace gpusock {
 
