@@ -24,6 +24,10 @@
 #   --mem MiB           VM memory (default 2048)    --timeout S   whole-VM limit (default 1500)
 #   --work DIR          cache for the kernel image and the initramfs (default ~/.cache/gpusock-rdma-vm)
 #
+# GPUSOCK_VM_APPEND, where set, is added to the VM kernel's command line (for example
+# "clocksource=tsc tsc=reliable": under TCG the kernel picks the emulated HPET, whose
+# every read is a system call, where a real machine reads the TSC in the vDSO).
+#
 # Inside the VM: a veth pair veth0 (10.77.0.1) / veth1 (10.77.0.2) and rxe0 on veth0.
 # rdma_cm does not work over `lo` (rdma_resolve_route answers ENODEV), hence the veth
 # pair. GID index 1 is rxe0's IPv4-mapped RoCE v2 entry. GPUSOCK_RDMA_ADDR=10.77.0.1 is
