@@ -346,10 +346,11 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint8_t load8_as(const uint8_t* p) {
   else return *p;
 }
 
+GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+
 // Batches of loads (each one round of memory latency) one lane spends on its share of an
 // n-byte copy split across `step` lanes: what copy_share() below does, counted. The
 // lane that is `first` 0 has the most of both kinds, so this is the split's longest lane.
-GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 GPUSOCK_HD GPUSOCK_ALWAYS_INLINE uint32_t copy_rounds(const uint8_t* d, const uint8_t* s, uint32_t n, uint32_t step) {
   // Bytes the byte loop handles, and the units before them.
   const uint32_t units = aligned16(d, s) ? n / 16 : 0;
@@ -388,21 +389,20 @@ GPUSOCK_HD GPUSOCK_ALWAYS_INLINE void copy_share(uint8_t* d, const uint8_t* s, u
       if (left <= batch) break;
     }
   }
-  constexpr uint32_t kBytes = kCopyBytes;
-  for (uint32_t i = head + first; i < n; i += kBytes * step) {
+  for (uint32_t i = head + first; i < n; i += kCopyBytes * step) {
     const uint32_t left = n - i;
     if (batches != nullptr) ++*batches;
-    uint8_t v[kBytes];
+    uint8_t v[kCopyBytes];
     GPUSOCK_UNROLL
-    for (uint32_t u = 0; u < kBytes; ++u) {
+    for (uint32_t u = 0; u < kCopyBytes; ++u) {
       v[u] = 0;
       if (u * step < left) v[u] = load8_as<kFresh>(s + i + u * step);
     }
     GPUSOCK_UNROLL
-    for (uint32_t u = 0; u < kBytes; ++u) {
+    for (uint32_t u = 0; u < kCopyBytes; ++u) {
       if (u * step < left) d[i + u * step] = v[u];
     }
-    if (left <= kBytes * step) break;
+    if (left <= kCopyBytes * step) break;
   }
 }
 
@@ -717,13 +717,10 @@ GPUSOCK_HD inline int64_t wait_impl(const Ticket& t, uint64_t* out, uint32_t nou
       // then sleep about an eighth of the time waited so far, up to 50 us: thousands of
       // waiting warps polling every microsecond would flood the bus with reads and slow
       // the very replies they wait for. The added delay stays below ~1/8 of the wait.
-      // The cpu device backs off by iteration alone (spin_pause): reading the clock on
+      // The cpu device backs off by iteration alone (sleep_ns): reading the clock on
       // every poll there is a system call where the clock source has no vDSO path (a
       // VM's HPET), and it took a third of a waiting lane's time in the RDMA VM.
-      if (i >= 8) {
-        if constexpr (is_gpu()) internal::sleep_ns((globaltimer_ns() - start) / 8, 50000, i);
-        else spin_pause(i);
-      }
+      if (i >= 8) internal::sleep_ns(is_gpu() ? (globaltimer_ns() - start) / 8 : 0, 50000, i);
     }
     // Pairs with the host's release store of kReply: the result words it wrote before
     // are visible to the loads below. An inline reply needs no such fence.
